@@ -320,7 +320,7 @@ def synthetic_trace(
 
     predicted = None
     if predict_recall is not None:
-        predicted = _predictions(ids, E, predict_recall, rng)
+        predicted = noisy_predictions(ids, E, predict_recall, rng)
     source = f"synthetic(seed={seed}, skew={skew}, calibrated=mixtral-paper)"
     return RoutingTrace(ids, gates, E, probs=probs, predicted_next=predicted, source=source)
 
@@ -330,7 +330,7 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return (z / z.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
-def _predictions(ids: np.ndarray, num_experts: int, recall: float, rng: np.random.Generator) -> np.ndarray:
+def noisy_predictions(ids: np.ndarray, num_experts: int, recall: float, rng: np.random.Generator) -> np.ndarray:
     """Guesses for layer l + 1 at each layer l: each true expert kept with probability `recall`,
     otherwise replaced by a wrong one."""
     T, L, k = ids.shape
