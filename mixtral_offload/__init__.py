@@ -1,3 +1,17 @@
-"""mixtral-offload: run Mixtral-8x7B-class MoE models on one consumer machine."""
+"""mixtral-offload: run Mixtral-8x7B-class MoE models on one consumer machine.
+
+    import mixtral_offload
+    runtime = mixtral_offload.load("path/to/model")
+    for record in runtime.generate("The capital of France is", max_new_tokens=20):
+        print(record.text, end="", flush=True)
+"""
 
 __version__ = "0.1.0"
+
+
+def load(path, **options):
+    """Load a model directory (an HF Mixtral checkpoint or a converted one); see offload.loading.load."""
+    from .offload.loading import load as _load
+
+    return _load(path, **options)
+

@@ -1,0 +1,173 @@
+"""Mixtral model math in torch, batch size 1, with a KV cache. No I/O: weights arrive as tensors.
+
+Experts are reached only through an `ExpertBackend`, so dense torch experts, quantized Numba
+kernels and the paging expert cache all plug in without this file knowing about them.
+
+Shape legend: T = tokens in this forward, S = cached positions, D = hidden size, H = query heads,
+G = key/value heads, hd = head dim, E = experts, K = experts per token, V = vocab size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from ..config import ModelArgs
+from ..errors import MixtralOffloadError
+
+
+class ExpertBackend(Protocol):
+    """Computes the routed experts of one MoE layer."""
+
+    def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [T, D], expert_ids [T, K] int64, weights [T, K] float32 -> sum_k weights * expert_k(x), [T, D]."""
+        ...
+
+    def hint(self, layer: int, probs: torch.Tensor) -> None:
+        """A guess of layer `layer`'s router probabilities [T, E], made one layer early (for prefetch)."""
+        ...
+
+
+@dataclass
+class LayerWeights:
+    """Dense weights of one decoder layer, [out, in] like nn.Linear."""
+
+    attn_norm: torch.Tensor  # [D]
+    moe_norm: torch.Tensor   # [D]
+    wq: torch.Tensor         # [H*hd, D]
+    wk: torch.Tensor         # [G*hd, D]
+    wv: torch.Tensor         # [G*hd, D]
+    wo: torch.Tensor         # [D, H*hd]
+    gate: torch.Tensor       # [E, D]  the router
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in float32, cast back to x's dtype before the scale (as Mixtral does)."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def rope_tables(args: ModelArgs, max_context: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables [max_context, hd] in float32 for rotate-half RoPE."""
+    hd = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+    angles = torch.outer(torch.arange(max_context, dtype=torch.float32), inv_freq)  # [S, hd/2]
+    angles = torch.cat([angles, angles], dim=-1)                                     # [S, hd]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [heads, T, hd] rotated by the tables for its positions (cos, sin [T, hd])."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+def route(x: torch.Tensor, gate: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k routing: (expert ids [T, K], renormalised weights [T, K] float32, all probs [T, E] float32)."""
+    probs = F.softmax(F.linear(x, gate).float(), dim=-1)       # [T, E]
+    weights, expert_ids = torch.topk(probs, top_k, dim=-1)      # [T, K]
+    return expert_ids, weights / weights.sum(dim=-1, keepdim=True), probs
+
+
+class Mixtral:
+    """The Mixtral decoder with a KV cache for one sequence; `forward` appends tokens to it."""
+
+    def __init__(self, args: ModelArgs, embed: torch.Tensor, layers: list[LayerWeights], norm: torch.Tensor,
+                 lm_head: torch.Tensor, experts: ExpertBackend, max_context: int, prefetch_hints: bool = False):
+        self.args = args
+        self.embed, self.layers, self.norm, self.lm_head = embed, layers, norm, lm_head
+        self.experts = experts
+        self.max_context = max_context
+        self.prefetch_hints = prefetch_hints
+        self.dtype = embed.dtype
+        G, hd = args.num_key_value_heads, args.head_dim
+        shape = (args.num_hidden_layers, G, max_context, hd)
+        self.k_cache = torch.zeros(shape, dtype=self.dtype)   # [L, G, S, hd]
+        self.v_cache = torch.zeros(shape, dtype=self.dtype)
+        self.cos, self.sin = rope_tables(args, max_context)
+        self.position = 0  # tokens already in the cache
+
+    def reset(self) -> None:
+        """Forget the sequence (the cache is overwritten, not cleared)."""
+        self.position = 0
+
+    def truncate(self, length: int) -> None:
+        """Keep only the first `length` cached positions."""
+        self.position = min(self.position, length)
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Append tokens [T] at the current position; return float32 logits [T, V]."""
+        T = tokens.shape[0]
+        start = self.position
+        if start + T > self.max_context:
+            raise MixtralOffloadError(
+                f"context limit reached: {start + T} tokens do not fit in the context of {self.max_context}")
+        h = F.embedding(tokens, self.embed)                                    # [T, D]
+        cos, sin = self.cos[start:start + T], self.sin[start:start + T]
+        for index, layer in enumerate(self.layers):
+            h = h + self._attention(index, layer, rms_norm(h, layer.attn_norm, self.args.rms_norm_eps), cos, sin)
+            h = h + self._moe(index, layer, h)
+        self.position = start + T
+        h = rms_norm(h, self.norm, self.args.rms_norm_eps)
+        return F.linear(h, self.lm_head).float()                              # [T, V]
+
+    def _attention(self, index: int, layer: LayerWeights, x: torch.Tensor, cos, sin) -> torch.Tensor:
+        args, T, start = self.args, x.shape[0], self.position
+        H, G, hd = args.num_attention_heads, args.num_key_value_heads, args.head_dim
+        q = F.linear(x, layer.wq).view(T, H, hd).transpose(0, 1)               # [H, T, hd]
+        k = F.linear(x, layer.wk).view(T, G, hd).transpose(0, 1)               # [G, T, hd]
+        v = F.linear(x, layer.wv).view(T, G, hd).transpose(0, 1)               # [G, T, hd]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        end = start + T
+        self.k_cache[index, :, start:end] = k
+        self.v_cache[index, :, start:end] = v
+        keys, values = self.k_cache[index, :, :end], self.v_cache[index, :, :end]  # [G, S, hd]
+        mask = None
+        if T > 1:  # query i sits at position start+i and sees keys 0..start+i
+            mask = torch.ones(T, end, dtype=torch.bool).tril(diagonal=start)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=H != G)  # [H, T, hd]
+        return F.linear(out.transpose(0, 1).reshape(T, H * hd), layer.wo)     # [T, D]
+
+    def _moe(self, index: int, layer: LayerWeights, h: torch.Tensor) -> torch.Tensor:
+        args = self.args
+        x = rms_norm(h, layer.moe_norm, args.rms_norm_eps)                     # [T, D]
+        if self.prefetch_hints and index + 1 < len(self.layers):
+            # The residual entering this MoE block predicts the next layer's routing well;
+            # the guess lets the backend start reading those experts while this layer computes.
+            upcoming = self.layers[index + 1]
+            guess = F.softmax(F.linear(rms_norm(h, upcoming.moe_norm, args.rms_norm_eps), upcoming.gate).float(), -1)
+            self.experts.hint(index + 1, guess)
+        expert_ids, weights, _ = route(x, layer.gate, args.num_experts_per_tok)
+        return self.experts.forward(index, x, expert_ids, weights)
+
+
+class TorchExperts:
+    """All experts resident as torch tensors: the float reference backend."""
+
+    def __init__(self, w1: list[torch.Tensor], w3: list[torch.Tensor], w2: list[torch.Tensor]):
+        self.w1, self.w3, self.w2 = w1, w3, w2  # per layer: [E, I, D], [E, I, D], [E, D, I]
+
+    def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Weighted sum of each token's routed experts, [T, D]."""
+        out = torch.zeros_like(x)
+        for expert, token_idx, slot in tokens_by_expert(expert_ids):
+            xs = x[token_idx]
+            y = F.linear(F.silu(F.linear(xs, self.w1[layer][expert])) * F.linear(xs, self.w3[layer][expert]),
+                         self.w2[layer][expert])
+            out.index_add_(0, token_idx, (y * weights[token_idx, slot, None]).to(x.dtype))
+        return out
+
+    def hint(self, layer: int, probs: torch.Tensor) -> None:
+        """Everything is resident: nothing to prefetch."""
+
+
+def tokens_by_expert(expert_ids: torch.Tensor):
+    """For each expert used in expert_ids [T, K]: (expert, token indices, top-k slot of each), ascending expert."""
+    for expert in torch.unique(expert_ids).tolist():
+        token_idx, slot = torch.where(expert_ids == expert)
+        yield expert, token_idx, slot

@@ -1,0 +1,139 @@
+"""The public runtime: load a model directory, then generate, chat or score text."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from ..config import ModelArgs
+from ..errors import MixtralOffloadError
+from .checkpoint import Checkpoint, parse_dtype
+from .generate import GenerationRecord, SamplingParams, generate_tokens
+from .model import ExpertBackend, LayerWeights, Mixtral, TorchExperts
+from .tokenizer import Message, StreamDecoder, Tokenizer
+
+PREFILL_CHUNK = 256  # prompt tokens per forward: bounds the work buffers (logits are [T, V] float32)
+
+
+@dataclass
+class PerplexityResult:
+    """Teacher-forced scores of a text: BOS prepended, every following token scored."""
+
+    perplexity: float
+    tokens: int
+    nll: list[float] = field(repr=False)  # per scored token, in nats
+
+
+def build_model(args: ModelArgs, dense: dict[str, torch.Tensor], experts: ExpertBackend, max_context: int,
+                prefetch_hints: bool = False) -> Mixtral:
+    """A Mixtral from dense tensors keyed by runtime name (see checkpoint.dense_shapes)."""
+    layers = [LayerWeights(**{name: dense[f"layers.{i}.{name}"] for name in LayerWeights.__dataclass_fields__})
+              for i in range(args.num_hidden_layers)]
+    lm_head = dense["embed"] if args.tie_word_embeddings else dense["lm_head"]
+    return Mixtral(args, dense["embed"], layers, dense["norm"], lm_head, experts, max_context, prefetch_hints)
+
+
+class Runtime:
+    """A loaded model with its tokenizer; keeps the KV cache of the last sequence to reuse its prefix."""
+
+    def __init__(self, model: Mixtral, tokenizer: Tokenizer, path: Path | None = None):
+        self.model, self.tokenizer, self.path = model, tokenizer, path
+        self.args = model.args
+        self.cached_ids: list[int] = []
+        if tokenizer.vocab_size > self.args.vocab_size:
+            raise MixtralOffloadError(
+                f"tokenizer has {tokenizer.vocab_size} pieces but the model's vocab_size is {self.args.vocab_size}")
+
+    @property
+    def max_context(self) -> int:
+        """Tokens that fit in the KV cache."""
+        return self.model.max_context
+
+    # -- feeding tokens -------------------------------------------------------------------------
+    def _forward(self, ids: list[int]) -> torch.Tensor:
+        logits = self.model.forward(torch.tensor(ids, dtype=torch.long))
+        self.cached_ids += ids
+        return logits
+
+    def _prefill(self, ids: list[int]) -> torch.Tensor:
+        """Make the cache hold exactly ids, reusing the longest cached prefix; logits [V] after the last."""
+        keep = 0
+        for a, b in zip(self.cached_ids, ids[:-1]):
+            if a != b:
+                break
+            keep += 1
+        self.model.truncate(keep)
+        del self.cached_ids[keep:]
+        logits = None
+        for start in range(keep, len(ids), PREFILL_CHUNK):
+            logits = self._forward(ids[start:start + PREFILL_CHUNK])[-1]
+        return logits
+
+    def reset(self) -> None:
+        """Forget the cached sequence."""
+        self.model.reset()
+        self.cached_ids = []
+
+    # -- public API -----------------------------------------------------------------------------
+    def generate(self, prompt: str | list[int], max_new_tokens: int = 256, temperature: float = 0.0,
+                 top_p: float = 1.0, top_k: int = 0, seed: int | None = None) -> Iterator[GenerationRecord]:
+        """Continue a prompt (text gets BOS prepended, no chat template); yields a record per token."""
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        params = SamplingParams(temperature, top_p, top_k, seed)
+        stream = StreamDecoder(self.tokenizer)
+        return generate_tokens(self._prefill, lambda token: self._forward([token])[-1], ids, max_new_tokens,
+                               params, self.tokenizer.eos_id, self.max_context, stream.push)
+
+    def chat(self, messages: list[Message], **sampling) -> Iterator[GenerationRecord]:
+        """The assistant's next reply to a conversation in the Mixtral-Instruct template."""
+        return self.generate(self.tokenizer.encode_chat(messages), **sampling)
+
+    def logits(self, ids: list[int]) -> torch.Tensor:
+        """Float32 logits [T, V] of every position of ids, from an empty cache."""
+        self.reset()
+        return torch.cat([self._forward(ids[s:s + PREFILL_CHUNK]) for s in range(0, len(ids), PREFILL_CHUNK)])
+
+    def perplexity(self, text: str | list[int]) -> PerplexityResult:
+        """Teacher-forced perplexity of a text; texts longer than the context are scored in windows."""
+        ids = self.tokenizer.encode(text) if isinstance(text, str) else list(text)
+        if len(ids) < 2:
+            raise MixtralOffloadError("perplexity needs at least one token after BOS")
+        nll: list[float] = []
+        for window_start in range(0, len(ids) - 1, self.max_context):
+            window = ids[window_start:window_start + self.max_context + 1]
+            self.reset()
+            for start in range(0, len(window) - 1, PREFILL_CHUNK):
+                chunk = window[start:start + PREFILL_CHUNK]
+                targets = torch.tensor(window[start + 1:start + 1 + len(chunk)])
+                logprobs = torch.log_softmax(self._forward(chunk)[:len(targets)], dim=-1)
+                nll += (-logprobs.gather(1, targets[:, None])[:, 0]).tolist()
+        self.reset()
+        return PerplexityResult(math.exp(sum(nll) / len(nll)), len(nll), nll)
+
+
+def load_checkpoint(path: str | Path, dtype: str = "float32", max_context: int | None = None) -> Runtime:
+    """Load an HF Mixtral checkpoint directory with every expert resident as torch tensors."""
+    checkpoint = Checkpoint.open(path)
+    tokenizer = Tokenizer(checkpoint.tokenizer_path)
+    args, torch_dtype = checkpoint.args, parse_dtype(dtype)
+    dense = dict(checkpoint.dense_tensors(torch_dtype))
+    stacks = {part: [] for part in ("w1", "w3", "w2")}
+    for layer in range(args.num_hidden_layers):
+        for part, stack in stacks.items():
+            stack.append(torch.stack([checkpoint.expert_tensor(layer, e, part, torch_dtype)
+                                      for e in range(args.num_local_experts)]))
+    experts = TorchExperts(stacks["w1"], stacks["w3"], stacks["w2"])
+    context = default_context(args, max_context)
+    return Runtime(build_model(args, dense, experts, context), tokenizer, Path(path))
+
+
+def default_context(args: ModelArgs, max_context: int | None) -> int:
+    """The KV cache length: the requested one, else min(4096, the model's maximum)."""
+    if max_context is None:
+        return min(4096, args.max_position_embeddings)
+    if not 1 < max_context <= args.max_position_embeddings:
+        raise MixtralOffloadError(f"--max-context must be between 2 and {args.max_position_embeddings}")
+    return max_context

@@ -1,0 +1,83 @@
+"""sentencepiece tokenizer and the Mixtral-Instruct chat template (as mistral-common v1 encodes it)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import sentencepiece
+
+from ..errors import MixtralOffloadError
+
+
+@dataclass(frozen=True)
+class Message:
+    """One chat message; role is 'system', 'user' or 'assistant'."""
+
+    role: str
+    content: str
+
+
+class Tokenizer:
+    """A sentencepiece model with Mixtral's special ids (<unk> 0, <s> 1, </s> 2 by default)."""
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        if not path.is_file():
+            raise MixtralOffloadError(f"{path}: tokenizer.model not found")
+        self.sp = sentencepiece.SentencePieceProcessor()
+        try:
+            self.sp.Load(str(path))
+        except (OSError, RuntimeError) as exc:
+            raise MixtralOffloadError(f"{path}: not a sentencepiece model ({exc})") from None
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        self.vocab_size = self.sp.GetPieceSize()
+
+    def encode(self, text: str, bos: bool = True) -> list[int]:
+        """Token ids of text, with BOS prepended unless bos=False."""
+        ids = self.sp.EncodeAsIds(text)
+        return [self.bos_id, *ids] if bos else ids
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of token ids (special tokens dropped)."""
+        return self.sp.DecodeIds([i for i in ids if i not in (self.bos_id, self.eos_id)])
+
+    def encode_chat(self, messages: list[Message]) -> list[int]:
+        """Ids of a conversation in the Mixtral-Instruct template, ready for the assistant's next reply.
+
+        `<s>[INST] user [/INST] answer</s>[INST] user [/INST]`; a system message has no slot of its
+        own and is put before the first user message, separated by a blank line.
+        """
+        system = "\n\n".join(m.content for m in messages if m.role == "system")
+        turns = [m for m in messages if m.role != "system"]
+        if not turns or turns[-1].role != "user":
+            raise MixtralOffloadError("a chat must end with a user message")
+        ids = [self.bos_id]
+        for index, message in enumerate(turns):
+            expected = "user" if index % 2 == 0 else "assistant"
+            if message.role != expected:
+                raise MixtralOffloadError(f"chat turns must alternate user/assistant; turn {index} is {message.role}")
+            if message.role == "user":
+                content = f"{system}\n\n{message.content}" if system and index == 0 else message.content
+                ids += self.sp.EncodeAsIds(f"[INST] {content} [/INST]")
+            else:
+                ids += self.sp.EncodeAsIds(message.content) + [self.eos_id]
+        return ids
+
+
+class StreamDecoder:
+    """Turns a growing list of generated ids into text pieces, holding back incomplete UTF-8."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.emitted = ""
+
+    def push(self, token_id: int) -> str:
+        """Add one id; return the new text it completes (may be empty)."""
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):  # a byte-fallback character still incomplete
+            return ""
+        piece = text[len(self.emitted):] if text.startswith(self.emitted) else text
+        self.emitted = text
+        return piece
