@@ -1,0 +1,108 @@
+"""The `mixtral-offload` command: a click group whose commands parse options and call the library."""
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from .. import __version__
+from ..errors import MixtralOffloadError
+
+
+class Group(click.Group):
+    """A click group that prints user errors as one line (no traceback) and exits non-zero."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except MixtralOffloadError as exc:
+            raise click.ClickException(str(exc)) from None
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="mixtral-offload")
+def cli() -> None:
+    """Run Mixtral-8x7B-class Mixture-of-Experts models on one consumer machine.
+
+    \b
+    Examples:
+      mixtral-offload convert ./Mixtral-8x7B-Instruct ./mixtral-int4 --bits 4
+      mixtral-offload generate ./mixtral-int4 --prompt "The capital of France is"
+      mixtral-offload perplexity ./mixtral-int4 --file wiki.txt --json
+    """
+
+
+MODEL = click.argument("model", envvar="MIXTRAL_OFFLOAD_MODEL", type=click.Path(file_okay=False))
+
+
+def load_options(command):
+    """Options shared by every command that loads a model."""
+    command = click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32",
+                           show_default=True, help="Compute dtype of the dense weights.")(command)
+    command = click.option("--max-context", type=int, default=None,
+                           help="KV cache length in tokens [default: min(4096, the model's maximum)].")(command)
+    return command
+
+
+@cli.command()
+@MODEL
+@click.option("--prompt", "-p", required=True, help="Text to continue (BOS is prepended; no chat template).")
+@click.option("--max-new-tokens", "-n", type=click.IntRange(1), default=128, show_default=True)
+@click.option("--temperature", "-t", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="0 means greedy.")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
+@click.option("--top-k", type=click.IntRange(0), default=0, show_default=True, help="0 means no top-k cut.")
+@click.option("--seed", type=int, default=None, help="Seed for sampling.")
+@click.option("--verbose", "-v", is_flag=True, help="Print speed figures to stderr at the end.")
+@load_options
+def generate(model, prompt, max_new_tokens, temperature, top_p, top_k, seed, verbose, dtype, max_context):
+    """Continue a prompt and print only the completion text to stdout.
+
+    \b
+    Example:
+      mixtral-offload generate ./mixtral-int4 -p "Once upon a time" -n 64 -t 0.7 --seed 1
+    """
+    from ..offload.loading import load
+
+    runtime = load(model, dtype=dtype, max_context=max_context)
+    record = None
+    for record in runtime.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                                   top_p=top_p, top_k=top_k, seed=seed):
+        click.echo(record.text, nl=False)
+        sys.stdout.flush()
+    click.echo()
+    if verbose and record is not None:
+        click.echo(f"{record.index + 1} tokens, prompt {record.prompt_tokens} tokens in "
+                   f"{record.prompt_seconds:.2f} s, decode {record.tokens_per_second:.2f} tok/s, "
+                   f"finish: {record.finish_reason}", err=True)
+
+
+@cli.command()
+@MODEL
+@click.option("--file", "-f", "text_file", required=True, type=click.File("r", encoding="utf-8"),
+              help="UTF-8 text to score ('-' reads stdin).")
+@click.option("--json", "as_json", is_flag=True,
+              help='Print {"perplexity": float, "tokens": int, "nll": [per-token NLL]}.')
+@load_options
+def perplexity(model, text_file, as_json, dtype, max_context):
+    """Teacher-forced perplexity of a text file (BOS prepended, every following token scored).
+
+    \b
+    Example:
+      mixtral-offload perplexity ./mixtral-int4 --file heldout.txt --json
+    """
+    from ..offload.loading import load
+
+    runtime = load(model, dtype=dtype, max_context=max_context)
+    result = runtime.perplexity(text_file.read())
+    if as_json:
+        click.echo(json.dumps({"perplexity": result.perplexity, "tokens": result.tokens, "nll": result.nll}))
+    else:
+        click.echo(f"perplexity {result.perplexity:.4f} over {result.tokens} tokens")
+
+
+# Commands defined in other modules are registered below.
