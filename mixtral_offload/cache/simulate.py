@@ -95,7 +95,10 @@ def simulate(
                 protected = set(previous)
                 for expert in guesses[t][layer - 1]:
                     key = (layer, expert)
-                    if expert < 0 or key in resident:
+                    if expert < 0:
+                        continue
+                    if key in resident:
+                        protected.add(key)  # a right guess already resident must stay for its layer
                         continue
                     if len(resident) >= size:
                         if len(resident - protected) == 0:
