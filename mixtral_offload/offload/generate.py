@@ -8,6 +8,7 @@ from typing import Callable, Iterator
 import torch
 
 from ..errors import MixtralOffloadError
+from ..profiling import NULL_PROFILER, NullProfiler
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,8 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
 
 def generate_tokens(prefill: Callable[[list[int]], torch.Tensor], step: Callable[[int], torch.Tensor],
                     prompt: list[int], max_new_tokens: int, params: SamplingParams, eos_id: int,
-                    context_size: int, decode_piece: Callable[[int], str]) -> Iterator[GenerationRecord]:
+                    context_size: int, decode_piece: Callable[[int], str],
+                    profiler: NullProfiler = NULL_PROFILER) -> Iterator[GenerationRecord]:
     """Read the prompt, then generate one token at a time, yielding a record per generated token.
 
     prefill(prompt) returns the logits [V] after the prompt; step(token) appends one token and returns
@@ -84,7 +86,8 @@ def generate_tokens(prefill: Callable[[list[int]], torch.Tensor], step: Callable
     prompt_seconds = 0.0
     used = len(prompt)
     for index in range(max_new_tokens):
-        token = sample(logits, params, generator)
+        with profiler.span("sampling"):
+            token = sample(logits, params, generator)
         if index == 0:
             prompt_seconds = time.perf_counter() - start
         finish = None

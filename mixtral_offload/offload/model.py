@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from ..config import ModelArgs
 from ..errors import MixtralOffloadError
+from ..profiling import NULL_PROFILER
 
 
 class ExpertBackend(Protocol):
@@ -90,6 +91,7 @@ class Mixtral:
         self.v_cache = torch.zeros(shape, dtype=self.dtype)
         self.cos, self.sin = rope_tables(args, max_context)
         self.position = 0  # tokens already in the cache
+        self.profiler = NULL_PROFILER
 
     def reset(self) -> None:
         """Forget the sequence (the cache is overwritten, not cleared)."""
@@ -107,14 +109,18 @@ class Mixtral:
         if start + T > self.max_context:
             raise MixtralOffloadError(
                 f"context limit reached: {start + T} tokens do not fit in the context of {self.max_context}")
+        profiler = self.profiler
+        profiler.token("prefill" if T > 1 else "decode")
         h = F.embedding(tokens, self.embed)                                    # [T, D]
         cos, sin = self.cos[start:start + T], self.sin[start:start + T]
         for index, layer in enumerate(self.layers):
-            h = h + self._attention(index, layer, rms_norm(h, layer.attn_norm, self.args.rms_norm_eps), cos, sin)
+            with profiler.span("attention", layer=index):
+                h = h + self._attention(index, layer, rms_norm(h, layer.attn_norm, self.args.rms_norm_eps), cos, sin)
             h = h + self._moe(index, layer, h)
         self.position = start + T
-        h = rms_norm(h, self.norm, self.args.rms_norm_eps)
-        return F.linear(h, self.lm_head).float()                              # [T, V]
+        with profiler.span("lm_head"):
+            h = rms_norm(h, self.norm, self.args.rms_norm_eps)
+            return F.linear(h, self.lm_head).float()                          # [T, V]
 
     def _attention(self, index: int, layer: LayerWeights, x: torch.Tensor, cos, sin) -> torch.Tensor:
         args, T, start = self.args, x.shape[0], self.position
@@ -135,15 +141,17 @@ class Mixtral:
 
     def _moe(self, index: int, layer: LayerWeights, h: torch.Tensor) -> torch.Tensor:
         args = self.args
-        x = rms_norm(h, layer.moe_norm, args.rms_norm_eps)                     # [T, D]
-        if self.prefetch_hints and index + 1 < len(self.layers):
-            # The residual entering this MoE block predicts the next layer's routing well;
-            # the guess lets the backend start reading those experts while this layer computes.
-            upcoming = self.layers[index + 1]
-            guess = F.softmax(F.linear(rms_norm(h, upcoming.moe_norm, args.rms_norm_eps), upcoming.gate).float(), -1)
-            self.experts.hint(index + 1, guess)
-        expert_ids, weights, _ = route(x, layer.gate, args.num_experts_per_tok)
-        return self.experts.forward(index, x, expert_ids, weights)
+        with self.profiler.span("router", layer=index):
+            x = rms_norm(h, layer.moe_norm, args.rms_norm_eps)                 # [T, D]
+            expert_ids, weights, _ = route(x, layer.gate, args.num_experts_per_tok)
+            if self.prefetch_hints and index + 1 < len(self.layers):
+                # The residual entering this MoE block predicts the next layer's routing well;
+                # the guess lets the backend start reading those experts while this layer computes.
+                upcoming = self.layers[index + 1]
+                guess = F.softmax(F.linear(rms_norm(h, upcoming.moe_norm, args.rms_norm_eps), upcoming.gate).float(), -1)
+                self.experts.hint(index + 1, guess)
+        with self.profiler.span("experts", layer=index):
+            return self.experts.forward(index, x, expert_ids, weights)
 
 
 class TorchExperts:

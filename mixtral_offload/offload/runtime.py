@@ -85,7 +85,7 @@ class Runtime:
         params = SamplingParams(temperature, top_p, top_k, seed)
         stream = StreamDecoder(self.tokenizer)
         return generate_tokens(self._prefill, lambda token: self._forward([token])[-1], ids, max_new_tokens,
-                               params, self.tokenizer.eos_id, self.max_context, stream.push)
+                               params, self.tokenizer.eos_id, self.max_context, stream.push, self.model.profiler)
 
     def chat(self, messages: list[Message], **sampling) -> Iterator[GenerationRecord]:
         """The assistant's next reply to a conversation in the Mixtral-Instruct template."""
