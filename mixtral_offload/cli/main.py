@@ -106,3 +106,8 @@ def perplexity(model, text_file, as_json, dtype, max_context):
 
 
 # Commands defined in other modules are registered below.
+from .convert import convert as _convert_command, synth as _synth_command, verify as _verify_command  # noqa: E402
+
+cli.add_command(_convert_command)
+cli.add_command(_verify_command)
+cli.add_command(_synth_command)

@@ -1,0 +1,244 @@
+"""Convert an HF Mixtral checkpoint into a model directory with a quantized expert pool.
+
+Streams one tensor at a time (peak memory is one expert, not the model), writes into a hidden
+temporary directory next to the output, fsyncs, and renames it into place at the end: an
+interrupted conversion leaves nothing at the output path, and the next run removes its leftovers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import struct
+import sys
+import zlib
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import psutil
+import torch
+from tqdm import tqdm
+
+from ..config import ModelArgs
+from ..errors import MixtralOffloadError
+from ..quant.format import QuantizedMatrix, QuantSpec
+from ..quant.quantize import quantize
+from .checkpoint import EXPERT_PARTS, Checkpoint, dense_shapes, parse_dtype
+from .pool import (CONFIG_NAME, DENSE_NAME, FORMAT_VERSION, MANIFEST_NAME, PAGE, POOL_NAME, TOKENIZER_NAME,
+                   BlockEntry, align, block_layout, expert_matrix_shapes, manifest_dict, pack_header)
+
+_SAFETENSORS_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
+
+
+# -- atomic output directory ----------------------------------------------------------------------
+@contextmanager
+def staging_dir(out_dir: str | Path) -> Iterator[Path]:
+    """A fresh temporary directory beside out_dir, renamed to out_dir if the block succeeds, removed if not."""
+    out_dir = Path(out_dir).absolute()
+    if out_dir.exists():
+        raise MixtralOffloadError(f"{out_dir}: already exists; remove it or choose another output directory")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(out_dir)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        _fsync_path(tmp)
+        if out_dir.exists():
+            raise MixtralOffloadError(f"{out_dir}: appeared while converting; the result is left out")
+        os.rename(tmp, out_dir)
+        _fsync_path(out_dir.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_stale_staging(out_dir: Path) -> None:
+    """Remove temporary directories of earlier runs for out_dir whose process is gone."""
+    for stale in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid() or not psutil.pid_exists(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# -- writers --------------------------------------------------------------------------------------
+def write_dense(path: Path, args: ModelArgs, dtype: torch.dtype, tensors: Iterable[tuple[str, torch.Tensor]],
+                on_tensor: Callable[[torch.Tensor], None] = lambda t: None) -> None:
+    """Stream dense tensors (in checkpoint.dense_shapes order) into a safetensors file, one at a time."""
+    shapes = dense_shapes(args)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        nbytes = itemsize * int(np.prod(shape))
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    header["__metadata__"] = {"format": "pt"}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        names = iter(shapes)
+        for name, tensor in tensors:
+            expected = next(names, None)
+            if name != expected or tuple(tensor.shape) != tuple(shapes[name]):
+                raise RuntimeError(f"dense tensor {name} {tuple(tensor.shape)} arrived where {expected} was due")
+            on_tensor(tensor)
+            data = tensor.detach().to(dtype).contiguous().view(torch.uint8).numpy()
+            f.write(memoryview(data).cast("B"))
+        if next(names, None) is not None:
+            raise RuntimeError("dense tensor stream ended early")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class PoolWriter:
+    """Writes experts.pool block by block in (layer, expert) order; `finish` writes the header and returns the manifest."""
+
+    def __init__(self, path: Path, args: ModelArgs, spec: QuantSpec):
+        self.args, self.spec = args, spec
+        self.shapes = expert_matrix_shapes(args)
+        self.slots, self.block_nbytes = block_layout(spec, self.shapes)
+        self.stride = align(self.block_nbytes, PAGE)
+        self.buffer = np.zeros(self.stride, np.uint8)  # one block; padding between parts stays zero
+        self.blocks: dict[tuple[int, int], BlockEntry] = {}
+        self.file = open(path, "wb")
+        self.file.write(b"\0" * PAGE)  # header placeholder, written by finish()
+
+    @property
+    def total_bytes(self) -> int:
+        """The pool file's size once every block is written."""
+        return PAGE + self.stride * self.args.num_hidden_layers * self.args.num_local_experts
+
+    def part_views(self) -> dict[tuple[str, str], np.ndarray]:
+        """(matrix, part) -> writable view of the block buffer, for writers that fill parts in place."""
+        out = {}
+        for slot in self.slots:
+            raw = self.buffer[slot.offset:slot.offset + slot.nbytes]
+            out[(slot.matrix, slot.name)] = raw.view(slot.dtype).reshape(slot.shape)
+        return out
+
+    def add(self, layer: int, expert: int, matrices: tuple[QuantizedMatrix, ...] | None = None) -> None:
+        """Append one expert's block: from (w1, w3, w2), or from what part_views() were filled with."""
+        if matrices is not None:
+            views = self.part_views()
+            for matrix, qm in zip(("w1", "w3", "w2"), matrices):
+                for name, array in qm.parts().items():
+                    views[(matrix, name)][...] = array
+        offset = self.file.tell()
+        self.file.write(memoryview(self.buffer))
+        self.blocks[(layer, expert)] = BlockEntry(offset, self.block_nbytes,
+                                                  zlib.crc32(memoryview(self.buffer)[:self.block_nbytes]))
+
+    def finish(self) -> bytes:
+        """Write the header, fsync, close; return the manifest's bytes (to be written beside the pool)."""
+        expected = self.args.num_hidden_layers * self.args.num_local_experts
+        if len(self.blocks) != expected:
+            raise RuntimeError(f"pool has {len(self.blocks)} blocks, expected {expected}")
+        manifest = (json.dumps(manifest_dict(self.args, self.spec, self.blocks), indent=1) + "\n").encode()
+        pool_bytes = self.file.tell()
+        self.file.seek(0)
+        self.file.write(pack_header(pool_bytes, manifest))
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        return manifest
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def write_bytes_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def model_config(args: ModelArgs, spec: QuantSpec, dense_dtype: str, method: str, refine: bool) -> dict:
+    """config.json of a converted model: the ModelArgs dict plus its quantization section."""
+    config = dataclasses.replace(args, torch_dtype=dense_dtype).to_dict()
+    config["quantization"] = {"format_version": FORMAT_VERSION, "bits": spec.bits, "group_size": spec.group_size,
+                              "refine": refine, "method": method, "dense_dtype": dense_dtype}
+    return config
+
+
+def progress_bar(total: int, show: bool | None, desc: str) -> tqdm:
+    """Bytes-done progress with rate and ETA; shown only on a terminal unless show says otherwise."""
+    if show is None:
+        show = sys.stderr.isatty()
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=not show,
+                dynamic_ncols=True, file=sys.stderr)
+
+
+# -- the converter --------------------------------------------------------------------------------
+@dataclasses.dataclass
+class ConvertResult:
+    """What a conversion wrote."""
+
+    path: Path
+    input_bytes: int
+    pool_bytes: int
+    dense_bytes: int
+    seconds: float
+
+
+def convert(hf_dir: str | Path, out_dir: str | Path, *, bits: int = 4, group_size: int = 64,
+            dense_dtype: str = "float16", refine: bool = True, progress: bool | None = None) -> ConvertResult:
+    """Convert an HF Mixtral checkpoint directory into a pool model directory at out_dir."""
+    import time
+
+    start = time.perf_counter()
+    spec = QuantSpec(bits, group_size)
+    dense_torch = parse_dtype(dense_dtype)
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise MixtralOffloadError(f"{out_dir}: already exists; remove it or choose another output directory")
+    checkpoint = Checkpoint.open(hf_dir)
+    args = checkpoint.args
+    for shape in expert_matrix_shapes(args).values():
+        spec.check_shape(shape)
+    input_itemsize = 4 if args.torch_dtype == "float32" else 2
+    dense_input = input_itemsize * sum(int(np.prod(s)) for s in dense_shapes(args).values())
+    total = dense_input + checkpoint.expert_bytes()
+    with staging_dir(out_dir) as tmp, progress_bar(total, progress, "convert") as bar:
+        write_dense(tmp / DENSE_NAME, args, dense_torch, checkpoint.dense_tensors(),
+                    on_tensor=lambda t: bar.update(t.nbytes))
+        writer = PoolWriter(tmp / POOL_NAME, args, spec)
+        try:
+            for layer in range(args.num_hidden_layers):
+                for expert in range(args.num_local_experts):
+                    matrices = []
+                    for part in EXPERT_PARTS:
+                        weight = checkpoint.expert_tensor(layer, expert, part)
+                        matrices.append(quantize(weight, spec, refine=refine))
+                        bar.update(weight.nbytes)
+                        del weight
+                    writer.add(layer, expert, tuple(matrices))
+            manifest = writer.finish()
+        finally:
+            writer.close()
+        write_bytes_synced(tmp / MANIFEST_NAME, manifest)
+        if checkpoint.tokenizer_path.is_file():
+            shutil.copyfile(checkpoint.tokenizer_path, tmp / TOKENIZER_NAME)
+            _fsync_file(tmp / TOKENIZER_NAME)
+        config = model_config(args, spec, dense_dtype, "rtn+als" if refine else "rtn", refine)
+        write_bytes_synced(tmp / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
+        pool_bytes = (tmp / POOL_NAME).stat().st_size
+        dense_bytes = (tmp / DENSE_NAME).stat().st_size
+    return ConvertResult(out_dir, total, pool_bytes, dense_bytes, time.perf_counter() - start)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())

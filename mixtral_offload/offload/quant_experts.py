@@ -1,0 +1,55 @@
+"""An ExpertBackend that computes routed experts with the quantization kernels on an ExpertPool's views."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..quant.format import QuantizedMatrix
+from .model import tokens_by_expert
+from .pool import ExpertPool
+
+try:  # the fused Numba kernel; until it lands, the NumPy reference below stands in
+    from ..quant import expert_forward as _kernel_expert_forward
+except ImportError:
+    _kernel_expert_forward = None
+
+
+def reference_expert_forward(w1: QuantizedMatrix, w3: QuantizedMatrix, w2: QuantizedMatrix, x: np.ndarray) -> np.ndarray:
+    """w2 (silu(w1 x) * w3 x) for x [T, D] float32 via the plain dequantizer: [T, D] float32."""
+    from ..quant.quantize import dequantize
+
+    gate = x @ dequantize(w1).T                                  # [T, I]
+    up = x @ dequantize(w3).T                                    # [T, I]
+    hidden = gate / (1.0 + np.exp(-gate)) * up
+    return hidden @ dequantize(w2).T                             # [T, D]
+
+
+def expert_forward(w1: QuantizedMatrix, w3: QuantizedMatrix, w2: QuantizedMatrix, x: np.ndarray) -> np.ndarray:
+    """One expert on x [T, D] float32 -> [T, D] float32, with the fastest kernel available."""
+    if _kernel_expert_forward is not None:
+        return _kernel_expert_forward(w1, w3, w2, x)
+    return reference_expert_forward(w1, w3, w2, x)
+
+
+class PoolExperts:
+    """Every routed expert computed where it lies in the pool's mapping (no cache, no copies)."""
+
+    def __init__(self, pool: ExpertPool, release_pages: bool = False):
+        self.pool = pool
+        self.release_pages = release_pages  # drop the mapped pages after use, so RSS stays flat
+
+    def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Weighted sum of each token's routed experts, [T, D] in x's dtype."""
+        x32 = x.detach().float().numpy()                          # [T, D]
+        out = np.zeros_like(x32)
+        w = weights.float().numpy()                               # [T, K]
+        for expert, token_idx, slot in tokens_by_expert(expert_ids):
+            rows, slots = token_idx.numpy(), slot.numpy()
+            y = expert_forward(*self.pool.expert(layer, expert), np.ascontiguousarray(x32[rows]))
+            out[rows] += y * w[rows, slots, None]   # a token meets each expert at most once
+            if self.release_pages:
+                self.pool.release(layer, expert)
+        return torch.from_numpy(out).to(x.dtype)
+
+    def hint(self, layer: int, probs: torch.Tensor) -> None:
+        """No prefetch here: the page cache and the expert cache (cache/) do that."""

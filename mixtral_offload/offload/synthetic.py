@@ -1,0 +1,95 @@
+"""Synthetic model directories: random quantized experts written straight into a pool, at any geometry.
+
+No float source is made: codes are random bits, scales are set so the dequantized weights have a
+chosen standard deviation. One expert block is generated at a time, so full Mixtral-8x7B (~24 GB
+at int4) is written with ~100 MB of memory, as fast as the disk takes it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from ..config import ModelArgs
+from ..quant.format import QuantSpec
+from .checkpoint import dense_shapes, parse_dtype
+from .convert import PoolWriter, model_config, progress_bar, staging_dir, write_bytes_synced, write_dense
+from .pool import CONFIG_NAME, DENSE_NAME, MANIFEST_NAME, POOL_NAME, TOKENIZER_NAME
+
+WEIGHT_STD = 0.02  # std of the random weights (dense and dequantized experts), as in HF's initializer
+
+
+@dataclasses.dataclass
+class SynthResult:
+    """What write_synthetic wrote."""
+
+    path: Path
+    pool_bytes: int
+    dense_bytes: int
+    seconds: float
+
+
+def write_synthetic(out_dir: str | Path, args: ModelArgs, *, bits: int = 4, group_size: int = 64,
+                    dense_dtype: str = "float16", tokenizer: str | Path | None = None, seed: int = 0,
+                    progress: bool | None = None) -> SynthResult:
+    """Write a converted-format model directory of random weights with args' geometry."""
+    start = time.perf_counter()
+    spec = QuantSpec(bits, group_size)
+    dense_torch = parse_dtype(dense_dtype)
+    rng = np.random.Generator(np.random.SFC64(seed))
+    with staging_dir(out_dir) as tmp:
+        writer = PoolWriter(tmp / POOL_NAME, args, spec)
+        dense_bytes = torch.empty((), dtype=dense_torch).element_size() * sum(
+            int(np.prod(s)) for s in dense_shapes(args).values())
+        try:
+            with progress_bar(writer.total_bytes + dense_bytes, progress, "synth") as bar:
+                write_dense(tmp / DENSE_NAME, args, dense_torch, _random_dense(args, seed),
+                            on_tensor=lambda t: bar.update(t.numel() * dense_torch.itemsize))
+                views = writer.part_views()
+                for layer in range(args.num_hidden_layers):
+                    for expert in range(args.num_local_experts):
+                        _fill_random_block(views, spec, rng)
+                        writer.add(layer, expert)
+                        bar.update(writer.stride)
+            manifest = writer.finish()
+        finally:
+            writer.close()
+        write_bytes_synced(tmp / MANIFEST_NAME, manifest)
+        if tokenizer is not None:
+            shutil.copyfile(tokenizer, tmp / TOKENIZER_NAME)
+        config = model_config(args, spec, dense_dtype, "synthetic", False)
+        write_bytes_synced(tmp / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
+        pool_bytes = (tmp / POOL_NAME).stat().st_size
+    return SynthResult(Path(out_dir), pool_bytes, dense_bytes, time.perf_counter() - start)
+
+
+def _fill_random_block(views: dict[tuple[str, str], np.ndarray], spec: QuantSpec, rng: np.random.Generator) -> None:
+    """Random codes, and scales (zeros) giving dequantized weights of std ~WEIGHT_STD."""
+    for (matrix, name), view in views.items():
+        if name == "codes":
+            raw = rng.bit_generator.random_raw(-(-view.nbytes // 8)).view(np.uint8)[:view.nbytes]
+            flat = view.reshape(-1).view(np.uint8)
+            flat[...] = raw
+            if spec.bits == 8:  # symmetric int8 codes lie in -127..127
+                np.maximum(view, -127, out=view)
+        elif name == "scales":
+            code_std = np.sqrt((16**2 - 1) / 12) if spec.bits == 4 else np.sqrt((255**2 - 1) / 12)
+            jitter = rng.uniform(0.8, 1.2, size=view.shape)
+            view[...] = (WEIGHT_STD / code_std * jitter).astype(np.float16)
+        else:  # zeros of int4: the middle of 0..15, a little off the integers
+            view[...] = rng.uniform(7.0, 8.0, size=view.shape).astype(np.float16)
+
+
+def _random_dense(args: ModelArgs, seed: int) -> Iterator[tuple[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    for name, shape in dense_shapes(args).items():
+        if len(shape) == 1:  # RMSNorm weights
+            yield name, torch.ones(shape)
+        else:
+            yield name, torch.randn(shape, generator=generator) * WEIGHT_STD
