@@ -1,0 +1,237 @@
+"""The runtime expert cache: fixed slots in RAM filled from the pool, with pluggable eviction and prefetch.
+
+It implements the model's ExpertBackend. It deals in (layer, expert) keys, byte buffers and a
+compute function; it knows no model classes and no file formats. The pool object it is given must
+offer `block_nbytes`, `read_block_into(layer, expert, buffer)`, `views_from_buffer(buffer)`,
+`expert(layer, expert)` (views on the mapping) and `release(layer, expert)`.
+"""
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..errors import MixtralOffloadError
+from ..profiling import NULL_PROFILER
+from .policies import EvictionPolicy, make_policy
+from .simulate import partition_capacities
+from .traces import TraceRecorder
+
+Key = tuple[int, int]  # (layer, expert)
+PAGE = 4096
+
+
+@dataclass
+class CacheStats:
+    """What the cache did: per-layer hits and misses, prefetch outcomes, bytes and seconds of reads."""
+
+    num_layers: int
+    hits: list[int] = field(default_factory=list)
+    misses: list[int] = field(default_factory=list)
+    prefetches: int = 0
+    prefetch_hits: int = 0
+    prefetch_waste: int = 0
+    direct: int = 0            # misses computed on the mapped pool because no slot was free
+    bytes_read: int = 0
+    read_seconds: float = 0.0  # summed over reader threads
+    wait_seconds: float = 0.0  # time the compute thread waited for a read
+
+    def __post_init__(self) -> None:
+        self.hits = self.hits or [0] * self.num_layers
+        self.misses = self.misses or [0] * self.num_layers
+
+    @property
+    def hit_rate(self) -> float:
+        """Hits over requests, prefetch hits included."""
+        total = sum(self.hits) + sum(self.misses)
+        return sum(self.hits) / total if total else 0.0
+
+
+class ExpertCache:
+    """Experts of a pool paged into `num_slots` owned RAM slots; computes routed experts on them."""
+
+    def __init__(self, pool, num_layers: int, top_k: int, num_slots: int,
+                 compute: Callable[[object, object, object, np.ndarray], np.ndarray],
+                 policy: str = "lru", prefetch: int = 0, partition: str = "auto",
+                 recorder: TraceRecorder | None = None, read_threads: int = 1):
+        if num_slots < top_k + prefetch:
+            raise MixtralOffloadError(
+                f"an expert cache of {num_slots} slots is below the minimum of top_k + prefetch = {top_k + prefetch}")
+        self.pool, self.compute = pool, compute
+        self.num_layers, self.top_k, self.prefetch = num_layers, top_k, prefetch
+        if partition == "auto":  # per-layer pools avoid shared LRU's cliff when each layer gets top_k slots
+            partition = "layer" if num_slots // num_layers >= top_k + (1 if prefetch else 0) else "shared"
+        self.partition = partition
+        sizes = partition_capacities(num_slots, num_layers, partition, top_k)
+        self.capacity = sizes if partition == "layer" else None
+        self.policies: list[EvictionPolicy] = [make_policy(policy) for _ in sizes]
+        self.policy_name = policy
+        self.slot_bytes = -(-pool.block_nbytes // PAGE) * PAGE
+        self.slots = np.empty((num_slots, self.slot_bytes), dtype=np.uint8)  # pages are touched on first fill
+        self.free = list(range(num_slots - 1, -1, -1))
+        self.slot_of: dict[Key, int] = {}
+        self.loading: dict[Key, Future] = {}
+        self.pinned: set[Key] = set()
+        self.resident_per_layer = [0] * num_layers
+        self.prefetched: dict[int, set[Key]] = {}    # layer -> keys read ahead for it, not yet used
+        self.hints: dict[int, list[int]] = {}        # layer -> experts guessed for it
+        self.reader = ThreadPoolExecutor(max_workers=read_threads, thread_name_prefix="expert-read")
+        self.stats = CacheStats(num_layers)
+        self.recorder = recorder
+        self.profiler = NULL_PROFILER
+        self.now = 0
+
+    # -- slots ----------------------------------------------------------------------------------
+    def _policy(self, layer: int) -> EvictionPolicy:
+        return self.policies[layer if self.capacity else 0]
+
+    def _reserve(self, key: Key, protected: set[Key]) -> int | None:
+        """A slot for key: a free one, or one freed from the policy's victim; None if all are protected."""
+        layer = key[0]
+        full = (self.resident_per_layer[layer] >= self.capacity[layer]) if self.capacity else not self.free
+        if not full and self.free:
+            return self.free.pop()
+        resident = [k for k in self.slot_of if (k[0] == layer or not self.capacity)]
+        keep = protected | self.pinned | set(self.loading)
+        if all(k in keep for k in resident):
+            return None
+        victim = self._policy(layer).victim(resident, keep, self.now)
+        slot = self.slot_of.pop(victim)
+        self.resident_per_layer[victim[0]] -= 1
+        self._policy(victim[0]).on_evict(victim)
+        for prefetched in self.prefetched.values():
+            if victim in prefetched:
+                prefetched.discard(victim)
+                self.stats.prefetch_waste += 1
+        return slot
+
+    def _start_read(self, key: Key, slot: int) -> None:
+        self.slot_of[key] = slot
+        self.resident_per_layer[key[0]] += 1
+        self._policy(key[0]).on_insert(key, self.now)
+        self.loading[key] = self.reader.submit(self._read, key, slot)
+
+    def _read(self, key: Key, slot: int) -> tuple[int, float]:
+        start = time.perf_counter()
+        with self.profiler.span("pool_read", layer=key[0], expert=key[1], bytes=self.pool.block_nbytes):
+            got = self.pool.read_block_into(key[0], key[1], self.slots[slot])
+        return got, time.perf_counter() - start
+
+    def _wait(self, key: Key) -> None:
+        future = self.loading.pop(key, None)
+        if future is None:
+            return
+        start = time.perf_counter()
+        with self.profiler.span("read_wait", layer=key[0], expert=key[1]):
+            got, seconds = future.result()
+        self.stats.wait_seconds += time.perf_counter() - start
+        self.stats.bytes_read += got
+        self.stats.read_seconds += seconds
+        self.profiler.count("pool_read_bytes", got, layer=key[0])
+
+    # -- ExpertBackend --------------------------------------------------------------------------
+    def hint(self, layer: int, probs: torch.Tensor) -> None:
+        """Remember the experts guessed for `layer` (top by summed probability); read them during the layer before."""
+        if not self.prefetch or layer >= self.num_layers:
+            return
+        mass = probs.float().sum(dim=0)
+        self.hints[layer] = torch.topk(mass, min(self.prefetch, mass.shape[0])).indices.tolist()
+
+    def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Weighted sum of each token's routed experts, [T, D] in x's dtype; misses are read into slots."""
+        ids = expert_ids.numpy()
+        w = weights.float().numpy()
+        x32 = np.ascontiguousarray(x.detach().float().numpy())
+        out = np.zeros_like(x32)
+        if self.recorder is not None:
+            guess = self.hints.get(layer + 1)
+            predicted = None if guess is None else np.tile(np.asarray(guess)[None], (ids.shape[0], 1))
+            self.recorder.record(layer, ids, w, predicted_next=predicted)
+        experts, inverse = np.unique(ids, return_inverse=True)
+        inverse = inverse.reshape(ids.shape)
+        keys = [(layer, int(e)) for e in experts]
+        for index, key in enumerate(keys):
+            self._policy(layer).on_access(key, float(w[inverse == index].sum()), self.now)
+            self.now += 1
+        self._count_prefetch(layer, keys)
+        # resident and loaded first, then those in flight, then misses
+        order = sorted(keys, key=lambda k: (k in self.loading, k not in self.slot_of))
+        wanted = set(keys)
+        for key in order:
+            if key in self.slot_of:
+                self.stats.hits[layer] += 1
+                self.profiler.count("cache_hit", layer=layer)
+            else:
+                self.stats.misses[layer] += 1
+                self.profiler.count("cache_miss", layer=layer)
+        self._read_ahead(order, wanted)
+        self._start_prefetch(layer + 1, wanted)
+        for key in order:
+            index = keys.index(key)
+            rows, slots_k = np.nonzero(inverse == index)
+            xs = np.ascontiguousarray(x32[rows])
+            if key not in self.slot_of:
+                slot = self._reserve(key, set())
+                if slot is not None:
+                    self._start_read(key, slot)
+            self._read_ahead(order, wanted)
+            if key in self.slot_of:
+                self._wait(key)
+                self.pinned.add(key)
+                with self.profiler.span("expert_cpu", layer=layer, expert=key[1], tokens=len(rows)):
+                    y = self.compute(*self.pool.views_from_buffer(self.slots[self.slot_of[key]]), xs)
+                self.pinned.discard(key)
+            else:  # every slot is busy: compute where it lies and give the pages back
+                self.stats.direct += 1
+                with self.profiler.span("expert_direct", layer=layer, expert=key[1], tokens=len(rows)):
+                    y = self.compute(*self.pool.expert(*key), xs)
+                self.pool.release(*key)
+            out[rows] += y * w[rows, slots_k, None]
+        return torch.from_numpy(out).to(x.dtype)
+
+    def _read_ahead(self, order: list[Key], wanted: set[Key]) -> None:
+        """Start reads for this layer's misses while slots can be had without evicting what it still needs."""
+        for key in order:
+            if key not in self.slot_of:
+                slot = self._reserve(key, wanted)
+                if slot is None:
+                    return
+                self._start_read(key, slot)
+
+    def _start_prefetch(self, layer: int, in_use: set[Key]) -> None:
+        guess = self.hints.pop(layer, None)
+        if not guess:
+            return
+        protected = set(in_use) | {(layer, e) for e in guess}
+        started = self.prefetched.setdefault(layer, set())
+        for expert in guess:
+            key = (layer, expert)
+            if key in self.slot_of:
+                continue
+            slot = self._reserve(key, protected)
+            if slot is None:
+                return
+            self._start_read(key, slot)
+            started.add(key)
+            self.stats.prefetches += 1
+
+    def _count_prefetch(self, layer: int, keys: list[Key]) -> None:
+        started = self.prefetched.pop(layer, set())
+        used = started & set(keys)
+        self.stats.prefetch_hits += len(used)
+        self.stats.prefetch_waste += len(started) - len(used)
+        if used:
+            self.profiler.count("prefetch_hit", len(used), layer=layer)
+        if len(started) > len(used):
+            self.profiler.count("prefetch_waste", len(started) - len(used), layer=layer)
+
+    def close(self) -> None:
+        """Stop the reader threads."""
+        for future in self.loading.values():
+            future.result()
+        self.loading.clear()
+        self.reader.shutdown(wait=True)
