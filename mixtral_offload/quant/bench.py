@@ -1,0 +1,177 @@
+"""Kernel benchmark: quantized matvec ms and GB/s against this machine's measured read bandwidth.
+
+Used by `mixtral-offload bench kernels [--json]`: `run_kernel_bench()` returns a dict (JSON shape
+below) and `format_kernel_bench()` renders it as a text table.
+
+    {"bandwidth_gbs": float, "bandwidth_by_threads": {threads: gbs}, "compile_s": {...},
+     "results": [{"kernel": str, "bits": int, "shape": [rows, cols], "threads": int, "tokens": int,
+                  "ms": float, "gbs": float, "ratio": float}, ...]}
+
+`gbs` counts the bytes a call must read (codes + scales + zeros; dense weights for torch rows);
+`ratio` divides it by the read bandwidth measured at the same thread count in the same run.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numba
+import numpy as np
+import torch
+from numba import njit, prange
+
+from mixtral_offload.quant import kernels
+from mixtral_offload.quant.format import QuantizedMatrix, QuantSpec, part_layout
+
+MIXTRAL_SHAPES = ((14336, 4096), (4096, 14336))  # w1/w3 and w2
+_BANDWIDTH_BYTES = 1 << 30
+
+
+@njit(cache=True, fastmath=True, nogil=True, parallel=True)
+def _parallel_sum(values):
+    chunks = 256
+    per = values.shape[0] // chunks
+    partial = np.zeros(chunks, np.float32)
+    for c in prange(chunks):
+        segment = values[c * per : (c + 1) * per]
+        total = np.float32(0.0)
+        for i in range(segment.shape[0]):
+            total += segment[i]
+        partial[c] = total
+    return partial.sum()
+
+
+def measure_read_bandwidth(threads: int, repeats: int = 5) -> float:
+    """GB/s of a Numba parallel sum over 1 GiB of float32 (median of `repeats`)."""
+    values = np.ones(_BANDWIDTH_BYTES // 4, np.float32)
+    with _threads(threads):
+        _parallel_sum(values)
+        seconds = _median_seconds(lambda: _parallel_sum(values), repeats)
+    return values.nbytes / seconds / 1e9
+
+
+def random_quantized(spec: QuantSpec, shape: tuple[int, int], seed: int = 0) -> QuantizedMatrix:
+    """A matrix with random codes and plausible scales (quantizing real weights costs time, not speed)."""
+    rng = np.random.default_rng(seed)
+    parts = {}
+    for name, (dtype, part_shape) in part_layout(spec, shape).items():
+        if name == "codes":
+            parts[name] = rng.integers(0, 256, part_shape, dtype=np.uint8).view(dtype)
+        elif name == "scales":
+            parts[name] = (rng.random(part_shape, dtype=np.float32) * 1e-3 + 1e-3).astype(dtype)
+        else:
+            parts[name] = (rng.random(part_shape, dtype=np.float32) * 15).astype(dtype)
+    return QuantizedMatrix.from_parts(spec, shape, parts)
+
+
+def run_kernel_bench(
+    threads: tuple[int, ...] = (1, 2),
+    bits: tuple[int, ...] = (4, 8),
+    group_size: int = 64,
+    tokens: tuple[int, ...] = (1,),
+    repeats: int = 15,
+    torch_dense: bool = True,
+    json: bool = False,
+) -> dict:
+    """Time the matvec kernels on Mixtral's expert shapes; see the module docstring for the result.
+
+    `json` is accepted for the CLI's convenience; the result is the same plain dict either way.
+    """
+    compile_s = _first_call_seconds()
+    bandwidth = {t: measure_read_bandwidth(t) for t in threads}
+    results = []
+    for shape in MIXTRAL_SHAPES:
+        rows, cols = shape
+        x_all = np.random.default_rng(1).standard_normal((max(tokens), cols)).astype(np.float32)
+        for b in bits:
+            qm = random_quantized(QuantSpec(b, group_size), shape)
+            for t in threads:
+                for n in tokens:
+                    x = x_all[:n]
+                    with _threads(t):
+                        kernels.matmul(qm, x)
+                        seconds = _median_seconds(lambda: kernels.matmul(qm, x), repeats)
+                    name = f"int{b} g{group_size} " + ("matvec" if n == 1 else f"matmul T={n}")
+                    results.append(_row(name, b, shape, t, n, seconds, qm.nbytes, bandwidth[t]))
+        if torch_dense:
+            for dtype, b in ((torch.float32, 32), (torch.bfloat16, 16)):
+                w = torch.randn(shape, dtype=dtype)
+                for t in threads:
+                    for n in tokens:
+                        x = torch.from_numpy(x_all[:n]).to(dtype)
+                        with _threads(t):
+                            torch.matmul(x, w.T)
+                            seconds = _median_seconds(lambda: torch.matmul(x, w.T), repeats)
+                        name = f"torch {str(dtype).removeprefix('torch.')} dense"
+                        nbytes = w.numel() * w.element_size()
+                        results.append(_row(name, b, shape, t, n, seconds, nbytes, bandwidth[t]))
+                del w
+    return {
+        "bandwidth_gbs": max(bandwidth.values()),
+        "bandwidth_by_threads": {str(t): round(v, 2) for t, v in bandwidth.items()},
+        "compile_s": compile_s,
+        "results": results,
+    }
+
+
+def format_kernel_bench(result: dict) -> str:
+    """A text table of run_kernel_bench()'s result."""
+    lines = [
+        "memory read bandwidth: "
+        + ", ".join(f"{gbs:.1f} GB/s at {t} thread(s)" for t, gbs in result["bandwidth_by_threads"].items()),
+        "first call (compile or cache load): "
+        + ", ".join(f"{name} {s:.2f} s" for name, s in result["compile_s"].items()),
+        f"{'kernel':<24} {'shape':>12} {'T':>3} {'thr':>3} {'ms':>8} {'GB/s':>7} {'of bw':>6}",
+    ]
+    for r in result["results"]:
+        shape = f"{r['shape'][0]}x{r['shape'][1]}"
+        lines.append(
+            f"{r['kernel']:<24} {shape:>12} {r['tokens']:>3} {r['threads']:>3} {r['ms']:>8.2f} "
+            f"{r['gbs']:>7.1f} {r['ratio']:>6.0%}"
+        )
+    return "\n".join(lines)
+
+
+def _row(kernel, bits, shape, threads, tokens, seconds, nbytes, bandwidth):
+    gbs = nbytes / seconds / 1e9
+    return {
+        "kernel": kernel, "bits": bits, "shape": list(shape), "threads": threads, "tokens": tokens,
+        "ms": round(seconds * 1e3, 3), "gbs": round(gbs, 2), "ratio": round(gbs / bandwidth, 3),
+    }
+
+
+def _first_call_seconds() -> dict[str, float]:
+    """Seconds of each kernel family's first call in this process: a compile, or a load from Numba's cache."""
+    out = {}
+    for b in (4, 8):
+        qm = random_quantized(QuantSpec(b, 64), (8, 128))
+        x = np.ones((1, 128), np.float32)
+        start = time.perf_counter()
+        kernels.matmul(qm, x)
+        out[f"int{b} matvec"] = round(time.perf_counter() - start, 3)
+    return out
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+class _threads:
+    """Set Numba's and torch's thread counts for a block, then restore them."""
+
+    def __init__(self, count: int):
+        self.count = count
+
+    def __enter__(self):
+        self.saved = (numba.get_num_threads(), torch.get_num_threads())
+        numba.set_num_threads(min(self.count, numba.config.NUMBA_NUM_THREADS))
+        torch.set_num_threads(self.count)
+
+    def __exit__(self, *exc):
+        numba.set_num_threads(self.saved[0])
+        torch.set_num_threads(self.saved[1])
