@@ -19,7 +19,8 @@ from numba import njit, prange
 from mixtral_offload.errors import MixtralOffloadError
 from mixtral_offload.quant.format import QuantizedMatrix
 
-ROW_BLOCK = 4  # rows per parallel iteration: they share every load of x
+ROW_BLOCK = 4  # rows decoded together: they share every load of x
+ROWS_PER_TASK = 64  # rows per parallel task (scratch is allocated once per task)
 BLAS_MIN_TOKENS = 16  # from this batch size on, dequantize tiles and multiply with BLAS (measured)
 _BLAS_TILE_ELEMENTS = 1 << 20  # float32 tile of ~4 MB: stays in L2/L3 between dequantize and GEMM
 
@@ -32,26 +33,39 @@ _NO_ZEROS = np.zeros((1, 1), np.uint16)
 
 
 @njit(cache=True, fastmath=True, nogil=True)
-def _dot_rows_int4(codes, scales, zeros, f16, x, xsum, group_size, r0, r1, r2, r3):
+def _dot_rows_int4(codes, scales, zeros, f16, x, xsum, group_size, r0, r1, r2, r3, lanes):
+    # lanes[4, G/2]: one accumulator per row and byte position, each group's products added already
+    # scaled, so no horizontal sum per group (measured 1.2-1.6x faster than a per-group float sum
+    # at G=64 and G=32); the zero-point terms s*z*sum(x_group) are summed apart and subtracted once.
     half = group_size // 2
     c0 = codes[r0]
     c1 = codes[r1]
     c2 = codes[r2]
     c3 = codes[r3]
-    acc0 = np.float32(0.0)
-    acc1 = np.float32(0.0)
-    acc2 = np.float32(0.0)
-    acc3 = np.float32(0.0)
+    lanes[:, :half] = 0.0
+    l0 = lanes[0, :half]
+    l1 = lanes[1, :half]
+    l2 = lanes[2, :half]
+    l3 = lanes[3, :half]
+    zx0 = np.float32(0.0)
+    zx1 = np.float32(0.0)
+    zx2 = np.float32(0.0)
+    zx3 = np.float32(0.0)
     sixteenth = np.float32(0.0625)
     sixteen = np.float32(16.0)
     for g in range(scales.shape[1]):
         xl = x[g * group_size : g * group_size + half]
         xh = x[g * group_size + half : (g + 1) * group_size]
         cb = g * half
-        p0 = np.float32(0.0)
-        p1 = np.float32(0.0)
-        p2 = np.float32(0.0)
-        p3 = np.float32(0.0)
+        s0 = f16[scales[r0, g]]
+        s1 = f16[scales[r1, g]]
+        s2 = f16[scales[r2, g]]
+        s3 = f16[scales[r3, g]]
+        xs = xsum[g]
+        zx0 += s0 * f16[zeros[r0, g]] * xs
+        zx1 += s1 * f16[zeros[r1, g]] * xs
+        zx2 += s2 * f16[zeros[r2, g]] * xs
+        zx3 += s3 * f16[zeros[r3, g]] * xs
         for j in range(half):
             # byte b = lo + 16 hi, decoded in float (exact): hi = floor(b / 16), lo = b - 16 hi
             b0 = np.float32(c0[cb + j])
@@ -62,16 +76,11 @@ def _dot_rows_int4(codes, scales, zeros, f16, x, xsum, group_size, r0, r1, r2, r
             h1 = np.floor(b1 * sixteenth)
             h2 = np.floor(b2 * sixteenth)
             h3 = np.floor(b3 * sixteenth)
-            p0 += (b0 - sixteen * h0) * xl[j] + h0 * xh[j]
-            p1 += (b1 - sixteen * h1) * xl[j] + h1 * xh[j]
-            p2 += (b2 - sixteen * h2) * xl[j] + h2 * xh[j]
-            p3 += (b3 - sixteen * h3) * xl[j] + h3 * xh[j]
-        xs = xsum[g]
-        acc0 += f16[scales[r0, g]] * (p0 - f16[zeros[r0, g]] * xs)
-        acc1 += f16[scales[r1, g]] * (p1 - f16[zeros[r1, g]] * xs)
-        acc2 += f16[scales[r2, g]] * (p2 - f16[zeros[r2, g]] * xs)
-        acc3 += f16[scales[r3, g]] * (p3 - f16[zeros[r3, g]] * xs)
-    return acc0, acc1, acc2, acc3
+            l0[j] += s0 * ((b0 - sixteen * h0) * xl[j] + h0 * xh[j])
+            l1[j] += s1 * ((b1 - sixteen * h1) * xl[j] + h1 * xh[j])
+            l2[j] += s2 * ((b2 - sixteen * h2) * xl[j] + h2 * xh[j])
+            l3[j] += s3 * ((b3 - sixteen * h3) * xl[j] + h3 * xh[j])
+    return l0.sum() - zx0, l1.sum() - zx1, l2.sum() - zx2, l3.sum() - zx3
 
 
 @njit(cache=True, fastmath=True, nogil=True)
@@ -104,14 +113,14 @@ def _dot_rows_int8(codes, scales, f16, x, group_size, r0, r1, r2, r3):
 
 
 @njit(cache=True, fastmath=True, nogil=True)
-def _dot_rows(bits, codes, scales, zeros, f16, x, xsum, group_size, r0):
+def _dot_rows(bits, codes, scales, zeros, f16, x, xsum, group_size, r0, lanes):
     """Dot products of rows r0..r0+3 with x; rows past the end repeat the last row (caller drops them)."""
     last = codes.shape[0] - 1
     r1 = min(r0 + 1, last)
     r2 = min(r0 + 2, last)
     r3 = min(r0 + 3, last)
     if bits == 4:
-        return _dot_rows_int4(codes, scales, zeros, f16, x, xsum, group_size, r0, r1, r2, r3)
+        return _dot_rows_int4(codes, scales, zeros, f16, x, xsum, group_size, r0, r1, r2, r3, lanes)
     return _dot_rows_int8(codes, scales, f16, x, group_size, r0, r1, r2, r3)
 
 
@@ -134,11 +143,12 @@ def _store_rows(out, r0, a0, a1, a2, a3):
 def _matmul_kernel(bits, codes, scales, zeros, f16, x, xsum, group_size, out):
     """out[T, R] = x[T, C] @ W.T; each block of rows is decoded from L1 once per token."""
     rows = codes.shape[0]
-    for block in prange((rows + 3) // 4):
-        r0 = block * 4
-        for t in range(x.shape[0]):
-            a0, a1, a2, a3 = _dot_rows(bits, codes, scales, zeros, f16, x[t], xsum[t], group_size, r0)
-            _store_rows(out[t], r0, a0, a1, a2, a3)
+    for task in prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        lanes = np.empty((4, group_size), np.float32)
+        for r0 in range(task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK), 4):
+            for t in range(x.shape[0]):
+                a0, a1, a2, a3 = _dot_rows(bits, codes, scales, zeros, f16, x[t], xsum[t], group_size, r0, lanes)
+                _store_rows(out[t], r0, a0, a1, a2, a3)
 
 
 @njit(cache=True, fastmath=True, nogil=True)
@@ -150,12 +160,13 @@ def _silu(a):
 def _gate_up_kernel(bits, codes1, scales1, zeros1, codes3, scales3, zeros3, f16, x, xsum, group_size, h):
     """h[T, I] = silu(x @ w1.T) * (x @ w3.T), w1 and w3 rows read in the same pass."""
     rows = codes1.shape[0]
-    for block in prange((rows + 3) // 4):
-        r0 = block * 4
-        for t in range(x.shape[0]):
-            a0, a1, a2, a3 = _dot_rows(bits, codes1, scales1, zeros1, f16, x[t], xsum[t], group_size, r0)
-            b0, b1, b2, b3 = _dot_rows(bits, codes3, scales3, zeros3, f16, x[t], xsum[t], group_size, r0)
-            _store_rows(h[t], r0, _silu(a0) * b0, _silu(a1) * b1, _silu(a2) * b2, _silu(a3) * b3)
+    for task in prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        lanes = np.empty((4, group_size), np.float32)
+        for r0 in range(task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK), 4):
+            for t in range(x.shape[0]):
+                a0, a1, a2, a3 = _dot_rows(bits, codes1, scales1, zeros1, f16, x[t], xsum[t], group_size, r0, lanes)
+                b0, b1, b2, b3 = _dot_rows(bits, codes3, scales3, zeros3, f16, x[t], xsum[t], group_size, r0, lanes)
+                _store_rows(h[t], r0, _silu(a0) * b0, _silu(a1) * b1, _silu(a2) * b2, _silu(a3) * b3)
 
 
 @njit(cache=True, fastmath=True, nogil=True, parallel=True)
