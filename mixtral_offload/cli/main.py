@@ -111,3 +111,8 @@ from .convert import convert as _convert_command, synth as _synth_command, verif
 cli.add_command(_convert_command)
 cli.add_command(_verify_command)
 cli.add_command(_synth_command)
+from .chat import chat  # noqa: E402
+from .report import report  # noqa: E402
+
+cli.add_command(chat)
+cli.add_command(report)

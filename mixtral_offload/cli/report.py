@@ -1,0 +1,67 @@
+"""`--profile FILE` for commands that run a model, and the `report` command that summarises a profile."""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+import click
+
+
+def profile_options(command):
+    """--profile FILE and --profile-format, for every command that runs the model."""
+    command = click.option("--profile-format", type=click.Choice(["json", "chrome"]), default="json",
+                           show_default=True,
+                           help="json: the documented schema (docs/profiling.md); chrome: a Trace Event "
+                                "Format file for Perfetto or chrome://tracing.")(command)
+    command = click.option("--profile", type=click.Path(dir_okay=False, writable=True), default=None,
+                           help="Record time per forward pass, per layer and per span, and write it to FILE "
+                                "(summarise with `mixtral-offload report FILE`).")(command)
+    return command
+
+
+@contextmanager
+def profiling(runtime, path: str | None, fmt: str = "json", **meta) -> Iterator[None]:
+    """Attach a Profiler to the runtime's model for the block; write the profile to path when it ends.
+
+    Does nothing when path is None. The file is written even when the block is interrupted.
+    """
+    if path is None:
+        yield
+        return
+    from ..profile_report import build_profile, write_profile
+    from ..profiling import NULL_PROFILER, Profiler
+
+    profiler = Profiler()
+    runtime.model.profiler = profiler
+    try:
+        yield
+    finally:
+        end = time.perf_counter()
+        runtime.model.profiler = NULL_PROFILER
+        write_profile(build_profile(profiler, end, **meta), path, fmt)
+        click.echo(f"profile written to {path}", err=True)
+
+
+@click.command()
+@click.argument("profile_file", metavar="FILE", type=click.Path(exists=True, dir_okay=False))
+@click.option("--plot", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Also draw per-token latency and per-layer hit rate to this PNG.")
+def report(profile_file, plot):
+    """Summarise a profile written with --profile: run figures, time by span, per-layer hit rate.
+
+    Reads either profile format (json or chrome).
+
+    \b
+    Examples:
+      mixtral-offload generate ./mixtral-int4 -p "Hello" -n 64 --profile run.json
+      mixtral-offload report run.json
+      mixtral-offload report run.json --plot run.png
+    """
+    from ..profile_report import plot_profile, read_profile, summary_tables
+
+    profile = read_profile(profile_file)
+    click.echo(summary_tables(profile))
+    if plot:
+        plot_profile(profile, plot)
+        click.echo(f"plot written to {plot}", err=True)
