@@ -289,6 +289,7 @@ def plot_profile(profile: dict, path: str | Path) -> None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         raise MixtralOffloadError("--plot needs matplotlib: pip install matplotlib") from None
     layers = [entry for entry in profile["layers"] if entry["hit_rate"] is not None]
@@ -298,6 +299,7 @@ def plot_profile(profile: dict, path: str | Path) -> None:
         points = [(t["index"], 1e3 * t["seconds"]) for t in profile["tokens"] if t["kind"] == kind]
         if points:
             ax.plot(*zip(*points), ".-" if kind == "decode" else "o", color=colour, label=kind, markersize=3)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("forward pass")
     ax.set_ylabel("latency (ms)")
     ax.set_title("per-token latency")
@@ -308,6 +310,7 @@ def plot_profile(profile: dict, path: str | Path) -> None:
         ax.set_xlabel("layer")
         ax.set_ylabel("hit rate (%)")
         ax.set_ylim(0, 100)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title("expert cache hit rate per layer")
     figure.tight_layout()
     figure.savefig(os.fspath(path), dpi=100)

@@ -12,7 +12,7 @@ from ..errors import MixtralOffloadError
 from ..offload.generate import GenerationRecord
 from ..offload.tokenizer import Message
 from .main import MODEL, load_options
-from .report import profile_options, profiling
+from .report import profile_options, start_profiling
 
 HELP = """\
 Commands:
@@ -238,7 +238,7 @@ def run_repl(conversation: Conversation, read_line: Callable[[], str], sampling:
 @click.option("--seed", type=int, default=None, help="Seed for sampling.")
 @profile_options
 @load_options
-def chat(model, system, max_new_tokens, temperature, top_p, top_k, seed, profile, profile_format, **load_kwargs):
+def chat(model, system, max_new_tokens, temperature, top_p, top_k, seed, **load_kwargs):
     """Chat with an instruct model: type a message, the reply streams back.
 
     Earlier turns stay in the KV cache, so a new turn only reads the new message. Type /help for
@@ -255,6 +255,6 @@ def chat(model, system, max_new_tokens, temperature, top_p, top_k, seed, profile
     runtime = load(model, **load_kwargs)
     conversation = Conversation(runtime, system)
     sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
-    with profiling(runtime, profile, profile_format, command="chat", model=model):
-        note(f"Chatting with {model} (context {runtime.max_context} tokens). /help for commands, /quit to leave.")
-        run_repl(conversation, line_reader("> "), sampling)
+    start_profiling(runtime)
+    note(f"Chatting with {model} (context {runtime.max_context} tokens). /help for commands, /quit to leave.")
+    run_repl(conversation, line_reader("> "), sampling)

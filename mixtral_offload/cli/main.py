@@ -8,6 +8,8 @@ import click
 
 from .. import __version__
 from ..errors import MixtralOffloadError
+from .report import profile_options, start_profiling
+from .settings import config_option
 
 
 class Group(click.Group):
@@ -24,6 +26,7 @@ class Group(click.Group):
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@config_option
 @click.version_option(__version__, "--version", prog_name="mixtral-offload")
 def cli() -> None:
     """Run Mixtral-8x7B-class Mixture-of-Experts models on one consumer machine.
@@ -58,6 +61,7 @@ def load_options(command):
 @click.option("--top-k", type=click.IntRange(0), default=0, show_default=True, help="0 means no top-k cut.")
 @click.option("--seed", type=int, default=None, help="Seed for sampling.")
 @click.option("--verbose", "-v", is_flag=True, help="Print speed figures to stderr at the end.")
+@profile_options
 @load_options
 def generate(model, prompt, max_new_tokens, temperature, top_p, top_k, seed, verbose, dtype, max_context):
     """Continue a prompt and print only the completion text to stdout.
@@ -69,6 +73,7 @@ def generate(model, prompt, max_new_tokens, temperature, top_p, top_k, seed, ver
     from ..offload.loading import load
 
     runtime = load(model, dtype=dtype, max_context=max_context)
+    start_profiling(runtime)
     record = None
     for record in runtime.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
                                    top_p=top_p, top_k=top_k, seed=seed):
@@ -87,6 +92,7 @@ def generate(model, prompt, max_new_tokens, temperature, top_p, top_k, seed, ver
               help="UTF-8 text to score ('-' reads stdin).")
 @click.option("--json", "as_json", is_flag=True,
               help='Print {"perplexity": float, "tokens": int, "nll": [per-token NLL]}.')
+@profile_options
 @load_options
 def perplexity(model, text_file, as_json, dtype, max_context):
     """Teacher-forced perplexity of a text file (BOS prepended, every following token scored).
@@ -98,6 +104,7 @@ def perplexity(model, text_file, as_json, dtype, max_context):
     from ..offload.loading import load
 
     runtime = load(model, dtype=dtype, max_context=max_context)
+    start_profiling(runtime)
     result = runtime.perplexity(text_file.read())
     if as_json:
         click.echo(json.dumps({"perplexity": result.perplexity, "tokens": result.tokens, "nll": result.nll}))

@@ -8,16 +8,35 @@ from typing import Iterator
 import click
 
 
+PROFILE_KEY = "mixtral_offload.profile"
+
+
+def _remember(ctx: click.Context, param: click.Parameter, value):
+    ctx.meta.setdefault(PROFILE_KEY, {})[param.name] = value
+
+
 def profile_options(command):
-    """--profile FILE and --profile-format, for every command that runs the model."""
+    """--profile FILE and --profile-format for a command that runs the model; call start_profiling after
+    loading. The values go to the click context, not to the command's arguments."""
     command = click.option("--profile-format", type=click.Choice(["json", "chrome"]), default="json",
-                           show_default=True,
+                           show_default=True, expose_value=False, callback=_remember,
                            help="json: the documented schema (docs/profiling.md); chrome: a Trace Event "
                                 "Format file for Perfetto or chrome://tracing.")(command)
     command = click.option("--profile", type=click.Path(dir_okay=False, writable=True), default=None,
+                           expose_value=False, callback=_remember,
                            help="Record time per forward pass, per layer and per span, and write it to FILE "
                                 "(summarise with `mixtral-offload report FILE`).")(command)
     return command
+
+
+def start_profiling(runtime) -> None:
+    """If --profile was given, profile the runtime's model until the command ends, then write the file."""
+    ctx = click.get_current_context()
+    settings = ctx.meta.get(PROFILE_KEY, {})
+    if settings.get("profile"):
+        model = ctx.params.get("model")
+        ctx.with_resource(profiling(runtime, settings["profile"], settings.get("profile_format") or "json",
+                                    command=ctx.info_name, model=str(model) if model else None))
 
 
 @contextmanager
