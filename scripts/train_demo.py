@@ -370,14 +370,17 @@ def cmd_eval(a) -> int:
     res = dict(heldout_tokens=n, model_ppl=round(math.exp(nll / n), 3),
                model_nll_per_tok=round(nll / n, 4),
                unigram_ppl=round(math.exp(unll / len(held)), 3))
-    # expert usage on held-out text (layer 0 and last), from router logits
-    x = torch.tensor([[1] + held[:SEQ - 1]])
-    rl = model(input_ids=x, output_router_logits=True).router_logits
-    use = []
-    for layer in (0, len(rl) - 1):
-        top = rl[layer].topk(2, -1).indices.flatten()
-        use.append(np.bincount(top.numpy(), minlength=8).tolist())
-    res["expert_use_first_last_layer"] = use
+    # expert usage (top-k picks per expert, per layer) on 8 held-out windows
+    k, E = model.config.num_experts_per_tok, model.config.num_local_experts
+    w = min(SEQ - 1, len(held))
+    nwin = max(1, min(8, len(held) // w))
+    x = torch.tensor([[1] + held[i * w:(i + 1) * w] for i in range(nwin)])
+    with torch.no_grad():
+        rl = model(input_ids=x, output_router_logits=True).router_logits
+    use = [np.bincount(r.topk(k, -1).indices.flatten().numpy(), minlength=E).tolist() for r in rl]
+    res["expert_use_per_layer"] = use
+    res["expert_share_min_max"] = [round(min(u) / sum(u), 3) for u in use], \
+        [round(max(u) / sum(u), 3) for u in use]
     print(json.dumps(res), flush=True)
     samples = {}
     for p in PROMPTS:
