@@ -106,9 +106,13 @@ def cache_hit_rate(runtime) -> float | None:
     def get(name):
         return stats.get(name) if isinstance(stats, dict) else getattr(stats, name, None)
 
-    rate = get("hit_rate")
+    try:
+        rate = get("hit_rate")
+        rate = rate() if callable(rate) else rate
+    except ZeroDivisionError:  # no lookups yet
+        return None
     if rate is not None:
-        return float(rate)
+        return None if rate != rate else float(rate)  # NaN: no lookups yet
     hits, misses = get("hits"), get("misses")
     if hits is None or misses is None or hits + misses == 0:
         return None
