@@ -157,11 +157,13 @@ def chrome_trace(profile: dict) -> dict:
         trace.append({"name": counter["name"], "cat": "counter", "ph": "i", "s": "t", "ts": ts, "pid": PID,
                       "tid": main, "args": {"value": counter["value"], "token": token, **counter["args"]}})
     end = (starts[0] + profile["wall_seconds"]) * us if starts else 0.0
-    trace.append({"name": "peak memory", "ph": "C", "ts": end, "pid": PID, "tid": main,
-                  "args": {"rss_bytes": profile["peak_rss_bytes"], "vram_bytes": profile["peak_vram_bytes"] or 0}})
-    trace.append({"name": "thread_name", "ph": "M", "ts": 0, "pid": PID, "tid": 0, "args": {"name": "forward passes"}})
-    meta = {key: value for key, value in profile.items() if key not in ("tokens", "events", "counters", "layers", "spans")}
-    return {"traceEvents": trace, "displayTimeUnit": "ms", "otherData": {key: str(value) for key, value in meta.items()}}
+    memory = {"rss_bytes": profile["peak_rss_bytes"], "vram_bytes": profile["peak_vram_bytes"] or 0}
+    trace.append({"name": "peak memory", "ph": "C", "ts": end, "pid": PID, "tid": main, "args": memory})
+    trace.append({"name": "thread_name", "ph": "M", "ts": 0, "pid": PID, "tid": 0,
+                  "args": {"name": "forward passes"}})
+    tables = ("tokens", "events", "counters", "layers", "spans")
+    meta = {key: str(value) for key, value in profile.items() if key not in tables}
+    return {"traceEvents": trace, "displayTimeUnit": "ms", "otherData": meta}
 
 
 def profile_from_chrome(trace: dict) -> dict:
@@ -196,7 +198,8 @@ def profile_from_chrome(trace: dict) -> dict:
                                                             dict(token["counters"]))
     wall = float(meta.get("wall_seconds", 0.0)) or sum(t["seconds"] for t in tokens)
     return {"format": FORMAT, "version": VERSION, "command": meta.get("command"), "model": meta.get("model"),
-            "wall_seconds": wall, "busy_seconds": sum(t["seconds"] for t in tokens), "peak_rss_bytes": memory.get("rss_bytes", 0),
+            "wall_seconds": wall, "busy_seconds": sum(t["seconds"] for t in tokens),
+            "peak_rss_bytes": memory.get("rss_bytes", 0),
             "peak_vram_bytes": memory.get("vram_bytes") or None, "tokens": tokens,
             "layers": layer_table(counters), "spans": span_table(events), "events": events, "counters": counters}
 

@@ -131,7 +131,8 @@ class StatsWithRate:
 
 @pytest.mark.parametrize("stats, rate", [(None, None), ({"hit_rate": 0.5}, 0.5), (Stats(), 0.75),
                                          (lambda: {"hits": 1, "misses": 1}, 0.5),
-                                         (lambda: None, None), (lambda: StatsWithRate(), 0.25), ({"hits": 0, "misses": 0}, None)])
+                                         (lambda: None, None), (lambda: StatsWithRate(), 0.25),
+                                         ({"hits": 0, "misses": 0}, None)])
 def test_cache_hit_rate_is_optional(stats, rate):
     class Runtime:
         pass

@@ -102,5 +102,6 @@ def _apply_config(ctx: click.Context, param: click.Parameter, value: str | None)
 config_option = click.option(
     "--config", type=click.Path(dir_okay=False), envvar=CONFIG_ENV, expose_value=False, is_eager=True,
     callback=_apply_config,
-    help=f"TOML file of option defaults [default: $XDG_CONFIG_HOME/mixtral-offload/config.toml, else ~/.config/...; env: {CONFIG_ENV}]. "
+    help="TOML file of option defaults [default: $XDG_CONFIG_HOME/mixtral-offload/config.toml, else "
+         f"~/.config/...; env: {CONFIG_ENV}]. "
          "Top-level keys apply to every command, [chat]-style tables to one; flags and env vars win.")
