@@ -100,8 +100,27 @@ def test_release_returns_mapped_pages(tmp_path):
     assert touched - start > 20e6 and touched - released > 20e6, (start, touched, released)
 
 
+def test_pool_experts_kernel_matches_reference(pool_dir):
+    from mixtral_offload.offload.quant_experts import PoolExperts, expert_forward, reference_expert_forward
+
+    x = torch.randn(5, SMALL.hidden_size, generator=torch.Generator().manual_seed(0))
+    ids = torch.tensor([[0, 1], [1, 3], [2, 0], [3, 2], [1, 0]])
+    weights = torch.full((5, 2), 0.5)
+    with ExpertPool.open(pool_dir) as pool:
+        out = PoolExperts(pool, release_pages=True).forward(1, x, ids, weights)
+        expected = torch.zeros_like(x)
+        for t in range(5):
+            for k in range(2):
+                y = reference_expert_forward(*pool.expert(1, int(ids[t, k])), x[t:t + 1].numpy())
+                expected[t] += 0.5 * torch.from_numpy(y[0])
+        assert (out - expected).abs().max() <= 1e-4 * expected.abs().max()
+        w = pool.expert(0, 2)
+        xs = x.numpy()
+        np.testing.assert_allclose(expert_forward(*w, xs), reference_expert_forward(*w, xs), rtol=1e-4, atol=1e-6)
+
+
 def test_synthetic_model_loads_and_runs(pool_dir):
-    runtime = load(pool_dir)
+    runtime = load(pool_dir, dtype="float32")
     logits = runtime.logits(runtime.tokenizer.encode("Hello there"))
     assert torch.isfinite(logits).all() and logits.std() > 0
 
@@ -179,7 +198,7 @@ def test_missing_files(damaged):
     assert "manifest.json" in open_error(damaged)
     (damaged / "manifest.json").write_bytes(manifest)
     (damaged / "experts.pool").unlink()
-    assert "experts.pool" in open_error(damaged)
+    assert "no experts.pool" in open_error(damaged)
 
 
 # -- fuzzing -----------------------------------------------------------------------------------------

@@ -231,7 +231,7 @@ def convert(hf_dir: str | Path, out_dir: str | Path, *, bits: int = 4, group_siz
         write_bytes_synced(tmp / MANIFEST_NAME, manifest)
         if checkpoint.tokenizer_path.is_file():
             shutil.copyfile(checkpoint.tokenizer_path, tmp / TOKENIZER_NAME)
-            _fsync_file(tmp / TOKENIZER_NAME)
+            fsync_file(tmp / TOKENIZER_NAME)
         config = model_config(args, spec, dense_dtype, "rtn+als" if refine else "rtn", refine)
         write_bytes_synced(tmp / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
         pool_bytes = (tmp / POOL_NAME).stat().st_size
@@ -239,6 +239,7 @@ def convert(hf_dir: str | Path, out_dir: str | Path, *, bits: int = 4, group_siz
     return ConvertResult(out_dir, total, pool_bytes, dense_bytes, time.perf_counter() - start)
 
 
-def _fsync_file(path: Path) -> None:
+def fsync_file(path: Path) -> None:
+    """Flush a file's data to disk."""
     with open(path, "rb+") as f:
         os.fsync(f.fileno())

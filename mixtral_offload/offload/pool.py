@@ -135,6 +135,8 @@ class ExpertPool:
         """Open model_dir/experts.pool; raises MixtralOffloadError on anything inconsistent."""
         model_dir = Path(model_dir)
         pool_path = model_dir / POOL_NAME
+        if not pool_path.is_file():
+            raise MixtralOffloadError(f"{model_dir}: not a converted model directory (no {POOL_NAME})")
         args = ModelArgs.from_file(model_dir / CONFIG_NAME)
         config_quant = read_json(model_dir / CONFIG_NAME).get("quantization")
         manifest_path = model_dir / MANIFEST_NAME

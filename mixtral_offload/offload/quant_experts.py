@@ -1,4 +1,7 @@
-"""An ExpertBackend that computes routed experts with the quantization kernels on an ExpertPool's views."""
+"""An ExpertBackend that computes routed experts with the quantization kernels on an ExpertPool's views.
+
+reference_expert_forward is the slow, obvious path (plain dequantize + NumPy) to test the kernel against.
+"""
 from __future__ import annotations
 
 import numpy as np
@@ -8,10 +11,7 @@ from ..quant.format import QuantizedMatrix
 from .model import tokens_by_expert
 from .pool import ExpertPool
 
-try:  # the fused Numba kernel; until it lands, the NumPy reference below stands in
-    from ..quant import expert_forward as _kernel_expert_forward
-except ImportError:
-    _kernel_expert_forward = None
+from ..quant.kernels import expert_forward as _kernel_expert_forward
 
 
 def reference_expert_forward(w1: QuantizedMatrix, w3: QuantizedMatrix, w2: QuantizedMatrix, x: np.ndarray) -> np.ndarray:
@@ -25,10 +25,8 @@ def reference_expert_forward(w1: QuantizedMatrix, w3: QuantizedMatrix, w2: Quant
 
 
 def expert_forward(w1: QuantizedMatrix, w3: QuantizedMatrix, w2: QuantizedMatrix, x: np.ndarray) -> np.ndarray:
-    """One expert on x [T, D] float32 -> [T, D] float32, with the fastest kernel available."""
-    if _kernel_expert_forward is not None:
-        return _kernel_expert_forward(w1, w3, w2, x)
-    return reference_expert_forward(w1, w3, w2, x)
+    """One expert on x [T, D] float32 -> [T, D] float32 with the fused Numba kernel."""
+    return _kernel_expert_forward(w1, w3, w2, x)
 
 
 class PoolExperts:

@@ -19,7 +19,7 @@ import torch
 from ..config import ModelArgs
 from ..quant.format import QuantSpec
 from .checkpoint import dense_shapes, parse_dtype
-from .convert import PoolWriter, model_config, progress_bar, staging_dir, write_bytes_synced, write_dense
+from .convert import PoolWriter, fsync_file, model_config, progress_bar, staging_dir, write_bytes_synced, write_dense
 from .pool import CONFIG_NAME, DENSE_NAME, MANIFEST_NAME, POOL_NAME, TOKENIZER_NAME
 
 WEIGHT_STD = 0.02  # std of the random weights (dense and dequantized experts), as in HF's initializer
@@ -49,7 +49,7 @@ def write_synthetic(out_dir: str | Path, args: ModelArgs, *, bits: int = 4, grou
             int(np.prod(s)) for s in dense_shapes(args).values())
         try:
             with progress_bar(writer.total_bytes + dense_bytes, progress, "synth") as bar:
-                write_dense(tmp / DENSE_NAME, args, dense_torch, _random_dense(args, seed),
+                write_dense(tmp / DENSE_NAME, args, dense_torch, _random_dense(args, dense_torch, seed),
                             on_tensor=lambda t: bar.update(t.numel() * dense_torch.itemsize))
                 views = writer.part_views()
                 for layer in range(args.num_hidden_layers):
@@ -63,6 +63,7 @@ def write_synthetic(out_dir: str | Path, args: ModelArgs, *, bits: int = 4, grou
         write_bytes_synced(tmp / MANIFEST_NAME, manifest)
         if tokenizer is not None:
             shutil.copyfile(tokenizer, tmp / TOKENIZER_NAME)
+            fsync_file(tmp / TOKENIZER_NAME)
         config = model_config(args, spec, dense_dtype, "synthetic", False)
         write_bytes_synced(tmp / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
         pool_bytes = (tmp / POOL_NAME).stat().st_size
@@ -86,10 +87,16 @@ def _fill_random_block(views: dict[tuple[str, str], np.ndarray], spec: QuantSpec
             view[...] = rng.uniform(7.0, 8.0, size=view.shape).astype(np.float16)
 
 
-def _random_dense(args: ModelArgs, seed: int) -> Iterator[tuple[str, torch.Tensor]]:
+def _random_dense(args: ModelArgs, dtype: torch.dtype, seed: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """Dense tensors in dtype, generated in row chunks so no float32 copy of a whole embedding exists."""
     generator = torch.Generator().manual_seed(seed)
     for name, shape in dense_shapes(args).items():
         if len(shape) == 1:  # RMSNorm weights
-            yield name, torch.ones(shape)
-        else:
-            yield name, torch.randn(shape, generator=generator) * WEIGHT_STD
+            yield name, torch.ones(shape, dtype=dtype)
+            continue
+        tensor = torch.empty(shape, dtype=dtype)
+        rows = max(1, (1 << 22) // shape[1])
+        for r0 in range(0, shape[0], rows):
+            chunk = tensor[r0:r0 + rows]
+            chunk.copy_(torch.randn(chunk.shape, generator=generator).mul_(WEIGHT_STD))
+        yield name, tensor
