@@ -21,7 +21,9 @@ from mixtral_offload.quant.format import QuantizedMatrix
 
 ROW_BLOCK = 4  # rows decoded together: they share every load of x
 ROWS_PER_TASK = 64  # rows per parallel task (scratch is allocated once per task)
-BLAS_MIN_TOKENS = 16  # from this batch size on, dequantize tiles and multiply with BLAS (measured)
+# Dequantize-a-tile-then-BLAS is opt-in (method="blas"): measured here it lost at every batch size
+# tried (T=8..32, 14336x4096: 0.4-2 s vs 36-49 ms fused at T=4), because numpy's OpenBLAS threads and
+# Numba's OpenMP threads spin against each other when their calls alternate on 2 cores.
 _BLAS_TILE_ELEMENTS = 1 << 20  # float32 tile of ~4 MB: stays in L2/L3 between dequantize and GEMM
 
 # float16 bits -> float32 value: Numba has no float16, so scales/zeros are read as uint16 through this
@@ -212,11 +214,16 @@ def _group_sums(x: np.ndarray, group_size: int) -> np.ndarray:
     return x.reshape(x.shape[0], -1, group_size).sum(axis=2, dtype=np.float32)
 
 
-def matmul(qm: QuantizedMatrix, x: np.ndarray) -> np.ndarray:
-    """y = x @ W.T for x [T, cols] (-> [T, rows]) or [cols] (-> [rows]), float32."""
+def matmul(qm: QuantizedMatrix, x: np.ndarray, method: str = "fused") -> np.ndarray:
+    """y = x @ W.T for x [T, cols] (-> [T, rows]) or [cols] (-> [rows]), float32.
+
+    method "fused" (default) decodes in the dot product; "blas" dequantizes row tiles and uses BLAS.
+    """
+    if method not in ("fused", "blas"):
+        raise MixtralOffloadError(f"matmul method must be 'fused' or 'blas', got {method!r}")
     squeeze = getattr(x, "ndim", None) == 1
     x2 = _check_activations(x[None, :] if squeeze else x, qm.cols, "x")
-    if x2.shape[0] >= BLAS_MIN_TOKENS:
+    if method == "blas":
         y = _matmul_blas(qm, x2)
     else:
         y = np.empty((x2.shape[0], qm.rows), np.float32)
@@ -228,15 +235,18 @@ def matmul(qm: QuantizedMatrix, x: np.ndarray) -> np.ndarray:
 
 def _matmul_blas(qm: QuantizedMatrix, x: np.ndarray) -> np.ndarray:
     """Prefill path: dequantize row tiles into a float32 buffer and multiply with BLAS."""
-    y = np.empty((x.shape[0], qm.rows), np.float32)
+    # y.T[rows, T] is filled tile by tile: each BLAS call writes a contiguous block of rows
+    # (numpy's matmul into a strided `out` leaves BLAS for a loop ~50x slower)
+    y_t = np.empty((qm.rows, x.shape[0]), np.float32)
+    x_t = np.ascontiguousarray(x.T)
     tile_rows = max(ROW_BLOCK, _BLAS_TILE_ELEMENTS // qm.cols)
     tile = np.empty((min(tile_rows, qm.rows), qm.cols), np.float32)
     codes, scales, zeros = _kernel_parts(qm)
     for r0 in range(0, qm.rows, tile_rows):
         n = min(tile_rows, qm.rows - r0)
         _dequantize_rows_kernel(qm.spec.bits, codes, scales, zeros, F16_TABLE, qm.spec.group_size, r0, tile[:n])
-        np.matmul(x, tile[:n].T, out=y[:, r0 : r0 + n])
-    return y
+        np.matmul(tile[:n], x_t, out=y_t[r0 : r0 + n])
+    return np.ascontiguousarray(y_t.T)
 
 
 def dequantize_fast(qm: QuantizedMatrix) -> np.ndarray:
@@ -258,15 +268,10 @@ def expert_forward(w1: QuantizedMatrix, w3: QuantizedMatrix, w2: QuantizedMatrix
         raise MixtralOffloadError(f"w1 and w3 must share a format, got {w1.spec} and {w3.spec}")
     squeeze = getattr(x, "ndim", None) == 1
     x2 = _check_activations(x[None, :] if squeeze else x, hidden, "x")
-    if x2.shape[0] >= BLAS_MIN_TOKENS:
-        a = _matmul_blas(w1, x2)
-        b = _matmul_blas(w3, x2)
-        h = (a / (1.0 + np.exp(-a)) * b).astype(np.float32)
-    else:
-        h = np.empty((x2.shape[0], inter), np.float32)
-        c1, s1, z1 = _kernel_parts(w1)
-        c3, s3, z3 = _kernel_parts(w3)
-        xsum = _group_sums(x2, w1.spec.group_size)
-        _gate_up_kernel(w1.spec.bits, c1, s1, z1, c3, s3, z3, F16_TABLE, x2, xsum, w1.spec.group_size, h)
+    h = np.empty((x2.shape[0], inter), np.float32)
+    c1, s1, z1 = _kernel_parts(w1)
+    c3, s3, z3 = _kernel_parts(w3)
+    xsum = _group_sums(x2, w1.spec.group_size)
+    _gate_up_kernel(w1.spec.bits, c1, s1, z1, c3, s3, z3, F16_TABLE, x2, xsum, w1.spec.group_size, h)
     y = matmul(w2, h)
     return y[0] if squeeze else y
