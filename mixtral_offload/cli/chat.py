@@ -11,7 +11,7 @@ import click
 from ..errors import MixtralOffloadError
 from ..offload.generate import GenerationRecord
 from ..offload.tokenizer import Message
-from .main import MODEL, load_options
+from .options import MODEL, load_options
 from .report import profile_options, start_profiling
 
 HELP = """\

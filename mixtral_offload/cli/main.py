@@ -8,6 +8,7 @@ import click
 
 from .. import __version__
 from ..errors import MixtralOffloadError
+from .options import MODEL, load_options
 from .report import profile_options, start_profiling
 from .settings import config_option
 
@@ -39,18 +40,6 @@ def cli() -> None:
     """
 
 
-MODEL = click.argument("model", envvar="MIXTRAL_OFFLOAD_MODEL", type=click.Path(file_okay=False))
-
-
-def load_options(command):
-    """Options shared by every command that loads a model."""
-    command = click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32",
-                           show_default=True, help="Compute dtype of the dense weights.")(command)
-    command = click.option("--max-context", type=int, default=None,
-                           help="KV cache length in tokens [default: min(4096, the model's maximum)].")(command)
-    return command
-
-
 @cli.command()
 @MODEL
 @click.option("--prompt", "-p", required=True, help="Text to continue (BOS is prepended; no chat template).")
@@ -60,10 +49,9 @@ def load_options(command):
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
 @click.option("--top-k", type=click.IntRange(0), default=0, show_default=True, help="0 means no top-k cut.")
 @click.option("--seed", type=int, default=None, help="Seed for sampling.")
-@click.option("--verbose", "-v", is_flag=True, help="Print speed figures to stderr at the end.")
 @profile_options
 @load_options
-def generate(model, prompt, max_new_tokens, temperature, top_p, top_k, seed, verbose, dtype, max_context):
+def generate(model, prompt, max_new_tokens, temperature, top_p, top_k, seed, **load_kwargs):
     """Continue a prompt and print only the completion text to stdout.
 
     \b
@@ -72,7 +60,7 @@ def generate(model, prompt, max_new_tokens, temperature, top_p, top_k, seed, ver
     """
     from ..offload.loading import load
 
-    runtime = load(model, dtype=dtype, max_context=max_context)
+    runtime = load(model, **load_kwargs)
     start_profiling(runtime)
     record = None
     for record in runtime.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
@@ -80,10 +68,10 @@ def generate(model, prompt, max_new_tokens, temperature, top_p, top_k, seed, ver
         click.echo(record.text, nl=False)
         sys.stdout.flush()
     click.echo()
-    if verbose and record is not None:
-        click.echo(f"{record.index + 1} tokens, prompt {record.prompt_tokens} tokens in "
+    if load_kwargs["log"] is not None and record is not None:
+        load_kwargs["log"](f"{record.index + 1} tokens, prompt {record.prompt_tokens} tokens in "
                    f"{record.prompt_seconds:.2f} s, decode {record.tokens_per_second:.2f} tok/s, "
-                   f"finish: {record.finish_reason}", err=True)
+                   f"finish: {record.finish_reason}")
 
 
 @cli.command()
@@ -94,7 +82,7 @@ def generate(model, prompt, max_new_tokens, temperature, top_p, top_k, seed, ver
               help='Print {"perplexity": float, "tokens": int, "nll": [per-token NLL]}.')
 @profile_options
 @load_options
-def perplexity(model, text_file, as_json, dtype, max_context):
+def perplexity(model, text_file, as_json, **load_kwargs):
     """Teacher-forced perplexity of a text file (BOS prepended, every following token scored).
 
     \b
@@ -103,7 +91,7 @@ def perplexity(model, text_file, as_json, dtype, max_context):
     """
     from ..offload.loading import load
 
-    runtime = load(model, dtype=dtype, max_context=max_context)
+    runtime = load(model, **load_kwargs)
     start_profiling(runtime)
     result = runtime.perplexity(text_file.read())
     if as_json:

@@ -52,12 +52,12 @@ def profiling(runtime, path: str | None, fmt: str = "json", **meta) -> Iterator[
     from ..profiling import NULL_PROFILER, Profiler
 
     profiler = Profiler()
-    runtime.model.profiler = profiler
+    runtime.set_profiler(profiler)
     try:
         yield
     finally:
         end = time.perf_counter()
-        runtime.model.profiler = NULL_PROFILER
+        runtime.set_profiler(NULL_PROFILER)
         write_profile(build_profile(profiler, end, **meta), path, fmt)
         click.echo(f"profile written to {path}", err=True)
 

@@ -1,62 +1,131 @@
 """Opening a model directory of either kind: an HF Mixtral checkpoint, or a converted one with a pool."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import Callable
 
+import numpy as np
 import torch
 from safetensors import safe_open
 
-from ..config import ModelArgs
+from ..cache.expert_cache import ExpertCache
+from ..cache.traces import TraceRecorder
+from ..config import ModelArgs, parse_size
 from ..errors import MixtralOffloadError
 from .checkpoint import dense_shapes, parse_dtype
 from .pool import CONFIG_NAME, DENSE_NAME, POOL_NAME, TOKENIZER_NAME, ExpertPool
-from .quant_experts import PoolExperts
-from .runtime import Runtime, build_model, default_context, load_checkpoint
+from ..quant import quantize
+from .memory_plan import plan_memory
+from .quant_experts import PoolExperts, expert_forward
+from .runtime import PREFILL_CHUNK, Runtime, build_model, default_context, load_checkpoint
 from .tokenizer import Tokenizer
 
 
-def load(path: str | Path, dtype: str = "float32", max_context: int | None = None, *,
+def load(path: str | Path, dtype: str = "auto", max_context: int | None = None, *,
+         memory_budget: int | str | None = None, policy: str = "gate", prefetch: bool = True,
+         device: str = "cpu", record_trace: bool = False, log: Callable[[str], None] | None = None,
          release_pages: bool = False) -> Runtime:
-    """Load the model at path for generation: dtype is the compute dtype of the dense weights.
+    """Load the model at path for generation.
 
-    A directory holding experts.pool loads as a converted model (experts computed on the pool);
-    anything else as an HF checkpoint. release_pages drops an expert's mapped pages after each use.
+    A directory holding experts.pool loads as a converted model, anything else as an HF checkpoint.
+    dtype is the compute dtype of the dense weights ('auto': as stored). With memory_budget (bytes or
+    '6GiB'), experts are paged into as many cache slots as the budget leaves (policy: lru, lfu, gate);
+    without it they are computed where they lie in the mapped pool. log receives the memory plan.
     """
     path = Path(path)
     if not path.exists():
         raise MixtralOffloadError(f"{path}: no such model directory")
+    check_device(device)
     if (path / POOL_NAME).exists():
-        return load_converted(path, dtype=dtype, max_context=max_context, release_pages=release_pages)
-    return load_checkpoint(path, dtype=dtype, max_context=max_context)
+        return load_converted(path, dtype, max_context, memory_budget=memory_budget, policy=policy,
+                              prefetch=prefetch, record_trace=record_trace, log=log, release_pages=release_pages)
+    if memory_budget is not None:
+        raise MixtralOffloadError(
+            f"{path}: --memory-budget needs a converted model: run 'mixtral-offload convert {path} OUT_DIR' first")
+    return load_checkpoint(path, dtype=resolve_dtype(dtype, path), max_context=max_context)
 
 
-def load_converted(path: str | Path, dtype: str = "float32", max_context: int | None = None,
+def check_device(device: str) -> None:
+    """Refuse a device this build cannot compute on."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise MixtralOffloadError(f"unknown device {device!r}: use auto, cpu or cuda")
+    if device == "cuda":
+        raise MixtralOffloadError(
+            "--device cuda: the CUDA expert tier is not part of this release; run with --device cpu")
+
+
+def resolve_dtype(dtype: str, path: Path) -> str:
+    """The compute dtype: as asked, or with 'auto' the dtype the weights are stored in."""
+    if dtype != "auto":
+        return dtype
+    return ModelArgs.from_file(path / CONFIG_NAME).torch_dtype
+
+
+def load_converted(path: str | Path, dtype: str = "auto", max_context: int | None = None, *,
+                   memory_budget: int | str | None = None, policy: str = "gate", prefetch: bool = True,
+                   record_trace: bool = False, log: Callable[[str], None] | None = None,
                    release_pages: bool = False) -> Runtime:
-    """Load a converted model directory: dense weights resident, experts in the mapped pool."""
+    """Load a converted model directory: dense weights resident, experts in the mapped pool or a cache."""
     path = Path(path)
     args = ModelArgs.from_file(path / CONFIG_NAME)
     pool = ExpertPool.open(path)
-    dense = read_dense(path / DENSE_NAME, args, parse_dtype(dtype))
     tokenizer = Tokenizer(path / TOKENIZER_NAME)
-    model = build_model(args, dense, PoolExperts(pool, release_pages), default_context(args, max_context))
+    torch_dtype = parse_dtype(resolve_dtype(dtype, path))
+    context = default_context(args, max_context)
+    recorder = TraceRecorder(args.num_hidden_layers, args.num_local_experts, source=str(path)) if record_trace else None
+    if memory_budget is None and not record_trace:
+        experts = PoolExperts(pool, release_pages)
+        dense = read_dense(path / DENSE_NAME, args, torch_dtype)
+        return Runtime(build_model(args, dense, experts, context), tokenizer, path)
+    prefetch_slots = args.num_experts_per_tok if prefetch else 0
+    if memory_budget is None:  # tracing without a budget: a cache that holds every expert
+        slots = args.num_hidden_layers * args.num_local_experts
+    else:
+        warm_up_kernels(pool)  # compiled kernels count towards the baseline
+        itemsize = torch.empty((), dtype=torch_dtype).element_size()
+        dense_bytes = itemsize * sum(math.prod(shape) for shape in dense_shapes(args).values())
+        plan = plan_memory(args, parse_size(memory_budget), dense_bytes, pool.block_nbytes, context, itemsize,
+                           PREFILL_CHUNK, prefetch_slots)
+        if log is not None:
+            log(plan.describe())
+        slots = plan.slots
+    dense = read_dense(path / DENSE_NAME, args, torch_dtype)
+    experts = ExpertCache(pool, args.num_hidden_layers, args.num_experts_per_tok, slots, expert_forward,
+                          policy=policy, prefetch=prefetch_slots, recorder=recorder)
+    model = build_model(args, dense, experts, context, prefetch_hints=prefetch)
     return Runtime(model, tokenizer, path)
 
 
+def warm_up_kernels(pool: ExpertPool) -> None:
+    """Load (or compile) the expert kernels for the pool's format, for one token and for several."""
+    size = pool.spec.group_size
+    square = quantize(np.ones((size, size), np.float32), pool.spec, refine=False)
+    for tokens in (1, 2):
+        expert_forward(square, square, square, np.ones((tokens, size), np.float32))
+
+
 def read_dense(file: Path, args: ModelArgs, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Every dense tensor of dense.safetensors in dtype, checked against the config's shapes."""
+    """Every dense tensor of dense.safetensors in dtype, checked against the config's shapes.
+
+    The file is mapped for one tensor at a time, so its pages never all count in RSS at once.
+    """
     shapes = dense_shapes(args)
+    dense = {}
     try:
         with safe_open(file, framework="pt") as handle:
             missing = sorted(set(shapes) - set(handle.keys()))
-            if missing:
-                raise MixtralOffloadError(f"{file}: tensor {missing[0]} is missing ({len(missing)} missing)")
-            dense = {name: handle.get_tensor(name).to(dtype) for name in shapes}
+        if missing:
+            raise MixtralOffloadError(f"{file}: tensor {missing[0]} is missing ({len(missing)} missing)")
+        for name, shape in shapes.items():
+            with safe_open(file, framework="pt") as handle:
+                tensor = handle.get_tensor(name)
+                if tuple(tensor.shape) != tuple(shape):
+                    raise MixtralOffloadError(f"{file}: tensor {name} has shape {tuple(tensor.shape)}, "
+                                              f"expected {tuple(shape)} from {CONFIG_NAME}")
+                dense[name] = tensor.to(dtype=dtype, copy=True)
     except MixtralOffloadError:
         raise
     except Exception as exc:  # safetensors raises several types for damaged files
         raise MixtralOffloadError(f"{file}: cannot read ({exc})") from None
-    for name, shape in shapes.items():
-        if tuple(dense[name].shape) != tuple(shape):
-            raise MixtralOffloadError(f"{file}: tensor {name} has shape {tuple(dense[name].shape)}, "
-                                      f"expected {tuple(shape)} from {CONFIG_NAME}")
     return dense

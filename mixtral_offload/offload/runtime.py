@@ -52,6 +52,16 @@ class Runtime:
         """Tokens that fit in the KV cache."""
         return self.model.max_context
 
+    def set_profiler(self, profiler) -> None:
+        """Record spans and counters of the model and of its expert backend into profiler."""
+        self.model.profiler = profiler
+        if hasattr(self.model.experts, "profiler"):
+            self.model.experts.profiler = profiler
+
+    def cache_stats(self):
+        """The expert cache's CacheStats, or None when experts are not cached."""
+        return getattr(self.model.experts, "stats", None)
+
     # -- feeding tokens -------------------------------------------------------------------------
     def _forward(self, ids: list[int]) -> torch.Tensor:
         logits = self.model.forward(torch.tensor(ids, dtype=torch.long))

@@ -1,0 +1,35 @@
+"""Arguments and options shared by the commands that load a model."""
+from __future__ import annotations
+
+import click
+
+MODEL = click.argument("model", envvar="MIXTRAL_OFFLOAD_MODEL", type=click.Path(file_okay=False))
+
+
+def _log_callback(ctx: click.Context, param: click.Parameter, verbose: bool):
+    return (lambda text: click.echo(text, err=True)) if verbose else None
+
+
+def load_options(command):
+    """Options shared by every command that loads a model; they arrive as keyword arguments of load()."""
+    options = [
+        click.option("--memory-budget", "-m", envvar="MIXTRAL_OFFLOAD_MEMORY_BUDGET", default=None,
+                     help="Ceiling of the process's resident memory, e.g. 6GiB or 6000MB (converted models). "
+                          "Experts are paged into what is left after the fixed parts; below the minimum "
+                          "working set the command says what the minimum is. [env: MIXTRAL_OFFLOAD_MEMORY_BUDGET]"),
+        click.option("--policy", type=click.Choice(["gate", "lru", "lfu"]), default="gate", show_default=True,
+                     help="Expert cache eviction: gate-weighted recency/frequency, LRU or LFU."),
+        click.option("--prefetch/--no-prefetch", default=True, show_default=True,
+                     help="Read the next layer's likely experts while this layer computes."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+                     help="Where to compute."),
+        click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+                     show_default=True, help="Compute dtype of the dense weights; auto: as stored."),
+        click.option("--max-context", type=int, default=None,
+                     help="KV cache length in tokens [default: min(4096, the model's maximum)]."),
+        click.option("--verbose", "-v", "log", is_flag=True, callback=_log_callback,
+                     help="Print the memory plan and speed figures to stderr."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command

@@ -1,0 +1,108 @@
+"""--memory-budget: exact tokens under any budget, and a child process's peak RSS under the budget."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from checkpoints import mixtral_tokenizer_path, write_checkpoint
+
+from mixtral_offload.cache.expert_cache import ExpertCache
+from mixtral_offload.config import ModelArgs
+from mixtral_offload.errors import MixtralOffloadError
+from mixtral_offload.offload.convert import convert
+from mixtral_offload.offload.loading import load
+from mixtral_offload.offload.quant_experts import expert_forward
+from mixtral_offload.offload.synthetic import write_synthetic
+
+PROMPT = "The cache keeps the experts it will need again, and reads the rest from disk."
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("budget")
+    write_checkpoint(root / "hf", num_hidden_layers=4, num_local_experts=8, hidden_size=128, intermediate_size=256)
+    convert(root / "hf", root / "q4", bits=4, group_size=64, progress=False)
+    return root / "q4"
+
+
+def tokens(runtime, n=12):
+    return [r.token_id for r in runtime.generate(PROMPT, max_new_tokens=n)]
+
+
+@pytest.mark.parametrize("policy", ["lru", "gate", "lfu"])
+@pytest.mark.parametrize("slots,prefetch", [(2, 0), (4, 2), (6, 2), (12, 0), (32, 2)])
+def test_cached_runs_give_the_same_tokens(converted, policy, slots, prefetch):
+    runtime = load(converted, dtype="float32")
+    expected = tokens(runtime)
+    pool = runtime.model.experts.pool
+    cache = ExpertCache(pool, 4, 2, slots, expert_forward, policy=policy, prefetch=prefetch)
+    runtime.model.experts, runtime.model.prefetch_hints = cache, prefetch > 0
+    runtime.reset()
+    assert tokens(runtime) == expected
+    cache.close()
+    stats = cache.stats
+    assert sum(stats.hits) + sum(stats.misses) > 0
+    assert stats.prefetch_hits + stats.prefetch_waste <= stats.prefetches
+    if slots == 32:  # everything fits: only the first touch of each expert misses
+        assert sum(stats.misses) <= 32 and stats.hit_rate > 0.5
+
+
+def test_budget_through_load_and_trace(converted):
+    expected = tokens(load(converted, dtype="float32"))
+    runtime = load(converted, dtype="float32", memory_budget="2GiB", record_trace=True)
+    assert isinstance(runtime.model.experts, ExpertCache)
+    assert tokens(runtime) == expected
+    trace = runtime.model.experts.recorder.to_trace()
+    assert trace.num_layers == 4 and trace.top_k == 2
+    assert trace.num_tokens == len(runtime.tokenizer.encode(PROMPT)) + 11
+    assert runtime.cache_stats().hit_rate > 0
+
+
+def test_budget_below_minimum_names_the_minimum(converted):
+    with pytest.raises(MixtralOffloadError, match=r"below the minimum of [\d.]+ MiB"):
+        load(converted, memory_budget="100MB")
+
+
+def test_budget_needs_a_converted_model(tiny_checkpoint):
+    with pytest.raises(MixtralOffloadError, match="convert"):
+        load(tiny_checkpoint[0], memory_budget="4GiB")
+
+
+def peak_rss_of(args):
+    """Run a child process; return (exit code, stdout+stderr, peak RSS in bytes from the kernel's rusage)."""
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, output, usage.ru_maxrss * 1024
+
+
+@pytest.fixture(scope="module")
+def big_pool(tmp_path_factory):
+    """A synthetic int4 model whose pool (~430 MB) is far larger than the room a small budget leaves."""
+    out = tmp_path_factory.mktemp("synth") / "model"
+    args = ModelArgs(hidden_size=512, intermediate_size=4096, num_hidden_layers=16, num_attention_heads=8,
+                     num_key_value_heads=2, max_position_embeddings=1024)
+    write_synthetic(out, args, bits=4, tokenizer=mixtral_tokenizer_path(), progress=False)
+    return out
+
+
+def test_child_peak_rss_stays_under_budget(big_pool):
+    budget_mb = 720
+    code, output, peak = peak_rss_of([sys.executable, "-m", "mixtral_offload", "generate", str(big_pool),
+                                      "-p", PROMPT, "-n", "6", "--max-context", "512", "-v",
+                                      "--memory-budget", f"{budget_mb}MB"])
+    assert code == 0, output
+    slots = re.search(r"expert slots: (\d+) x ([\d.]+) MiB", output)
+    room = int(slots.group(1)) * float(slots.group(2)) * 2**20
+    pool_bytes = (big_pool / "experts.pool").stat().st_size
+    assert pool_bytes >= 4 * room, output       # the pool cannot simply all fit
+    assert peak <= budget_mb * 10**6, f"peak RSS {peak / 1e6:.0f} MB over the {budget_mb} MB budget\n{output}"
+
+
+def test_child_refuses_too_small_budget(big_pool):
+    code, output, _ = peak_rss_of([sys.executable, "-m", "mixtral_offload", "generate", str(big_pool),
+                                   "-p", "Hi", "--memory-budget", "300MB"])
+    assert code == 1 and "below the minimum of" in output and "Traceback" not in output
