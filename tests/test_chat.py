@@ -58,8 +58,9 @@ def test_second_turn_reuses_the_cache(runtime):
     finally:
         del runtime.model.forward
     prompt = runtime.tokenizer.encode_chat(conversation.messages()[:-1])
-    # at least the first prompt stays cached (the reply too, when its text re-encodes to the same ids)
-    assert counts[0] <= len(prompt) - first_prompt
+    generated = len(conversation.turns[1].token_ids)
+    # the first prompt and the reply as generated stay cached (all but its last token, never fed back)
+    assert counts[0] == len(prompt) - (first_prompt + generated - 1)
 
 
 def counting(forward, counts):

@@ -76,15 +76,18 @@ class Conversation:
         interrupted before any text drops the user message too.
         """
         pieces: list[str] = []
+        ids: list[int] = []
         last: GenerationRecord | None = None
         try:
             for last in self.runtime.chat(self.messages(user_text), **sampling):
                 pieces.append(last.text)
+                if last.finish_reason != "stop":
+                    ids.append(last.token_id)
                 yield last
         finally:
-            text = "".join(pieces)  # as generated: re-encoding it usually gives the cached ids back
+            text = "".join(pieces)  # the ids as generated are kept, so the next turn reuses the KV cache
             if text.strip():
-                self.turns += [Message("user", user_text), Message("assistant", text)]
+                self.turns += [Message("user", user_text), Message("assistant", text, tuple(ids))]
             if last is not None:
                 self.totals.replies += 1
                 self.totals.tokens += last.index + 1

@@ -15,6 +15,7 @@ class Message:
 
     role: str
     content: str
+    token_ids: tuple[int, ...] | None = None  # an assistant reply's ids as generated (kept for KV-cache reuse)
 
 
 class Tokenizer:
@@ -60,7 +61,8 @@ class Tokenizer:
                 content = f"{system}\n\n{message.content}" if system and index == 0 else message.content
                 ids += self.sp.EncodeAsIds(f"[INST] {content} [/INST]")
             else:
-                ids += self.sp.EncodeAsIds(message.content) + [self.eos_id]
+                reply = list(message.token_ids) if message.token_ids is not None else self.sp.EncodeAsIds(message.content)
+                ids += reply + [self.eos_id]
         return ids
 
 
