@@ -5,6 +5,7 @@ import pytest
 
 from mixtral_offload.errors import MixtralOffloadError
 from mixtral_offload.quant import QuantSpec, dequantize, dequantize_fast, expert_forward, matmul, quantize
+from mixtral_offload.quant.kernels import K_CHUNK
 
 SPECS = [QuantSpec(b, g) for b in (4, 8) for g in (32, 64, 128)]
 
@@ -30,6 +31,18 @@ def test_matmul_matches_reference(spec, rows, tokens, method):
     if tokens == 1:
         y1 = matmul(qm, x[0])
         assert y1.shape == (rows,) and _rel(y1, w @ x[0]) < 1e-5
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+@pytest.mark.parametrize("tokens", [2, 4, 5, 64])  # around the batched path's threshold, odd and even
+def test_batched_matmul_spans_column_chunks(spec, tokens):
+    # cols over one K_CHUNK and not a multiple of it: a full chunk, then a partial one
+    rng = np.random.default_rng(tokens + spec.bits * 7 + spec.group_size)
+    rows, cols = 13, K_CHUNK + 3 * spec.group_size
+    qm = quantize(rng.standard_normal((rows, cols)).astype(np.float32), spec)
+    w = dequantize(qm)
+    x = rng.standard_normal((tokens, cols)).astype(np.float32)
+    assert _rel(matmul(qm, x), x @ w.T) < 1e-5
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=str)

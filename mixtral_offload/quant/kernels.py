@@ -24,7 +24,12 @@ ROWS_PER_TASK = 64  # rows per parallel task (scratch is allocated once per task
 # Dequantize-a-tile-then-BLAS is opt-in (method="blas"): measured here it lost at every batch size
 # tried (T=8..32, 14336x4096: 0.4-2 s vs 36-49 ms fused at T=4), because numpy's OpenBLAS threads and
 # Numba's OpenMP threads spin against each other when their calls alternate on 2 cores.
-_BLAS_TILE_ELEMENTS = 1 << 20  # float32 tile of ~4 MB: stays in L2/L3 between dequantize and GEMM
+_BLAS_TILE_ELEMENTS = 1 << 20
+# T >= BATCH_MIN_TOKENS: each 4-row block is decoded once per K_CHUNK columns into an L1-resident
+# float32 buffer (4 x 1024 x 4 B = 16 KB) and reused for every token (2 tokens per pass over it);
+# below it the fused per-token decode wins (measured crossover T=3..4 on 14336x4096).
+BATCH_MIN_TOKENS = 4
+K_CHUNK = 1024  # float32 tile of ~4 MB: stays in L2/L3 between dequantize and GEMM
 
 # float16 bits -> float32 value: Numba has no float16, so scales/zeros are read as uint16 through this
 F16_TABLE = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
@@ -138,6 +143,77 @@ def _store_rows(out, r0, a0, a1, a2, a3):
         out[r0 + 3] = a3
 
 
+# --- batched inner loops: decode a block once, reuse it for all tokens ---
+
+
+@njit(cache=True, fastmath=True, nogil=True)
+def _decode_block(bits, codes, scales, zeros, f16, group_size, r0, k0, kc, w):
+    """w[i, :kc] = float32 weights of row min(r0+i, last), columns k0..k0+kc (exact dequantized values)."""
+    last = codes.shape[0] - 1
+    half = group_size // 2
+    sixteenth = np.float32(0.0625)
+    sixteen = np.float32(16.0)
+    g0 = k0 // group_size
+    for i in range(4):
+        r = min(r0 + i, last)
+        wi = w[i]
+        for gq in range(kc // group_size):
+            g = g0 + gq
+            s = f16[scales[r, g]]
+            ob = np.uint64(gq * group_size)
+            if bits == 4:
+                z = f16[zeros[r, g]]
+                crow = codes[r]
+                cb = np.uint64(g * half)
+                oh = ob + np.uint64(half)
+                for j in range(half):
+                    u = np.uint64(j)
+                    b = np.float32(crow[cb + u])
+                    hi = np.floor(b * sixteenth)
+                    wi[ob + u] = (b - sixteen * hi - z) * s
+                    wi[oh + u] = (hi - z) * s
+            else:
+                crow = codes[r]
+                cb = np.uint64(g * group_size)
+                for j in range(group_size):
+                    u = np.uint64(j)
+                    wi[ob + u] = np.float32(crow[cb + u]) * s
+
+
+@njit(cache=True, fastmath=True, nogil=True)
+def _block_dots(bits, codes, scales, zeros, f16, x, group_size, r0, w, acc):
+    """acc[t, i] = x[t] . row(r0 + i) for i < 4, each 4-row block decoded once per K_CHUNK columns."""
+    cols = x.shape[1]
+    ntok = x.shape[0]
+    chunk = max(group_size, (K_CHUNK // group_size) * group_size)
+    acc[:, :] = 0.0
+    for k0 in range(0, cols, chunk):
+        kc = min(chunk, cols - k0)
+        _decode_block(bits, codes, scales, zeros, f16, group_size, r0, k0, kc, w)
+        w0 = w[0, :kc]; w1 = w[1, :kc]; w2 = w[2, :kc]; w3 = w[3, :kc]
+        t = 0
+        while t + 1 < ntok:
+            xa = x[t, k0:k0 + kc]
+            xb = x[t + 1, k0:k0 + kc]
+            a0 = np.float32(0.0); a1 = np.float32(0.0); a2 = np.float32(0.0); a3 = np.float32(0.0)
+            b0 = np.float32(0.0); b1 = np.float32(0.0); b2 = np.float32(0.0); b3 = np.float32(0.0)
+            for k in range(kc):
+                xak = xa[k]; xbk = xb[k]
+                a0 += w0[k] * xak; a1 += w1[k] * xak; a2 += w2[k] * xak; a3 += w3[k] * xak
+                b0 += w0[k] * xbk; b1 += w1[k] * xbk; b2 += w2[k] * xbk; b3 += w3[k] * xbk
+            acc[t, 0] += a0; acc[t, 1] += a1; acc[t, 2] += a2; acc[t, 3] += a3
+            acc[t + 1, 0] += b0; acc[t + 1, 1] += b1; acc[t + 1, 2] += b2; acc[t + 1, 3] += b3
+            t += 2
+        if t < ntok:
+            xa = x[t, k0:k0 + kc]
+            a0 = np.float32(0.0); a1 = np.float32(0.0); a2 = np.float32(0.0); a3 = np.float32(0.0)
+            for k in range(kc):
+                xak = xa[k]
+                a0 += w0[k] * xak; a1 += w1[k] * xak; a2 += w2[k] * xak; a3 += w3[k] * xak
+            acc[t, 0] += a0; acc[t, 1] += a1; acc[t, 2] += a2; acc[t, 3] += a3
+
+
+
 # --- parallel drivers ---
 
 
@@ -151,6 +227,20 @@ def _matmul_kernel(bits, codes, scales, zeros, f16, x, xsum, group_size, out):
             for t in range(x.shape[0]):
                 a0, a1, a2, a3 = _dot_rows(bits, codes, scales, zeros, f16, x[t], xsum[t], group_size, r0, lanes)
                 _store_rows(out[t], r0, a0, a1, a2, a3)
+
+
+@njit(cache=True, fastmath=True, nogil=True, parallel=True)
+def _matmul_batched_kernel(bits, codes, scales, zeros, f16, x, group_size, out):
+    """out[T, R] = x[T, C] @ W.T for T >= BATCH_MIN_TOKENS: each block decoded once for all tokens."""
+    rows = codes.shape[0]
+    chunk = max(group_size, (K_CHUNK // group_size) * group_size)
+    for task in prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        w = np.empty((4, chunk), np.float32)
+        acc = np.empty((x.shape[0], 4), np.float32)
+        for r0 in range(task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK), 4):
+            _block_dots(bits, codes, scales, zeros, f16, x, group_size, r0, w, acc)
+            for t in range(x.shape[0]):
+                _store_rows(out[t], r0, acc[t, 0], acc[t, 1], acc[t, 2], acc[t, 3])
 
 
 @njit(cache=True, fastmath=True, nogil=True)
@@ -169,6 +259,25 @@ def _gate_up_kernel(bits, codes1, scales1, zeros1, codes3, scales3, zeros3, f16,
                 a0, a1, a2, a3 = _dot_rows(bits, codes1, scales1, zeros1, f16, x[t], xsum[t], group_size, r0, lanes)
                 b0, b1, b2, b3 = _dot_rows(bits, codes3, scales3, zeros3, f16, x[t], xsum[t], group_size, r0, lanes)
                 _store_rows(h[t], r0, _silu(a0) * b0, _silu(a1) * b1, _silu(a2) * b2, _silu(a3) * b3)
+
+
+@njit(cache=True, fastmath=True, nogil=True, parallel=True)
+def _gate_up_batched_kernel(bits, codes1, scales1, zeros1, codes3, scales3, zeros3, f16, x, group_size, h):
+    """_gate_up_kernel for T >= BATCH_MIN_TOKENS, blocks decoded once for all tokens."""
+    rows = codes1.shape[0]
+    chunk = max(group_size, (K_CHUNK // group_size) * group_size)
+    for task in prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        w = np.empty((4, chunk), np.float32)
+        a = np.empty((x.shape[0], 4), np.float32)
+        b = np.empty((x.shape[0], 4), np.float32)
+        for r0 in range(task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK), 4):
+            _block_dots(bits, codes1, scales1, zeros1, f16, x, group_size, r0, w, a)
+            _block_dots(bits, codes3, scales3, zeros3, f16, x, group_size, r0, w, b)
+            for t in range(x.shape[0]):
+                _store_rows(
+                    h[t], r0, _silu(a[t, 0]) * b[t, 0], _silu(a[t, 1]) * b[t, 1],
+                    _silu(a[t, 2]) * b[t, 2], _silu(a[t, 3]) * b[t, 3],
+                )
 
 
 @njit(cache=True, fastmath=True, nogil=True, parallel=True)
@@ -228,8 +337,11 @@ def matmul(qm: QuantizedMatrix, x: np.ndarray, method: str = "fused") -> np.ndar
     else:
         y = np.empty((x2.shape[0], qm.rows), np.float32)
         codes, scales, zeros = _kernel_parts(qm)
-        xsum = _group_sums(x2, qm.spec.group_size)
-        _matmul_kernel(qm.spec.bits, codes, scales, zeros, F16_TABLE, x2, xsum, qm.spec.group_size, y)
+        if x2.shape[0] >= BATCH_MIN_TOKENS:
+            _matmul_batched_kernel(qm.spec.bits, codes, scales, zeros, F16_TABLE, x2, qm.spec.group_size, y)
+        else:
+            xsum = _group_sums(x2, qm.spec.group_size)
+            _matmul_kernel(qm.spec.bits, codes, scales, zeros, F16_TABLE, x2, xsum, qm.spec.group_size, y)
     return y[0] if squeeze else y
 
 
@@ -271,7 +383,10 @@ def expert_forward(w1: QuantizedMatrix, w3: QuantizedMatrix, w2: QuantizedMatrix
     h = np.empty((x2.shape[0], inter), np.float32)
     c1, s1, z1 = _kernel_parts(w1)
     c3, s3, z3 = _kernel_parts(w3)
-    xsum = _group_sums(x2, w1.spec.group_size)
-    _gate_up_kernel(w1.spec.bits, c1, s1, z1, c3, s3, z3, F16_TABLE, x2, xsum, w1.spec.group_size, h)
+    if x2.shape[0] >= BATCH_MIN_TOKENS:
+        _gate_up_batched_kernel(w1.spec.bits, c1, s1, z1, c3, s3, z3, F16_TABLE, x2, w1.spec.group_size, h)
+    else:
+        xsum = _group_sums(x2, w1.spec.group_size)
+        _gate_up_kernel(w1.spec.bits, c1, s1, z1, c3, s3, z3, F16_TABLE, x2, xsum, w1.spec.group_size, h)
     y = matmul(w2, h)
     return y[0] if squeeze else y
