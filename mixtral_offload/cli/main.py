@@ -111,3 +111,7 @@ from .report import report  # noqa: E402
 
 cli.add_command(chat)
 cli.add_command(report)
+
+from .bench import bench  # noqa: E402
+
+cli.add_command(bench)

@@ -1,0 +1,121 @@
+"""`bench`: kernel speed, and this runtime's decode/prompt speed per configuration (parse and call only)."""
+from __future__ import annotations
+
+import json
+
+import click
+
+
+def _is_value(flag: str, arg: str) -> bool:
+    """Whether arg reads as a value of flag (a fraction, or a size), not a path or an option."""
+    from ..config import parse_size
+
+    try:
+        float(arg) if flag == "--experts-fraction" else parse_size(arg)
+        return True
+    except Exception:  # parse_size raises the project's error; float() ValueError
+        return False
+
+
+class MultiValueCommand(click.Command):
+    """Let one --budget or --experts-fraction take several values: `--experts-fraction 0.5 0.25`."""
+
+    multi = ("--budget", "-m", "--experts-fraction")
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        out, flag = [], None
+        for arg in args:
+            if arg in self.multi:
+                flag = arg
+            elif flag and out[-1] != flag and _is_value(flag, arg):
+                out.append(flag)
+            elif not (flag and out[-1] == flag):
+                flag = None
+            out.append(arg)
+        return super().parse_args(ctx, out)
+
+
+@click.group()
+def bench() -> None:
+    """Measure kernels and decoding on this machine (peers: python benchmarks/run_all.py).
+
+    \b
+    Examples:
+      mixtral-offload bench kernels --json
+      mixtral-offload bench decode ./mixtral-int4 --experts-fraction 0.5 0.25
+    """
+
+
+@bench.command()
+@click.option("--threads", "-t", type=click.IntRange(1), multiple=True, default=(1, 2), show_default=True)
+@click.option("--bits", type=click.Choice(["4", "8"]), multiple=True, default=("4", "8"), show_default=True)
+@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True)
+@click.option("--tokens", type=click.IntRange(1), multiple=True, default=(1,), show_default=True,
+              help="Rows of x per call (1: batch-1 matvec).")
+@click.option("--repeats", type=click.IntRange(1), default=15, show_default=True)
+@click.option("--no-torch", is_flag=True, help="Skip the torch dense reference rows.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (schema: quant/bench.py).")
+def kernels(threads, bits, group_size, tokens, repeats, no_torch, as_json):
+    """Quantized matvec on Mixtral's expert shapes: ms, GB/s and the fraction of measured read bandwidth.
+
+    \b
+    Example:
+      mixtral-offload bench kernels --threads 2 --json
+    """
+    from ..quant.bench import format_kernel_bench, run_kernel_bench
+
+    result = run_kernel_bench(threads=tuple(threads), bits=tuple(int(b) for b in bits), group_size=int(group_size),
+                              tokens=tuple(tokens), repeats=repeats, torch_dense=not no_torch)
+    click.echo(json.dumps(result, indent=2) if as_json else format_kernel_bench(result))
+
+
+@bench.command(cls=MultiValueCommand)
+@click.argument("model", type=click.Path(file_okay=False, exists=True))
+@click.option("--budget", "-m", "budgets", multiple=True, metavar="SIZE",
+              help="A --memory-budget to measure (repeatable, or several after one flag), e.g. 2GiB.")
+@click.option("--experts-fraction", "fractions", multiple=True, type=click.FloatRange(0, 1, min_open=True),
+              metavar="F", help="A budget sized by the memory plan so the cache holds this fraction of the "
+                                "experts (repeatable, or several after one flag), e.g. 0.5 0.25.")
+@click.option("--no-resident", is_flag=True, help="Skip the configuration without a budget.")
+@click.option("--prompt-tokens", type=click.IntRange(2), default=256, show_default=True,
+              help="Length of the prompt-speed run.")
+@click.option("--decode-prompt-tokens", type=click.IntRange(2), default=16, show_default=True,
+              help="Prompt before the decode-speed run.")
+@click.option("--decode-tokens", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--repeats", type=click.IntRange(1), default=3, show_default=True, help="Speeds are medians.")
+@click.option("--threads", "-t", type=click.IntRange(1), default=2, show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+              show_default=True)
+@click.option("--policy", type=click.Choice(["gate", "lru", "lfu"]), default="gate", show_default=True)
+@click.option("--prefetch/--no-prefetch", default=True, show_default=True)
+@click.option("--bandwidth-gbs", type=click.FloatRange(0, min_open=True), default=None,
+              help="Memory read bandwidth for the floor [default: measured now at --threads].")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (schema: benchmark.py).")
+def decode(model, budgets, fractions, no_resident, prompt_tokens, decode_prompt_tokens, decode_tokens, repeats,
+           threads, dtype, policy, prefetch, bandwidth_gbs, as_json):
+    """Decode and prompt tokens/s of MODEL, each configuration in a fresh child process.
+
+    Reports medians of --repeats, the child's peak RSS, and with a budget the cache hit rate and
+    the bytes read per decoded token; beside them the bandwidth floor (active bytes per token /
+    measured read bandwidth). Extra values after --budget or --experts-fraction are accepted:
+    `--experts-fraction 0.5 0.25`.
+
+    \b
+    Examples:
+      mixtral-offload bench decode ./mini-int4
+      mixtral-offload bench decode ./mini-int4 --no-resident --experts-fraction 0.5 0.25 --json
+      mixtral-offload bench decode ./mixtral-int4 --budget 8GiB --decode-tokens 8 --repeats 1
+    """
+    from ..benchmark import DecodeSpec, decode_report, format_decode_report
+
+    common = dict(model=model, prompt_tokens=prompt_tokens, decode_prompt_tokens=decode_prompt_tokens,
+                  decode_tokens=decode_tokens, repeats=repeats, threads=threads, dtype=dtype, policy=policy,
+                  prefetch=prefetch)
+    specs = [] if no_resident else [DecodeSpec(label="resident", **common)]
+    specs += [DecodeSpec(label=f"budget {b}", budget=b, **common) for b in budgets]
+    specs += [DecodeSpec(label=f"{f:.0%} of experts", experts_fraction=f, **common) for f in fractions]
+    if not specs:
+        raise click.UsageError("nothing to measure: drop --no-resident or give --budget/--experts-fraction")
+    log = None if as_json else (lambda text: click.echo(text, err=True))
+    report = decode_report(specs, bandwidth_gbs=bandwidth_gbs, log=log)
+    click.echo(json.dumps(report, indent=2) if as_json else format_decode_report(report))
