@@ -1,9 +1,8 @@
-"""The runtime expert cache: fixed slots in RAM filled from the pool, with pluggable eviction and prefetch.
+"""The runtime expert cache: fixed slots filled from the pool, with pluggable eviction and prefetch.
 
-It implements the model's ExpertBackend. It deals in (layer, expert) keys, byte buffers and a
-compute function; it knows no model classes and no file formats. The pool object it is given must
-offer `block_nbytes`, `read_block_into(layer, expert, buffer)`, `views_from_buffer(buffer)`,
-`expert(layer, expert)` (views on the mapping) and `release(layer, expert)`.
+It implements the model's ExpertBackend. It deals in (layer, expert) keys and a slot store
+(cache/slots.py: RAM slots computed by the CPU kernels, or device slots computed by torch); it knows
+no model classes and no file formats.
 """
 from __future__ import annotations
 
@@ -18,11 +17,11 @@ import torch
 from ..errors import MixtralOffloadError
 from ..profiling import NULL_PROFILER
 from .policies import EvictionPolicy, make_policy
+from .slots import DeviceSlots, HostSlots
 from .simulate import partition_capacities
 from .traces import TraceRecorder
 
 Key = tuple[int, int]  # (layer, expert)
-PAGE = 4096
 
 
 @dataclass
@@ -35,7 +34,7 @@ class CacheStats:
     prefetches: int = 0
     prefetch_hits: int = 0
     prefetch_waste: int = 0
-    direct: int = 0            # misses computed on the mapped pool because no slot was free
+    direct: int = 0            # misses computed by the CPU on the mapped pool (no slot free, or cheaper)
     bytes_read: int = 0
     read_seconds: float = 0.0  # summed over reader threads
     wait_seconds: float = 0.0  # time the compute thread waited for a read
@@ -51,13 +50,31 @@ class CacheStats:
         return sum(self.hits) / total if total else 0.0
 
 
+class MissCosts:
+    """Measured seconds per byte of the two answers to a miss: fill a slot, or compute on the pool."""
+
+    def __init__(self, smoothing: float = 0.2):
+        self.fill: float | None = None
+        self.direct: float | None = None
+        self.smoothing = smoothing
+
+    def record(self, kind: str, seconds: float, nbytes: int) -> None:
+        """Fold one measurement into the running average of `kind` ('fill' or 'direct')."""
+        rate, old = seconds / max(nbytes, 1), getattr(self, kind)
+        setattr(self, kind, rate if old is None else old + self.smoothing * (rate - old))
+
+    def prefer_direct(self) -> bool:
+        """Whether computing on the pool has measured cheaper than filling a slot (and computing there)."""
+        return self.fill is not None and self.direct is not None and self.direct < self.fill
+
+
 class ExpertCache:
-    """Experts of a pool paged into `num_slots` owned RAM slots; computes routed experts on them."""
+    """Experts of a pool paged into a slot store; computes routed experts on them."""
 
     def __init__(self, pool, num_layers: int, top_k: int, num_slots: int,
-                 compute: Callable[[object, object, object, np.ndarray], np.ndarray],
+                 compute: Callable[[object, object, object, np.ndarray], np.ndarray] | None = None,
                  policy: str = "lru", prefetch: int = 0, partition: str = "auto",
-                 recorder: TraceRecorder | None = None, read_threads: int = 1):
+                 recorder: TraceRecorder | None = None, read_threads: int = 1, store=None):
         if num_slots < top_k + prefetch:
             raise MixtralOffloadError(
                 f"an expert cache of {num_slots} slots is below the minimum of top_k + prefetch = {top_k + prefetch}")
@@ -70,8 +87,10 @@ class ExpertCache:
         self.capacity = sizes if partition == "layer" else None
         self.policies: list[EvictionPolicy] = [make_policy(policy) for _ in sizes]
         self.policy_name = policy
-        self.slot_bytes = -(-pool.block_nbytes // PAGE) * PAGE
-        self.slots = np.empty((num_slots, self.slot_bytes), dtype=np.uint8)  # pages are touched on first fill
+        self.store = store if store is not None else HostSlots(pool, num_slots, compute)
+        # With device slots a miss may be cheaper on the CPU, where the expert lies; RAM slots are
+        # filled by the same bytes the CPU would read, so there a miss always fills a slot.
+        self.costs = MissCosts() if isinstance(self.store, DeviceSlots) else None
         self.free = list(range(num_slots - 1, -1, -1))
         self.slot_of: dict[Key, int] = {}
         self.loading: dict[Key, Future] = {}
@@ -118,7 +137,7 @@ class ExpertCache:
     def _read(self, key: Key, slot: int) -> tuple[int, float]:
         start = time.perf_counter()
         with self.profiler.span("pool_read", layer=key[0], expert=key[1], bytes=self.pool.block_nbytes):
-            got = self.pool.read_block_into(key[0], key[1], self.slots[slot])
+            got = self.store.fill(slot, key)
         return got, time.perf_counter() - start
 
     def _wait(self, key: Key) -> None:
@@ -131,6 +150,8 @@ class ExpertCache:
         self.stats.wait_seconds += time.perf_counter() - start
         self.stats.bytes_read += got
         self.stats.read_seconds += seconds
+        if self.costs is not None:
+            self.costs.record("fill", seconds, got)
         self.profiler.count("pool_read_bytes", got, layer=key[0])
 
     # -- ExpertBackend --------------------------------------------------------------------------
@@ -143,24 +164,25 @@ class ExpertCache:
 
     def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Weighted sum of each token's routed experts, [T, D] in x's dtype; misses are read into slots."""
-        ids = expert_ids.numpy()
-        w = weights.float().numpy()
-        x32 = np.ascontiguousarray(x.detach().float().numpy())
-        out = np.zeros_like(x32)
+        ids = expert_ids.cpu().numpy()
+        w = weights.float()
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         if self.recorder is not None:
             guess = self.hints.get(layer + 1)
             predicted = None if guess is None else np.tile(np.asarray(guess)[None], (ids.shape[0], 1))
-            self.recorder.record(layer, ids, w, predicted_next=predicted)
+            self.recorder.record(layer, ids, w.cpu().numpy(), predicted_next=predicted)
         experts, inverse = np.unique(ids, return_inverse=True)
         inverse = inverse.reshape(ids.shape)
         keys = [(layer, int(e)) for e in experts]
+        w_cpu = w.cpu().numpy()
         for index, key in enumerate(keys):
-            self._policy(layer).on_access(key, float(w[inverse == index].sum()), self.now)
+            self._policy(layer).on_access(key, float(w_cpu[inverse == index].sum()), self.now)
             self.now += 1
         self._count_prefetch(layer, keys)
         # resident and loaded first, then those in flight, then misses
         order = sorted(keys, key=lambda k: (k in self.loading, k not in self.slot_of))
         wanted = set(keys)
+        direct = set()
         for key in order:
             if key in self.slot_of:
                 self.stats.hits[layer] += 1
@@ -168,35 +190,48 @@ class ExpertCache:
             else:
                 self.stats.misses[layer] += 1
                 self.profiler.count("cache_miss", layer=layer)
-        self._read_ahead(order, wanted)
+                if self._try_direct(len(direct)):
+                    direct.add(key)
+        self._read_ahead(order, wanted, direct)
         self._start_prefetch(layer + 1, wanted)
         for key in order:
-            index = keys.index(key)
-            rows, slots_k = np.nonzero(inverse == index)
-            xs = np.ascontiguousarray(x32[rows])
-            if key not in self.slot_of:
+            rows, rank = np.nonzero(inverse == keys.index(key))
+            rows_t, rank_t = torch.from_numpy(rows).to(x.device), torch.from_numpy(rank).to(x.device)
+            xs = x[rows_t]
+            if key not in self.slot_of and key not in direct:
                 slot = self._reserve(key, set())
                 if slot is not None:
                     self._start_read(key, slot)
-            self._read_ahead(order, wanted)
+            self._read_ahead(order, wanted, direct)
             if key in self.slot_of:
                 self._wait(key)
                 self.pinned.add(key)
-                with self.profiler.span("expert_cpu", layer=layer, expert=key[1], tokens=len(rows)):
-                    y = self.compute(*self.pool.views_from_buffer(self.slots[self.slot_of[key]]), xs)
+                with self.profiler.span(f"expert_{self.store.device.type}", layer=layer, expert=key[1],
+                                        tokens=len(rows)):
+                    y = self.store.run(self.slot_of[key], xs)
                 self.pinned.discard(key)
-            else:  # every slot is busy: compute where it lies and give the pages back
+            else:  # computed where it lies: no slot could be had, or the CPU measured cheaper than a fill
                 self.stats.direct += 1
-                with self.profiler.span("expert_direct", layer=layer, expert=key[1], tokens=len(rows)):
-                    y = self.compute(*self.pool.expert(*key), xs)
-                self.pool.release(*key)
-            out[rows] += y * w[rows, slots_k, None]
-        return torch.from_numpy(out).to(x.dtype)
+                start = time.perf_counter()
+                with self.profiler.span("expert_pool", layer=layer, expert=key[1], tokens=len(rows)):
+                    y = self.store.run_direct(key, xs)
+                if self.costs is not None:
+                    self.costs.record("direct", time.perf_counter() - start, self.pool.block_nbytes)
+            out.index_add_(0, rows_t, y.float() * w[rows_t, rank_t, None])
+        return out.to(x.dtype)
 
-    def _read_ahead(self, order: list[Key], wanted: set[Key]) -> None:
+    def _try_direct(self, chosen: int) -> bool:
+        """Whether a miss should be computed on the pool: measured cheaper, or not yet measured once."""
+        if self.costs is None:
+            return False
+        if self.costs.direct is None:  # measure each answer once before choosing
+            return self.costs.fill is not None and chosen == 0
+        return self.costs.prefer_direct()
+
+    def _read_ahead(self, order: list[Key], wanted: set[Key], direct: set[Key]) -> None:
         """Start reads for this layer's misses while slots can be had without evicting what it still needs."""
         for key in order:
-            if key not in self.slot_of:
+            if key not in self.slot_of and key not in direct:
                 slot = self._reserve(key, wanted)
                 if slot is None:
                     return

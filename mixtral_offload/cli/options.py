@@ -17,12 +17,14 @@ def load_options(command):
                      help="Ceiling of the process's resident memory, e.g. 6GiB or 6000MB (converted models). "
                           "Experts are paged into what is left after the fixed parts; below the minimum "
                           "working set the command says what the minimum is. [env: MIXTRAL_OFFLOAD_MEMORY_BUDGET]"),
+        click.option("--ram-budget", default=None,
+                     help="With --device cuda: ceiling of host memory (the budget then bounds VRAM)."),
         click.option("--policy", type=click.Choice(["gate", "lru", "lfu"]), default="gate", show_default=True,
                      help="Expert cache eviction: gate-weighted recency/frequency, LRU or LFU."),
         click.option("--prefetch/--no-prefetch", default=True, show_default=True,
                      help="Read the next layer's likely experts while this layer computes."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-                     help="Where to compute."),
+                     help="Where to compute: auto picks CUDA when torch sees a GPU."),
         click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
                      show_default=True, help="Compute dtype of the dense weights; auto: as stored."),
         click.option("--max-context", type=int, default=None,

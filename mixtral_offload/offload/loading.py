@@ -11,48 +11,53 @@ from safetensors import safe_open
 
 from ..cache.expert_cache import ExpertCache
 from ..cache.traces import TraceRecorder
-from ..config import ModelArgs, parse_size
+from ..cache.slots import DeviceSlots
+from ..config import ModelArgs, format_size, parse_size
 from ..errors import MixtralOffloadError
 from .checkpoint import dense_shapes, parse_dtype
 from .pool import CONFIG_NAME, DENSE_NAME, POOL_NAME, TOKENIZER_NAME, ExpertPool
-from ..quant import quantize
-from .memory_plan import plan_memory
+from ..quant.quantize import dequantize_parts_torch
+from .memory_plan import SLACK_BYTES, current_rss, plan_memory
 from .quant_experts import PoolExperts, expert_forward
 from .runtime import PREFILL_CHUNK, Runtime, build_model, default_context, load_checkpoint
 from .tokenizer import Tokenizer
 
 
 def load(path: str | Path, dtype: str = "auto", max_context: int | None = None, *,
-         memory_budget: int | str | None = None, policy: str = "gate", prefetch: bool = True,
-         device: str = "cpu", record_trace: bool = False, log: Callable[[str], None] | None = None,
-         release_pages: bool = False) -> Runtime:
+         memory_budget: int | str | None = None, ram_budget: int | str | None = None, policy: str = "gate",
+         prefetch: bool = True, device: str = "auto", record_trace: bool = False,
+         log: Callable[[str], None] | None = None, release_pages: bool = False) -> Runtime:
     """Load the model at path for generation.
 
     A directory holding experts.pool loads as a converted model, anything else as an HF checkpoint.
     dtype is the compute dtype of the dense weights ('auto': as stored). With memory_budget (bytes or
-    '6GiB'), experts are paged into as many cache slots as the budget leaves (policy: lru, lfu, gate);
-    without it they are computed where they lie in the mapped pool. log receives the memory plan.
+    '6GiB'), experts are paged into as many cache slots as the budget leaves (policy: lru, lfu, gate):
+    RAM on the CPU, VRAM with device 'cuda' (then ram_budget bounds host memory). Without a budget on
+    the CPU, experts are computed where they lie in the mapped pool. log receives the memory plan.
     """
     path = Path(path)
     if not path.exists():
         raise MixtralOffloadError(f"{path}: no such model directory")
-    check_device(device)
+    torch_device = resolve_device(device)
     if (path / POOL_NAME).exists():
-        return load_converted(path, dtype, max_context, memory_budget=memory_budget, policy=policy,
-                              prefetch=prefetch, record_trace=record_trace, log=log, release_pages=release_pages)
+        return load_converted(path, dtype, max_context, memory_budget=memory_budget, ram_budget=ram_budget,
+                              policy=policy, prefetch=prefetch, device=torch_device, record_trace=record_trace,
+                              log=log, release_pages=release_pages)
     if memory_budget is not None:
         raise MixtralOffloadError(
             f"{path}: --memory-budget needs a converted model: run 'mixtral-offload convert {path} OUT_DIR' first")
-    return load_checkpoint(path, dtype=resolve_dtype(dtype, path), max_context=max_context)
+    return load_checkpoint(path, dtype=resolve_dtype(dtype, path), max_context=max_context, device=torch_device)
 
 
-def check_device(device: str) -> None:
-    """Refuse a device this build cannot compute on."""
+def resolve_device(device: str) -> torch.device:
+    """'auto' is CUDA when torch sees a GPU, else the CPU; 'cuda' without a GPU is refused."""
     if device not in ("auto", "cpu", "cuda"):
         raise MixtralOffloadError(f"unknown device {device!r}: use auto, cpu or cuda")
-    if device == "cuda":
-        raise MixtralOffloadError(
-            "--device cuda: the CUDA expert tier is not part of this release; run with --device cpu")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise MixtralOffloadError("--device cuda: torch sees no CUDA device (is this a CPU-only torch build?)")
+    return torch.device(device)
 
 
 def resolve_dtype(dtype: str, path: Path) -> str:
@@ -63,7 +68,8 @@ def resolve_dtype(dtype: str, path: Path) -> str:
 
 
 def load_converted(path: str | Path, dtype: str = "auto", max_context: int | None = None, *,
-                   memory_budget: int | str | None = None, policy: str = "gate", prefetch: bool = True,
+                   memory_budget: int | str | None = None, ram_budget: int | str | None = None,
+                   policy: str = "gate", prefetch: bool = True, device: torch.device = torch.device("cpu"),
                    record_trace: bool = False, log: Callable[[str], None] | None = None,
                    release_pages: bool = False) -> Runtime:
     """Load a converted model directory: dense weights resident, experts in the mapped pool or a cache."""
@@ -73,36 +79,62 @@ def load_converted(path: str | Path, dtype: str = "auto", max_context: int | Non
     tokenizer = Tokenizer(path / TOKENIZER_NAME)
     torch_dtype = parse_dtype(resolve_dtype(dtype, path))
     context = default_context(args, max_context)
-    recorder = TraceRecorder(args.num_hidden_layers, args.num_local_experts, source=str(path)) if record_trace else None
-    if memory_budget is None and not record_trace:
+    on_gpu = device.type == "cuda"
+    if memory_budget is None and not record_trace and not on_gpu:
         experts = PoolExperts(pool, release_pages)
         dense = read_dense(path / DENSE_NAME, args, torch_dtype)
         return Runtime(build_model(args, dense, experts, context), tokenizer, path)
     prefetch_slots = args.num_experts_per_tok if prefetch else 0
-    if memory_budget is None:  # tracing without a budget: a cache that holds every expert
+    warm_up_kernels(pool)  # compiled kernels count towards the baseline
+    if memory_budget is None and not on_gpu:  # tracing without a budget: a cache that holds every expert
         slots = args.num_hidden_layers * args.num_local_experts
     else:
-        warm_up_kernels(pool)  # compiled kernels count towards the baseline
+        if memory_budget is None:  # on a GPU: what is free now, less a tenth for the allocator
+            memory_budget = int(torch.cuda.mem_get_info(device)[0] * 0.9)
         itemsize = torch.empty((), dtype=torch_dtype).element_size()
         dense_bytes = itemsize * sum(math.prod(shape) for shape in dense_shapes(args).values())
+        # on the GPU the budget bounds what torch allocates there; the host's baseline counts for ram_budget
+        baseline = torch.cuda.memory_reserved(device) if on_gpu else None
         plan = plan_memory(args, parse_size(memory_budget), dense_bytes, pool.block_nbytes, context, itemsize,
-                           PREFILL_CHUNK, prefetch_slots)
+                           PREFILL_CHUNK, prefetch_slots, baseline=baseline)
         if log is not None:
             log(plan.describe())
         slots = plan.slots
-    dense = read_dense(path / DENSE_NAME, args, torch_dtype)
+    if on_gpu:
+        check_host_budget(ram_budget, pool.block_nbytes)
+    dense = {name: tensor.to(device) for name, tensor in read_dense(path / DENSE_NAME, args, torch_dtype).items()}
+    store = DeviceSlots(pool, slots, device, torch_dtype, dequantize_parts_torch, expert_forward) if on_gpu else None
+    recorder = TraceRecorder(args.num_hidden_layers, args.num_local_experts, source=str(path)) if record_trace else None
     experts = ExpertCache(pool, args.num_hidden_layers, args.num_experts_per_tok, slots, expert_forward,
-                          policy=policy, prefetch=prefetch_slots, recorder=recorder)
+                          policy=policy, prefetch=prefetch_slots, recorder=recorder, store=store)
     model = build_model(args, dense, experts, context, prefetch_hints=prefetch)
     return Runtime(model, tokenizer, path)
 
 
+def check_host_budget(ram_budget: int | str | None, block_bytes: int) -> None:
+    """With the experts on a GPU, host memory holds the baseline and two staging buffers."""
+    if ram_budget is None:
+        return
+    needed = current_rss() + 2 * block_bytes + SLACK_BYTES
+    if parse_size(ram_budget) < needed:
+        raise MixtralOffloadError(f"--ram-budget {format_size(parse_size(ram_budget))} is below the minimum of "
+                                  f"{format_size(needed)} (baseline, two staging buffers and slack)")
+
+
 def warm_up_kernels(pool: ExpertPool) -> None:
-    """Load (or compile) the expert kernels for the pool's format, for one token and for several."""
-    size = pool.spec.group_size
-    square = quantize(np.ones((size, size), np.float32), pool.spec, refine=False)
-    for tokens in (1, 2):
-        expert_forward(square, square, square, np.ones((tokens, size), np.float32))
+    """Load (or compile) every kernel variant a run will call, before the baseline is measured.
+
+    Numba compiles per argument type: one token and a batch take different kernels, and views on an
+    owned slot (writable) and on the mapped pool (read-only) are different types. A compile after the
+    baseline would be memory the plan never counted.
+    """
+    hidden = pool.args.hidden_size
+    buffer = np.empty(pool.block_nbytes, np.uint8)
+    pool.read_block_into(0, 0, buffer)
+    for matrices in (pool.views_from_buffer(buffer), pool.expert(0, 0)):
+        for tokens in (1, 64):
+            expert_forward(*matrices, np.zeros((tokens, hidden), np.float32))
+    pool.release(0, 0)
 
 
 def read_dense(file: Path, args: ModelArgs, dtype: torch.dtype) -> dict[str, torch.Tensor]:

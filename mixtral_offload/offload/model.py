@@ -84,12 +84,12 @@ class Mixtral:
         self.experts = experts
         self.max_context = max_context
         self.prefetch_hints = prefetch_hints
-        self.dtype = embed.dtype
+        self.dtype, self.device = embed.dtype, embed.device
         G, hd = args.num_key_value_heads, args.head_dim
         shape = (args.num_hidden_layers, G, max_context, hd)
-        self.k_cache = torch.zeros(shape, dtype=self.dtype)   # [L, G, S, hd]
-        self.v_cache = torch.zeros(shape, dtype=self.dtype)
-        self.cos, self.sin = rope_tables(args, max_context)
+        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)   # [L, G, S, hd]
+        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.cos, self.sin = (table.to(self.device) for table in rope_tables(args, max_context))
         self.position = 0  # tokens already in the cache
         self.profiler = NULL_PROFILER
 
@@ -103,7 +103,7 @@ class Mixtral:
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Append tokens [T] at the current position; return float32 logits [T, V]."""
+        """Append tokens [T] at the current position; return float32 logits [T, V] on the CPU."""
         T = tokens.shape[0]
         start = self.position
         if start + T > self.max_context:
@@ -111,7 +111,7 @@ class Mixtral:
                 f"context limit reached: {start + T} tokens do not fit in the context of {self.max_context}")
         profiler = self.profiler
         profiler.token("prefill" if T > 1 else "decode")
-        h = F.embedding(tokens, self.embed)                                    # [T, D]
+        h = F.embedding(tokens.to(self.device), self.embed)                    # [T, D]
         cos, sin = self.cos[start:start + T], self.sin[start:start + T]
         for index, layer in enumerate(self.layers):
             with profiler.span("attention", layer=index):
@@ -120,7 +120,7 @@ class Mixtral:
         self.position = start + T
         with profiler.span("lm_head"):
             h = rms_norm(h, self.norm, self.args.rms_norm_eps)
-            return F.linear(h, self.lm_head).float()                          # [T, V]
+            return F.linear(h, self.lm_head).float().cpu()                    # [T, V]
 
     def _attention(self, index: int, layer: LayerWeights, x: torch.Tensor, cos, sin) -> torch.Tensor:
         args, T, start = self.args, x.shape[0], self.position
@@ -135,7 +135,7 @@ class Mixtral:
         keys, values = self.k_cache[index, :, :end], self.v_cache[index, :, :end]  # [G, S, hd]
         mask = None
         if T > 1:  # query i sits at position start+i and sees keys 0..start+i
-            mask = torch.ones(T, end, dtype=torch.bool).tril(diagonal=start)
+            mask = torch.ones(T, end, dtype=torch.bool, device=self.device).tril(diagonal=start)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=H != G)  # [H, T, hd]
         return F.linear(out.transpose(0, 1).reshape(T, H * hd), layer.wo)     # [T, D]
 

@@ -190,6 +190,18 @@ class ExpertPool:
             raise ValueError(f"buffer holds {buffer.nbytes} bytes, a block needs {self.block_nbytes}")
         return block_views(buffer, 0, self.slots, self.spec, self.shapes)
 
+    def tensor_parts(self, buffer: "torch.Tensor") -> tuple[dict, dict, dict]:
+        """(w1, w3, w2) parts as typed views on a torch uint8 buffer filled with one block (any device)."""
+        import torch
+
+        if buffer.dtype != torch.uint8 or buffer.dim() != 1 or buffer.numel() < self.block_nbytes:
+            raise ValueError(f"buffer must be a 1-D uint8 tensor of >= {self.block_nbytes} bytes")
+        parts: dict[str, dict] = {m: {} for m in MATRICES}
+        for slot in self.slots:
+            raw = buffer[slot.offset:slot.offset + slot.nbytes]
+            parts[slot.matrix][slot.name] = raw.view(getattr(torch, slot.dtype.name)).view(slot.shape)  # uint8, int8, float16
+        return parts["w1"], parts["w3"], parts["w2"]
+
     def release(self, layer: int, expert: int, drop_cache: bool = False) -> None:
         """Drop this block's mapped pages from the process (RSS); with drop_cache, from the page cache too."""
         entry = self._entry(layer, expert)

@@ -124,17 +124,18 @@ class Runtime:
         return PerplexityResult(math.exp(sum(nll) / len(nll)), len(nll), nll)
 
 
-def load_checkpoint(path: str | Path, dtype: str = "float32", max_context: int | None = None) -> Runtime:
-    """Load an HF Mixtral checkpoint directory with every expert resident as torch tensors."""
+def load_checkpoint(path: str | Path, dtype: str = "float32", max_context: int | None = None,
+                    device: torch.device | str = "cpu") -> Runtime:
+    """Load an HF Mixtral checkpoint directory with every expert resident as torch tensors on device."""
     checkpoint = Checkpoint.open(path)
     tokenizer = Tokenizer(checkpoint.tokenizer_path)
     args, torch_dtype = checkpoint.args, parse_dtype(dtype)
-    dense = dict(checkpoint.dense_tensors(torch_dtype))
+    dense = {name: tensor.to(device) for name, tensor in checkpoint.dense_tensors(torch_dtype)}
     stacks = {part: [] for part in ("w1", "w3", "w2")}
     for layer in range(args.num_hidden_layers):
         for part, stack in stacks.items():
             stack.append(torch.stack([checkpoint.expert_tensor(layer, e, part, torch_dtype)
-                                      for e in range(args.num_local_experts)]))
+                                      for e in range(args.num_local_experts)]).to(device))
     experts = TorchExperts(stacks["w1"], stacks["w3"], stacks["w2"])
     context = default_context(args, max_context)
     return Runtime(build_model(args, dense, experts, context), tokenizer, Path(path))

@@ -210,11 +210,17 @@ def dequantize_torch(
     qm: QuantizedMatrix, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> torch.Tensor:
     """Dequantize on `device` (the packed bytes are copied there, then unpacked): [rows, cols] of `dtype`."""
-    rows, cols = qm.shape
-    g = qm.spec.group_size
     parts = {name: _tensor(part, device) for name, part in qm.parts().items()}
+    return dequantize_parts_torch(qm.spec, qm.shape, parts, dtype)
+
+
+def dequantize_parts_torch(spec: QuantSpec, shape: tuple[int, int], parts: dict[str, torch.Tensor],
+                           dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Dequantize parts that already lie on a torch device (codes, scales[, zeros]): [rows, cols] of dtype."""
+    rows, cols = shape
+    g = spec.group_size
     scales = parts["scales"].float()[:, :, None]
-    if qm.spec.bits == 4:
+    if spec.bits == 4:
         grouped = parts["codes"].reshape(rows, -1, g // 2)
         q = torch.cat([grouped & 15, grouped >> 4], dim=2).float()
         w = (q - parts["zeros"].float()[:, :, None]) * scales
