@@ -3,7 +3,22 @@ from __future__ import annotations
 
 import click
 
-MODEL = click.argument("model", envvar="MIXTRAL_OFFLOAD_MODEL", type=click.Path(file_okay=False))
+from ..demo import DEMO_DESCRIPTION, demo_model_dir
+
+
+def _model_or_demo(ctx: click.Context, param: click.Parameter, model: str | None) -> str:
+    if model is not None:
+        return model
+    demo = demo_model_dir()
+    if demo is None:
+        raise click.UsageError("no MODEL given (argument, MIXTRAL_OFFLOAD_MODEL or the config file), "
+                               "and this installation has no bundled demo model")
+    click.echo(f"No MODEL given: using the bundled demo model ({DEMO_DESCRIPTION}).", err=True)
+    return str(demo)
+
+
+MODEL = click.argument("model", envvar="MIXTRAL_OFFLOAD_MODEL", required=False, callback=_model_or_demo,
+                       type=click.Path(file_okay=False))
 
 
 def _log_callback(ctx: click.Context, param: click.Parameter, verbose: bool):
