@@ -34,7 +34,7 @@ def test_matmul_matches_reference(spec, rows, tokens, method):
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=str)
-@pytest.mark.parametrize("tokens", [2, 4, 5, 64])  # around the batched path's threshold, odd and even
+@pytest.mark.parametrize("tokens", [2, 3, 4, 5, 64])  # around the batched path's threshold, odd and even
 def test_batched_matmul_spans_column_chunks(spec, tokens):
     # cols over one K_CHUNK and not a multiple of it: a full chunk, then a partial one
     rng = np.random.default_rng(tokens + spec.bits * 7 + spec.group_size)

@@ -26,9 +26,10 @@ ROWS_PER_TASK = 64  # rows per parallel task (scratch is allocated once per task
 # Numba's OpenMP threads spin against each other when their calls alternate on 2 cores.
 _BLAS_TILE_ELEMENTS = 1 << 20  # float32 tile of ~4 MB: stays in L2/L3 between dequantize and GEMM
 # T >= BATCH_MIN_TOKENS: each 4-row block is decoded once per K_CHUNK columns into an L1-resident
-# float32 buffer (4 x 1024 x 4 B = 16 KB) and reused for every token (4 tokens per pass over it:
-# 16 accumulators; 1.05-1.1x over 2 per pass); below it the fused per-token decode wins (measured crossover T=3..4 on 14336x4096).
-BATCH_MIN_TOKENS = 4
+# float32 buffer (4 x 1024 x 4 B = 16 KB) and reused for every token, 4 tokens per pass over it (16
+# accumulators, 8 loads per 16 zmm FMAs; 1.05-1.1x over 2 tokens per pass). Fused per-token decode
+# wins at T=1 (2-3x) and T=2 on Mixtral shapes; T=3 is even there and 1.2-1.5x for batched on 1024x3584.
+BATCH_MIN_TOKENS = 3
 K_CHUNK = 1024
 
 # float16 bits -> float32 value: Numba has no float16, so scales/zeros are read as uint16 through this
