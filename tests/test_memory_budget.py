@@ -9,6 +9,7 @@ import torch
 from checkpoints import mixtral_tokenizer_path, write_checkpoint
 
 from mixtral_offload.cache.expert_cache import ExpertCache
+from mixtral_offload.cache.simulate import prefetch_recall
 from mixtral_offload.config import ModelArgs
 from mixtral_offload.errors import MixtralOffloadError
 from mixtral_offload.offload.convert import convert
@@ -58,6 +59,8 @@ def test_budget_through_load_and_trace(converted):
     trace = runtime.model.experts.recorder.to_trace()
     assert trace.num_layers == 4 and trace.top_k == 2
     assert trace.num_tokens == len(runtime.tokenizer.encode(PROMPT)) + 11
+    assert trace.predicted_next.shape == (trace.num_tokens, 4, 2)
+    assert 0.0 <= prefetch_recall(trace) <= 1.0
     assert runtime.cache_stats().hit_rate > 0
 
 

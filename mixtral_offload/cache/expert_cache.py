@@ -98,6 +98,7 @@ class ExpertCache:
         self.resident_per_layer = [0] * num_layers
         self.prefetched: dict[int, set[Key]] = {}    # layer -> keys read ahead for it, not yet used
         self.hints: dict[int, list[int]] = {}        # layer -> experts guessed for it
+        self.token_guesses: dict[int, np.ndarray] = {}  # layer -> [T, k] guesses per token (for traces)
         self.reader = ThreadPoolExecutor(max_workers=read_threads, thread_name_prefix="expert-read")
         self.stats = CacheStats(num_layers)
         self.recorder = recorder
@@ -157,10 +158,13 @@ class ExpertCache:
     # -- ExpertBackend --------------------------------------------------------------------------
     def hint(self, layer: int, probs: torch.Tensor) -> None:
         """Remember the experts guessed for `layer` (top by summed probability); read them during the layer before."""
-        if not self.prefetch or layer >= self.num_layers:
+        if layer >= self.num_layers:
             return
-        mass = probs.float().sum(dim=0)
-        self.hints[layer] = torch.topk(mass, min(self.prefetch, mass.shape[0])).indices.tolist()
+        if self.recorder is not None:  # each token's own top-k guess, for prefetch recall on the trace
+            self.token_guesses[layer] = torch.topk(probs, self.top_k, dim=-1).indices.cpu().numpy()
+        if self.prefetch:
+            mass = probs.float().sum(dim=0)
+            self.hints[layer] = torch.topk(mass, min(self.prefetch, mass.shape[0])).indices.tolist()
 
     def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Weighted sum of each token's routed experts, [T, D] in x's dtype; misses are read into slots."""
@@ -168,9 +172,7 @@ class ExpertCache:
         w = weights.float()
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         if self.recorder is not None:
-            guess = self.hints.get(layer + 1)
-            predicted = None if guess is None else np.tile(np.asarray(guess)[None], (ids.shape[0], 1))
-            self.recorder.record(layer, ids, w.cpu().numpy(), predicted_next=predicted)
+            self.recorder.record(layer, ids, w.cpu().numpy(), predicted_next=self.token_guesses.pop(layer + 1, None))
         experts, inverse = np.unique(ids, return_inverse=True)
         inverse = inverse.reshape(ids.shape)
         keys = [(layer, int(e)) for e in experts]

@@ -107,7 +107,7 @@ def load_converted(path: str | Path, dtype: str = "auto", max_context: int | Non
     recorder = TraceRecorder(args.num_hidden_layers, args.num_local_experts, source=str(path)) if record_trace else None
     experts = ExpertCache(pool, args.num_hidden_layers, args.num_experts_per_tok, slots, expert_forward,
                           policy=policy, prefetch=prefetch_slots, recorder=recorder, store=store)
-    model = build_model(args, dense, experts, context, prefetch_hints=prefetch)
+    model = build_model(args, dense, experts, context, prefetch_hints=prefetch or record_trace)
     return Runtime(model, tokenizer, path)
 
 
