@@ -11,7 +11,7 @@ import click
 from ..errors import MixtralOffloadError
 from ..offload.generate import GenerationRecord
 from ..offload.tokenizer import Message
-from .options import MODEL, load_options
+from .options import MODEL, load_options, sampling_options
 from .report import profile_options, start_profiling
 
 HELP = """\
@@ -236,13 +236,7 @@ def run_repl(conversation: Conversation, read_line: Callable[[], str], sampling:
 @click.command()
 @MODEL
 @click.option("--system", "-s", default=None, help="System text, put before the first user message.")
-@click.option("--max-new-tokens", "-n", type=click.IntRange(1), default=512, show_default=True,
-              help="Longest reply in tokens.")
-@click.option("--temperature", "-t", type=click.FloatRange(0), default=0.7, show_default=True,
-              help="0 means greedy.")
-@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
-@click.option("--top-k", type=click.IntRange(0), default=0, show_default=True, help="0 means no top-k cut.")
-@click.option("--seed", type=int, default=None, help="Seed for sampling.")
+@sampling_options(max_new_tokens=512, temperature=0.7)
 @profile_options
 @load_options
 def chat(model, system, max_new_tokens, temperature, top_p, top_k, seed, **load_kwargs):

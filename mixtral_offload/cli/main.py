@@ -8,7 +8,7 @@ import click
 
 from .. import __version__
 from ..errors import MixtralOffloadError
-from .options import MODEL, load_options
+from .options import MODEL, load_options, sampling_options
 from .report import profile_options, start_profiling
 from .settings import config_option
 
@@ -43,12 +43,7 @@ def cli() -> None:
 @cli.command()
 @MODEL
 @click.option("--prompt", "-p", required=True, help="Text to continue (BOS is prepended; no chat template).")
-@click.option("--max-new-tokens", "-n", type=click.IntRange(1), default=128, show_default=True)
-@click.option("--temperature", "-t", type=click.FloatRange(0), default=0.0, show_default=True,
-              help="0 means greedy.")
-@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
-@click.option("--top-k", type=click.IntRange(0), default=0, show_default=True, help="0 means no top-k cut.")
-@click.option("--seed", type=int, default=None, help="Seed for sampling.")
+@sampling_options(max_new_tokens=128, temperature=0.0)
 @profile_options
 @load_options
 def generate(model, prompt, max_new_tokens, temperature, top_p, top_k, seed, **load_kwargs):

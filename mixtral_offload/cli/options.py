@@ -50,3 +50,24 @@ def load_options(command):
     for option in reversed(options):
         command = option(command)
     return command
+
+
+def sampling_options(max_new_tokens: int, temperature: float):
+    """--max-new-tokens, --temperature, --top-p, --top-k and --seed, with a command's own defaults."""
+    options = [
+        click.option("--max-new-tokens", "-n", type=click.IntRange(1), default=max_new_tokens, show_default=True,
+                     help="Most tokens to generate."),
+        click.option("--temperature", "-t", type=click.FloatRange(0), default=temperature, show_default=True,
+                     help="0 means greedy."),
+        click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
+                     help="Sample from the smallest set of tokens whose probability reaches this."),
+        click.option("--top-k", type=click.IntRange(0), default=0, show_default=True, help="0 means no top-k cut."),
+        click.option("--seed", type=int, default=None, help="Seed for sampling."),
+    ]
+
+    def decorate(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
