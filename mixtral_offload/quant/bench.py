@@ -9,6 +9,9 @@ below) and `format_kernel_bench()` renders it as a text table.
 
 `gbs` counts the bytes a call must read (codes + scales + zeros; dense weights for torch rows);
 `ratio` divides it by the read bandwidth measured at the same thread count in the same run.
+Rows "int{b} g{G} expert" time `expert_forward` (w1, w3 [I, D], w2 [D, I]) on `expert_shapes` (D, I),
+by default a Mixtral-mini expert (1024, 3584); their `shape` is [D, I] and their bytes all three matrices.
+`tokens` > 1 times the batched path (prefill, or T tokens routed to one expert).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from mixtral_offload.quant import kernels
 from mixtral_offload.quant.format import QuantizedMatrix, QuantSpec, part_layout
 
 MIXTRAL_SHAPES = ((14336, 4096), (4096, 14336))  # w1/w3 and w2
+MIXTRAL_MINI_EXPERT = (1024, 3584)  # (hidden D, intermediate I)
 _BANDWIDTH_BYTES = 1 << 30
 
 
@@ -72,6 +76,7 @@ def run_kernel_bench(
     repeats: int = 15,
     torch_dense: bool = True,
     json: bool = False,
+    expert_shapes: tuple[tuple[int, int], ...] = (MIXTRAL_MINI_EXPERT,),
 ) -> dict:
     """Time the matvec kernels on Mixtral's expert shapes; see the module docstring for the result.
 
@@ -106,6 +111,21 @@ def run_kernel_bench(
                         nbytes = w.numel() * w.element_size()
                         results.append(_row(name, b, shape, t, n, seconds, nbytes, bandwidth[t]))
                 del w
+    for hidden, inter in expert_shapes:
+        x_all = np.random.default_rng(2).standard_normal((max(tokens), hidden)).astype(np.float32)
+        for b in bits:
+            spec = QuantSpec(b, group_size)
+            w1, w3 = random_quantized(spec, (inter, hidden), 1), random_quantized(spec, (inter, hidden), 2)
+            w2 = random_quantized(spec, (hidden, inter), 3)
+            nbytes = w1.nbytes + w3.nbytes + w2.nbytes
+            for t in threads:
+                for n in tokens:
+                    x = x_all[:n]
+                    with _threads(t):
+                        kernels.expert_forward(w1, w3, w2, x)
+                        seconds = _median_seconds(lambda: kernels.expert_forward(w1, w3, w2, x), repeats)
+                    name = f"int{b} g{group_size} expert"
+                    results.append(_row(name, b, (hidden, inter), t, n, seconds, nbytes, bandwidth[t]))
     return {
         "bandwidth_gbs": max(bandwidth.values()),
         "bandwidth_by_threads": {str(t): round(v, 2) for t, v in bandwidth.items()},
