@@ -122,8 +122,9 @@ class LlamaCppSystem:
 
     def last_logits(self, ids: list[int]) -> list[float]:
         self.llm.reset()
-        self.llm.eval(ids)
-        return self.np.asarray(self.llm.scores[self.llm.n_tokens - 1]).astype(float).tolist()
+        self.llm.eval(ids)  # without logits_all the last row's logits stay in the context, not in llm.scores
+        vocab = self.llm.n_vocab()
+        return self.np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(vocab,)).astype(float).tolist()
 
 
 def main() -> None:

@@ -118,7 +118,7 @@ def run_config(config: dict, bandwidth: float) -> dict:
     return result
 
 
-def limited_runs(paths, unlimited: dict[str, dict], fractions=(0.5, 0.25), timeout: int = 900) -> list[dict]:
+def limited_runs(paths, unlimited: dict[str, dict], fractions=(0.5, 0.25), timeout: int = 420) -> list[dict]:
     """Each system under a cgroup limit of its baseline RSS + fraction x its weights, cold page cache."""
     weights = {"int4": dir_bytes(paths["int4"]), "q4_0": dir_bytes(paths["q4_0"]), "bfloat16": dir_bytes(paths["hf"])}
     peer = ["--repeats", "1", "--decode-tokens", "16"]
