@@ -7,8 +7,14 @@ Every kernel accumulates in float32 and reassociates only sums, so it matches th
 on the dequantized weights to ~1e-6 relative. int4 folds the zero point out of the inner loop:
 sum_k (q_k - z) s x_k = s (sum_k q_k x_k - z sum_k x_k), with sum_k x_k per group computed once.
 
-One dispatch point by bit width: `_dot_rows` picks the per-format inner loop; every parallel driver
-(matvec, batched matmul, fused gate/up, tile dequantize) is written once on top of it.
+Two paths by token count. T < BATCH_MIN_TOKENS (decode): `_dot_rows` decodes 4 rows in the dot
+product, one inner loop per format, every parallel driver written once on top of it. T >= it
+(prefill, several tokens routed to one expert): `_block_dots` decodes a 4-row x 1024-column block
+once into an L1 buffer of exact float32 weights and runs a 4-row x 4-token FMA tile over it.
+
+Numba/LLVM notes (checked in the assembly): an inner loop that stores through several array views
+gets a runtime overlap check per entry; index one flat array per operand with unsigned offsets (no
+negative-index wraparound selects, which turn loads into gathers) so the check is hoisted.
 """
 
 from __future__ import annotations
@@ -263,7 +269,9 @@ def _matmul_kernel(bits, codes, scales, zeros, f16, x, xsum, group_size, out):
         lanes = np.empty(4 * group_size, np.float32)
         for r0 in range(task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK), 4):
             for t in range(x.shape[0]):
-                a0, a1, a2, a3 = _dot_rows(bits, codes, cflat, ncb, scales, zeros, f16, x[t], xsum[t], group_size, r0, lanes)
+                a0, a1, a2, a3 = _dot_rows(
+                    bits, codes, cflat, ncb, scales, zeros, f16, x[t], xsum[t], group_size, r0, lanes
+                )
                 _store_rows(out[t], r0, a0, a1, a2, a3)
 
 
@@ -296,8 +304,12 @@ def _gate_up_kernel(bits, codes1, scales1, zeros1, codes3, scales3, zeros3, f16,
         lanes = np.empty(4 * group_size, np.float32)
         for r0 in range(task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK), 4):
             for t in range(x.shape[0]):
-                a0, a1, a2, a3 = _dot_rows(bits, codes1, cflat1, ncb, scales1, zeros1, f16, x[t], xsum[t], group_size, r0, lanes)
-                b0, b1, b2, b3 = _dot_rows(bits, codes3, cflat3, ncb, scales3, zeros3, f16, x[t], xsum[t], group_size, r0, lanes)
+                a0, a1, a2, a3 = _dot_rows(
+                    bits, codes1, cflat1, ncb, scales1, zeros1, f16, x[t], xsum[t], group_size, r0, lanes
+                )
+                b0, b1, b2, b3 = _dot_rows(
+                    bits, codes3, cflat3, ncb, scales3, zeros3, f16, x[t], xsum[t], group_size, r0, lanes
+                )
                 _store_rows(h[t], r0, _silu(a0) * b0, _silu(a1) * b1, _silu(a2) * b2, _silu(a3) * b3)
 
 
