@@ -150,6 +150,7 @@ def save_checkpoint(model, tok_path: str, dst: str, extra: dict | None = None) -
     bad = [k for k in state if ".mlp." in k or "gate_up_proj" in k]
     assert not bad, bad
     save_file(state, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    os.chmod(os.path.join(dst, "model.safetensors"), 0o644)
     cfg.save_pretrained(dst)
     # older readers (and the runtime's converter) look for rope_theta at top level
     p = os.path.join(dst, "config.json")
@@ -217,8 +218,14 @@ def cmd_train(a) -> int:
     torch.set_num_threads(a.threads)
     sp = load_sp(os.path.join(a.out, "tokenizer.model"))
     stream = train_stream(sp, a.out)
-    model = build_model(sp.get_piece_size(), a.seed)
+    if a.init:  # continue from a saved checkpoint (e.g. a per-layer balance fine-tune)
+        from transformers import MixtralForCausalLM
+        torch.manual_seed(a.seed)
+        model = MixtralForCausalLM.from_pretrained(a.init, dtype=torch.float32)
+    else:
+        model = build_model(sp.get_piece_size(), a.seed)
     cfg = model.config
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
     total, active = count_params(cfg)
     real = sum(p.numel() for p in model.parameters())
     print(f"params total={real} (formula {total}) active/token={active} "
@@ -252,14 +259,26 @@ def cmd_train(a) -> int:
         for g in opt.param_groups:
             g["lr"] = lr
         x = batch(stream, a.batch, rng)
-        outp = model(input_ids=x, labels=x, output_router_logits=True)
-        loss = outp.loss  # = lm loss + coef * aux loss
+        if a.aux == "pooled":
+            outp = model(input_ids=x, labels=x, output_router_logits=True)
+            # transformers' loss = lm loss + coef * aux, aux pooled over all layers
+            loss = outp.loss
+            aux = float(outp.aux_loss.detach()) if outp.aux_loss is not None else float("nan")
+            lm = float(loss.detach()) - cfg.router_aux_loss_coef * aux
+        else:
+            # per-layer balance: mean over layers of the Switch/Mixtral loss
+            outp = model(input_ids=x, output_router_logits=True)
+            lm_t = torch.nn.functional.cross_entropy(
+                outp.logits[:, :-1].reshape(-1, outp.logits.shape[-1]), x[:, 1:].reshape(-1))
+            aux_t = sum(load_balancing_loss_func((r,), cfg.num_local_experts, cfg.num_experts_per_tok)
+                        for r in outp.router_logits) / len(outp.router_logits)
+            coef = a.aux_coef if a.aux_coef is not None else cfg.router_aux_loss_coef
+            loss = lm_t + coef * aux_t
+            lm, aux = float(lm_t.detach()), float(aux_t.detach())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        aux = float(outp.aux_loss.detach()) if outp.aux_loss is not None else float("nan")
-        lm = float(loss) - cfg.router_aux_loss_coef * aux
         ema = lm if ema is None else 0.98 * ema + 0.02 * lm
         el = time.time() - t0
         if step % a.log_every == 0 or step == a.steps - 1:
@@ -276,11 +295,12 @@ def cmd_train(a) -> int:
                 threads=a.threads, seed=a.seed, params_total=total,
                 params_active_per_token=active, dtype="float32",
                 train_stream_tokens=int(len(stream)), log=log)
-    save_checkpoint(model, os.path.join(a.out, "tokenizer.model"),
-                    os.path.join(a.out, "hf"), info)
+    info.update(init=a.init, aux=a.aux, aux_coef=a.aux_coef)
+    dst = a.save_dir or os.path.join(a.out, "hf")
+    save_checkpoint(model, os.path.join(a.out, "tokenizer.model"), dst, info)
     print(json.dumps({k: v for k, v in info.items() if k != "log"}), flush=True)
-    print("saved", os.path.join(a.out, "hf"), flush=True)
-    check_roundtrip(model, os.path.join(a.out, "hf"))
+    print("saved", dst, flush=True)
+    check_roundtrip(model, dst)
     return 0
 
 
@@ -405,6 +425,12 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--log-every", type=int, default=25)
     ap.add_argument("--max-minutes", type=float, default=0.0)
+    ap.add_argument("--init", help="train: start from this checkpoint dir")
+    ap.add_argument("--save-dir", help="train: output dir (default OUT/hf)")
+    ap.add_argument("--aux", choices=["pooled", "per-layer"], default="pooled",
+                    help="router balance loss: transformers' (pooled over layers) or per layer")
+    ap.add_argument("--aux-coef", type=float, default=None,
+                    help="per-layer aux coefficient (default: config's)")
     a = ap.parse_args(argv)
     return {"train": cmd_train, "eval": cmd_eval, "bench": cmd_bench}[a.cmd](a)
 
