@@ -4,7 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 DEMO_DIR = Path(__file__).parent / "demo"
-DEMO_DESCRIPTION = "a 4-layer, 8-expert Mixtral trained on public-domain English text; see docs/demo-model.md"
+DEMO_DESCRIPTION = ("a 4-layer, 8-expert Mixtral trained here on the Python documentation, int4; "
+                    "a toy that writes Python-docs-flavoured English: see docs/demo-model.md")
 
 
 def demo_model_dir() -> Path | None:
