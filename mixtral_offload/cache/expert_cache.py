@@ -80,8 +80,12 @@ class ExpertCache:
                 f"an expert cache of {num_slots} slots is below the minimum of top_k + prefetch = {top_k + prefetch}")
         self.pool, self.compute = pool, compute
         self.num_layers, self.top_k, self.prefetch = num_layers, top_k, prefetch
-        if partition == "auto":  # per-layer pools avoid shared LRU's cliff when each layer gets top_k slots
-            partition = "layer" if num_slots // num_layers >= top_k + (1 if prefetch else 0) else "shared"
+        if partition == "auto":
+            # Per-layer pools avoid shared LRU's cliff (each token walks the layers in order); the
+            # frequency-aware policies (gate, lfu) did as well or better with one shared pool on both
+            # the calibrated synthetic trace and the demo model's recorded one (docs/cache.md).
+            per_layer_room = num_slots // num_layers >= top_k + (1 if prefetch else 0)
+            partition = "layer" if policy == "lru" and per_layer_room else "shared"
         self.partition = partition
         sizes = partition_capacities(num_slots, num_layers, partition, top_k)
         self.capacity = sizes if partition == "layer" else None
