@@ -294,7 +294,7 @@ def plot_profile(profile: dict, path: str | Path) -> None:
         import matplotlib.pyplot as plt
         from matplotlib.ticker import MaxNLocator
     except ImportError:
-        raise MixtralOffloadError("--plot needs matplotlib: pip install matplotlib") from None
+        raise MixtralOffloadError("--plot needs matplotlib: pip install \"mixtral-offload[plot]\"") from None
     layers = [entry for entry in profile["layers"] if entry["hit_rate"] is not None]
     figure, axes = plt.subplots(2 if layers else 1, 1, figsize=(9, 7 if layers else 4), squeeze=False)
     ax = axes[0][0]
