@@ -173,6 +173,12 @@ def mib(value) -> str:
     return "-" if value is None else f"{value / 2**20:.0f}"
 
 
+def short_error(result: dict) -> str:
+    """The last line of a failed child's stderr (the user-facing message), or its exit status."""
+    error = result.get("error", "")
+    return error.split(" | ")[-1].split("MixtralOffloadError: ")[-1][:140] if " | " in error else error
+
+
 def tables(report: dict) -> str:
     rows = report["unlimited"]
     ref = {r["name"]: r.get("decode_tps") for r in rows}
@@ -181,7 +187,7 @@ def tables(report: dict) -> str:
            " peak RSS MiB | hit rate | cache read/token MiB |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "decode_tps" not in r:
-            out.append(f"| {r['name']} | failed: {r.get('error', '?')} |||||||")
+            out.append(f"| {r['name']} | failed: {short_error(r)} |||||||")
             continue
         ratio = lambda ref_tps: f"{r['decode_tps'] / ref_tps:.2f}x" if ref_tps else "-"  # noqa: E731
         hit = r.get("hit_rate")
@@ -189,11 +195,12 @@ def tables(report: dict) -> str:
                    f"{r.get('floor_tps', 0):.0f} | {mib(r['peak_rss'])} | {'-' if hit is None else f'{hit:.2f}'} | "
                    f"{'-' if r.get('cache_bytes_per_token') is None else mib(r['cache_bytes_per_token'])} |")
     if report.get("limited"):
-        out += ["", "| limit (weights share) | system | limit MiB | decode tok/s | prompt tok/s | disk read/token MiB |"
-                " cgroup max usage MiB | failcnt | OOM-killed |", "|---|---|---|---|---|---|---|---|---|"]
+        out += ["", "| limit for | system | limit MiB | decode tok/s | prompt tok/s | disk read/token MiB | hit rate |"
+                " cgroup max usage MiB | failcnt | OOM-killed |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in report["limited"]:
-            speed = (f"{r['decode_tps']:.2f} | {r['prompt_tps']:.1f} | {mib(r.get('disk_bytes_per_token'))}"
-                     if "decode_tps" in r else f"- | - | - ({r.get('error', '')[:80]})")
+            hit = "-" if r.get("hit_rate") is None else f"{r['hit_rate']:.2f}"
+            speed = (f"{r['decode_tps']:.2f} | {r['prompt_tps']:.1f} | {mib(r.get('disk_bytes_per_token'))} | {hit}"
+                     if "decode_tps" in r else f"- | - | - | - ({short_error(r)})")
             out.append(f"| {r['fraction']:.0%} | {r['name']} | {mib(r['limit'])} | {speed} | {mib(r.get('max_usage'))} "
                        f"| {r.get('failcnt', '-')} | {'yes' if r.get('oom_killed') else 'no'} |")
     return "\n".join(out)
@@ -204,7 +211,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1 repeat, 16 decode tokens")
     parser.add_argument("--no-limits", action="store_true", help="skip the cgroup-limited runs")
     parser.add_argument("--only", default=None, help="comma-separated substrings of configuration names")
+    parser.add_argument("--tables", action="store_true", help="only print the tables of the saved results.json")
     args = parser.parse_args()
+    if args.tables:
+        print(tables(json.loads((work_dir() / "results.json").read_text())))
+        return
     root = work_dir()
     paths = prepare(root)
     report = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine_info(), "threads": THREADS,
