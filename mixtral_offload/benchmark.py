@@ -11,11 +11,14 @@ child's own VmHWM as a cross-check):
      "decode_prompt_tokens": int, "decode_tokens": int, "prompt_tokens": int,
      "baseline_rss": int, "peak_rss": int, "slots": int|None, "total_experts": int,
      "hit_rate": float|None, "cache_bytes_per_token": float|None, "disk_bytes_per_token": float,
+     "misses_per_token", "prefetches_per_token", "prefetch_hits_per_token", "prefetch_waste_per_token": float|None,
      "active_bytes_per_token": int, "load_seconds": float, "exit_code": int,
      "peak_rss_hwm": int, "floor_tps": float}
 
 Speeds are medians over `repeats`; cache figures come from the decode phase of the last repeat
-(the cache is warm from the earlier ones, as in a long chat). `disk_bytes_per_token` is the
+(the cache is warm from the earlier ones, as in a long chat), per forward pass of that phase
+(the 16-token prompt's pass included). `hit_rate` counts prefetch hits as hits: the bytes per
+token say what the prefetches cost. `disk_bytes_per_token` is the
 child's /proc/self/io read_bytes over that phase: zero when the files sit in the page cache.
 """
 from __future__ import annotations
@@ -258,7 +261,8 @@ def run_spec(spec: DecodeSpec) -> dict:
     list(runtime.generate(decode_prompt[:4], max_new_tokens=2))  # untimed: first kernel calls, thread start
     for _ in range(spec.repeats):
         runtime.reset()
-        before = (sum(stats.hits), sum(stats.misses), stats.bytes_read) if stats else None
+        before = (sum(stats.hits), sum(stats.misses), stats.bytes_read, stats.prefetches, stats.prefetch_hits,
+                  stats.prefetch_waste) if stats else None
         disk_before = _disk_read_bytes()
         records = list(runtime.generate(decode_prompt, max_new_tokens=spec.decode_tokens + 1))
         steps = records[-1].index  # forwards timed after the first token
@@ -267,7 +271,11 @@ def run_spec(spec: DecodeSpec) -> dict:
         if stats:  # counts include the prompt's forward; hit rate and bytes are per decode step
             hits, misses, nbytes = (sum(stats.hits) - before[0], sum(stats.misses) - before[1],
                                     stats.bytes_read - before[2])
-            cache.update(hit_rate=hits / max(1, hits + misses), cache_bytes_per_token=nbytes / (steps + 1))
+            cache.update(hit_rate=hits / max(1, hits + misses), cache_bytes_per_token=nbytes / (steps + 1),
+                         misses_per_token=misses / (steps + 1),
+                         prefetches_per_token=(stats.prefetches - before[3]) / (steps + 1),
+                         prefetch_hits_per_token=(stats.prefetch_hits - before[4]) / (steps + 1),
+                         prefetch_waste_per_token=(stats.prefetch_waste - before[5]) / (steps + 1))
         runtime.reset()
         record = next(iter(runtime.generate(long_prompt, max_new_tokens=1)))
         prompt_runs.append(spec.prompt_tokens / record.prompt_seconds)
@@ -286,6 +294,8 @@ def run_spec(spec: DecodeSpec) -> dict:
         "total_experts": runtime.args.num_hidden_layers * runtime.args.num_local_experts,
         "hit_rate": cache.get("hit_rate"), "cache_bytes_per_token": cache.get("cache_bytes_per_token"),
         "disk_bytes_per_token": cache["disk_bytes_per_token"],
+        **{k: cache.get(k) for k in ("misses_per_token", "prefetches_per_token", "prefetch_hits_per_token",
+                                     "prefetch_waste_per_token")},
         "active_bytes_per_token": _active_bytes(runtime.args, pool, itemsize) if pool is not None else None,
         "peak_rss_hwm": _peak_rss_hwm(),
     }
