@@ -81,11 +81,11 @@ class ExpertCache:
         self.pool, self.compute = pool, compute
         self.num_layers, self.top_k, self.prefetch = num_layers, top_k, prefetch
         if partition == "auto":
-            # Per-layer pools avoid shared LRU's cliff (each token walks the layers in order); the
-            # frequency-aware policies (gate, lfu) did as well or better with one shared pool on both
-            # the calibrated synthetic trace and the demo model's recorded one (docs/cache.md).
-            per_layer_room = num_slots // num_layers >= top_k + (1 if prefetch else 0)
-            partition = "layer" if policy == "lru" and per_layer_room else "shared"
+            # Measured on the demo model's recorded trace (docs/cache.md): with prefetch, one shared pool
+            # lets the guesses for the next layer take slots from any layer and wins; without it, a pool
+            # per layer avoids the cliff of shared LRU (each token walks the layers in the same order).
+            per_layer_room = num_slots // num_layers > top_k
+            partition = "layer" if per_layer_room and not prefetch else "shared"
         self.partition = partition
         sizes = partition_capacities(num_slots, num_layers, partition, top_k)
         self.capacity = sizes if partition == "layer" else None
