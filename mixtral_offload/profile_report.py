@@ -20,7 +20,7 @@ from .profiling import Profiler
 FORMAT = "mixtral-offload-profile"
 VERSION = 1
 HIT_COUNTERS = ("cache_hit", "cache_miss", "prefetch_hit", "prefetch_waste")
-TOP_SPANS = ("attention", "router", "experts", "lm_head", "sampling")  # disjoint, on the main thread
+TOP_SPANS = ("attention", "router", "experts", "lm_head", "sampling", "output")  # disjoint, on the main thread
 PID = 1
 
 

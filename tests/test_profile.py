@@ -10,7 +10,7 @@ from mixtral_offload.offload.loading import load
 from mixtral_offload.profile_report import VERSION, build_profile, read_profile, summary_tables
 from mixtral_offload.profiling import Profiler
 
-SPANS = {"attention", "router", "experts", "lm_head", "sampling"}
+SPANS = {"attention", "router", "experts", "lm_head", "sampling", "output"}
 
 
 def run(*args, **kwargs):

@@ -97,8 +97,10 @@ def generate_tokens(prefill: Callable[[list[int]], torch.Tensor], step: Callable
             finish = "length"
         elif used + 1 >= context_size:
             finish = "context"
-        text = "" if token == eos_id else decode_piece(token)
-        yield GenerationRecord(token, text, index, finish, len(prompt), prompt_seconds, time.perf_counter() - start)
+        with profiler.span("output"):  # decoding the text and the caller's handling of the record
+            text = "" if token == eos_id else decode_piece(token)
+            yield GenerationRecord(token, text, index, finish, len(prompt), prompt_seconds,
+                                   time.perf_counter() - start)
         if finish:
             return
         logits = step(token)
