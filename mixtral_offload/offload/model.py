@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -163,11 +164,12 @@ class TorchExperts:
     def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Weighted sum of each token's routed experts, [T, D]."""
         out = torch.zeros_like(x)
-        for expert, token_idx, slot in tokens_by_expert(expert_ids):
+        for expert, rows, ranks in tokens_by_expert(expert_ids):
+            token_idx = torch.from_numpy(rows).to(x.device)
             xs = x[token_idx]
             y = F.linear(F.silu(F.linear(xs, self.w1[layer][expert])) * F.linear(xs, self.w3[layer][expert]),
                          self.w2[layer][expert])
-            out.index_add_(0, token_idx, (y * weights[token_idx, slot, None]).to(x.dtype))
+            out.index_add_(0, token_idx, (y * weights[token_idx, torch.from_numpy(ranks).to(x.device), None]).to(x.dtype))
         return out
 
     def hint(self, layer: int, probs: torch.Tensor) -> None:
@@ -175,7 +177,15 @@ class TorchExperts:
 
 
 def tokens_by_expert(expert_ids: torch.Tensor):
-    """For each expert used in expert_ids [T, K]: (expert, token indices, top-k slot of each), ascending expert."""
-    for expert in torch.unique(expert_ids).tolist():
-        token_idx, slot = torch.where(expert_ids == expert)
-        yield expert, token_idx, slot
+    """For each expert used in expert_ids [T, K]: (expert, token indices, top-k rank of each), ascending expert.
+
+    Indices come back as int64 NumPy arrays (cheap to make; torch and NumPy both index with them).
+    """
+    ids = expert_ids.cpu().numpy()
+    if ids.shape[0] == 1:  # decode: one token, its K experts are distinct
+        return [(int(e), np.zeros(1, np.int64), np.array([k])) for k, e in sorted(enumerate(ids[0]), key=lambda p: p[1])]
+    groups = []
+    for expert in np.unique(ids):
+        rows, ranks = np.nonzero(ids == expert)
+        groups.append((int(expert), rows, ranks))
+    return groups

@@ -35,16 +35,19 @@ class PoolExperts:
     def __init__(self, pool: ExpertPool, release_pages: bool = False):
         self.pool = pool
         self.release_pages = release_pages  # drop the mapped pages after use, so RSS stays flat
+        self.views: dict[tuple[int, int], tuple] = {}  # (layer, expert) -> validated views on the mapping
 
     def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Weighted sum of each token's routed experts, [T, D] in x's dtype."""
         x32 = x.detach().float().numpy()                          # [T, D]
         out = np.zeros_like(x32)
         w = weights.float().numpy()                               # [T, K]
-        for expert, token_idx, slot in tokens_by_expert(expert_ids):
-            rows, slots = token_idx.numpy(), slot.numpy()
-            y = expert_forward(*self.pool.expert(layer, expert), np.ascontiguousarray(x32[rows]))
-            out[rows] += y * w[rows, slots, None]   # a token meets each expert at most once
+        for expert, rows, ranks in tokens_by_expert(expert_ids):
+            key = (layer, expert)
+            if key not in self.views:
+                self.views[key] = self.pool.expert(layer, expert)
+            y = expert_forward(*self.views[key], np.ascontiguousarray(x32[rows]))
+            out[rows] += y * w[rows, ranks, None]   # a token meets each expert at most once
             if self.release_pages:
                 self.pool.release(layer, expert)
         return torch.from_numpy(out).to(x.dtype)
