@@ -30,9 +30,9 @@ def work_dir() -> Path:
 
 def prompt_ids(count: int) -> list[int]:
     """The same prompt for every system: BOS, then seeded ordinary token ids (no tokenizer involved)."""
-    from mixtral_offload.benchmark import _prompt_ids
+    from mixtral_offload.benchmark import prompt_ids as ids
 
-    return _prompt_ids(MINI["vocab_size"], count)
+    return ids(MINI["vocab_size"], count)
 
 
 def child_env(threads: int = THREADS) -> dict[str, str]:

@@ -18,8 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import evict, save_json, sh  # noqa: E402
 
-from mixtral_offload.benchmark import DecodeSpec, machine_info, measure_bandwidth_in_child, measure_in_child  # noqa: E402
-from mixtral_offload.benchmark import floor_tokens_per_second  # noqa: E402
+from mixtral_offload.benchmark import (DecodeSpec, floor_tokens_per_second, machine_info,  # noqa: E402
+                                      measure_bandwidth_in_child, measure_in_child)
 
 NEEDED = 32 << 30
 

@@ -53,7 +53,7 @@ class TransformersSystem:
         self.model = MixtralForCausalLM.from_pretrained(args.model, dtype=dtype, **kwargs).eval()
         if args.offload_cpu_bytes:
             placement = getattr(self.model, "hf_device_map", {})
-            self.placement = {where: sum(1 for v in placement.values() if v == where) for where in set(placement.values())}
+            self.placement = {where: list(placement.values()).count(where) for where in set(placement.values())}
 
     def run(self, ids: list[int], new_tokens: int):
         """(tokens, seconds to the first token, seconds of the remaining steps)."""

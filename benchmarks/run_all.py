@@ -186,7 +186,7 @@ def tables(report: dict) -> str:
     ref = {r["name"]: r.get("decode_tps") for r in rows}
     q4, bf16 = ref.get("llama.cpp Q4_0"), ref.get("transformers bfloat16")
     out = ["| system | decode tok/s | vs llama.cpp Q4_0 | vs transformers bf16 | prompt tok/s | floor tok/s |"
-           " peak RSS MiB | budget MiB | hit rate | cache read/token MiB |", "|---|---|---|---|---|---|---|---|---|---|"]
+           " peak RSS MiB | budget MiB | hit rate | cache read/token MiB |", "|---" * 10 + "|"]
     for r in rows:
         if "decode_tps" not in r:
             out.append(f"| {r['name']} | failed: {short_error(r)} ||||||||")

@@ -172,7 +172,7 @@ def format_decode_report(report: dict) -> str:
 
 
 # -- the child's side ---------------------------------------------------------------------------
-def _prompt_ids(vocab: int, count: int) -> list[int]:
+def prompt_ids(vocab: int, count: int) -> list[int]:
     """BOS then deterministic pseudo-random ordinary token ids."""
     import numpy as np
 
@@ -254,8 +254,8 @@ def run_spec(spec: DecodeSpec) -> dict:
     load_seconds = time.perf_counter() - start
     runtime.tokenizer.eos_id = -1  # a fixed number of tokens: a random model may pick </s> at any step
     vocab = runtime.args.vocab_size
-    decode_prompt = _prompt_ids(vocab, spec.decode_prompt_tokens)
-    long_prompt = _prompt_ids(vocab, spec.prompt_tokens)
+    decode_prompt = prompt_ids(vocab, spec.decode_prompt_tokens)
+    long_prompt = prompt_ids(vocab, spec.prompt_tokens)
     stats = runtime.cache_stats()
     decode_runs, prompt_runs, cache = [], [], {}
     list(runtime.generate(decode_prompt[:4], max_new_tokens=2))  # untimed: first kernel calls, thread start
