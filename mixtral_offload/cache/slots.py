@@ -40,7 +40,7 @@ class HostSlots:
         self.pool, self.compute = pool, compute
         self.slot_bytes = _slot_bytes(pool)
         self.buffers = np.empty((num_slots, self.slot_bytes), dtype=np.uint8)  # pages touched on first fill
-
+        self.views = [pool.views_from_buffer(buffer) for buffer in self.buffers]  # fixed: contents change
     def fill(self, slot: int, key: Key) -> int:
         """Read one expert's block into a slot; bytes read."""
         return self.pool.read_block_into(key[0], key[1], self.buffers[slot])
@@ -48,7 +48,7 @@ class HostSlots:
     def run(self, slot: int, x: torch.Tensor) -> torch.Tensor:
         """The expert in `slot` on x [T, D] -> [T, D] float32."""
         x32 = np.ascontiguousarray(x.detach().float().numpy())
-        return torch.from_numpy(self.compute(*self.pool.views_from_buffer(self.buffers[slot]), x32))
+        return torch.from_numpy(self.compute(*self.views[slot], x32))
 
     def run_direct(self, key: Key, x: torch.Tensor) -> torch.Tensor:
         """The expert computed where it lies in the pool."""
