@@ -218,7 +218,8 @@ class _FractionBudget:
             probe = self.original(args, 1 << 60, dense_bytes, slot_bytes, *rest, **kwargs)
             wanted = max(probe.min_slots, math.ceil(self.fraction * probe.total_experts))
             self.budget = probe.fixed + wanted * slot_bytes + slot_bytes // 2
-            return self.original(args, self.budget, dense_bytes, slot_bytes, *rest, baseline=probe.baseline)
+            return self.original(args, self.budget, dense_bytes, slot_bytes, *rest,
+                                 **{**kwargs, "baseline": probe.baseline})
 
         loading.plan_memory = plan
         return self

@@ -19,7 +19,7 @@ from .pool import CONFIG_NAME, DENSE_NAME, POOL_NAME, TOKENIZER_NAME, ExpertPool
 from ..quant.quantize import dequantize_parts_torch
 from .memory_plan import SLACK_BYTES, current_rss, plan_memory
 from .quant_experts import PoolExperts, expert_forward
-from .runtime import PREFILL_CHUNK, Runtime, build_model, default_context, load_checkpoint
+from .runtime import PREFILL_CHUNK, SCORE_CHUNK, Runtime, build_model, default_context, load_checkpoint
 from .tokenizer import Tokenizer
 
 
@@ -96,7 +96,7 @@ def load_converted(path: str | Path, dtype: str = "auto", max_context: int | Non
         # on the GPU the budget bounds what torch allocates there; the host's baseline counts for ram_budget
         baseline = torch.cuda.memory_reserved(device) if on_gpu else None
         plan = plan_memory(args, parse_size(memory_budget), dense_bytes, pool.block_nbytes, context, itemsize,
-                           PREFILL_CHUNK, prefetch_slots, baseline=baseline)
+                           PREFILL_CHUNK, prefetch_slots, baseline=baseline, score_chunk=SCORE_CHUNK)
         if log is not None:
             log(plan.describe())
         slots = plan.slots

@@ -47,10 +47,11 @@ class MemoryPlan:
         return "\n".join(f"  {name:<44} {format_size(value):>12}" for name, value in rows)
 
 
-def work_bytes(args: ModelArgs, max_context: int, chunk: int, itemsize: int) -> int:
-    """Peak transient bytes of one forward over `chunk` tokens."""
+def work_bytes(args: ModelArgs, max_context: int, chunk: int, itemsize: int, score_chunk: int) -> int:
+    """Peak transient bytes of one forward over `chunk` tokens (a prompt keeps only its last logits;
+    scoring a text keeps every position's, `score_chunk` tokens at a time)."""
     D, I, V, H = args.hidden_size, args.intermediate_size, args.vocab_size, args.num_attention_heads
-    logits = 3 * chunk * V * 4                       # logits, log-softmax, a copy
+    logits = 3 * max(1, score_chunk) * V * 4         # logits, log-softmax, a copy
     scores = 2 * H * chunk * max_context * 4         # attention scores and probabilities
     activations = chunk * (4 * I + 12 * D) * 4       # expert intermediates and residual copies, float32
     rope = 2 * max_context * args.head_dim * 4
@@ -68,7 +69,8 @@ def current_rss() -> int:
 
 
 def plan_memory(args: ModelArgs, budget: int, dense_bytes: int, slot_bytes: int, max_context: int,
-                itemsize: int, chunk: int, prefetch: int, baseline: int | None = None) -> MemoryPlan:
+                itemsize: int, chunk: int, prefetch: int, baseline: int | None = None,
+                score_chunk: int = 64) -> MemoryPlan:
     """How many expert slots fit in the budget; refuses a budget below the minimum working set."""
     total = args.num_hidden_layers * args.num_local_experts
     plan = MemoryPlan(
@@ -76,7 +78,7 @@ def plan_memory(args: ModelArgs, budget: int, dense_bytes: int, slot_bytes: int,
         baseline=current_rss() if baseline is None else baseline,
         dense=dense_bytes,
         kv_cache=kv_cache_bytes(args, max_context, itemsize),
-        work=work_bytes(args, max_context, chunk, itemsize),
+        work=work_bytes(args, max_context, chunk, itemsize, score_chunk),
         slot_bytes=slot_bytes,
         slots=0,
         min_slots=args.num_experts_per_tok + prefetch,

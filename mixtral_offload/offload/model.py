@@ -103,8 +103,11 @@ class Mixtral:
         self.position = min(self.position, length)
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Append tokens [T] at the current position; return float32 logits [T, V] on the CPU."""
+    def forward(self, tokens: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """Append tokens [T] at the current position; return float32 logits [T, V] on the CPU.
+
+        With last_only, only the last position's logits are computed ([1, V]): all a prompt needs.
+        """
         T = tokens.shape[0]
         start = self.position
         if start + T > self.max_context:
@@ -120,7 +123,7 @@ class Mixtral:
             h = h + self._moe(index, layer, h)
         self.position = start + T
         with profiler.span("lm_head"):
-            h = rms_norm(h, self.norm, self.args.rms_norm_eps)
+            h = rms_norm(h[-1:] if last_only else h, self.norm, self.args.rms_norm_eps)
             return F.linear(h, self.lm_head).float().cpu()                    # [T, V]
 
     def _attention(self, index: int, layer: LayerWeights, x: torch.Tensor, cos, sin) -> torch.Tensor:

@@ -15,7 +15,8 @@ from .generate import GenerationRecord, SamplingParams, generate_tokens
 from .model import ExpertBackend, LayerWeights, Mixtral, TorchExperts
 from .tokenizer import Message, StreamDecoder, Tokenizer
 
-PREFILL_CHUNK = 256  # prompt tokens per forward: bounds the work buffers (logits are [T, V] float32)
+PREFILL_CHUNK = 256  # prompt tokens per forward: bounds the work buffers (attention scores, activations)
+SCORE_CHUNK = 64     # tokens per forward when every position's logits are kept ([T, V] float32 each)
 
 
 @dataclass
@@ -63,8 +64,8 @@ class Runtime:
         return getattr(self.model.experts, "stats", None)
 
     # -- feeding tokens -------------------------------------------------------------------------
-    def _forward(self, ids: list[int]) -> torch.Tensor:
-        logits = self.model.forward(torch.tensor(ids, dtype=torch.long))
+    def _forward(self, ids: list[int], last_only: bool = False) -> torch.Tensor:
+        logits = self.model.forward(torch.tensor(ids, dtype=torch.long), last_only)
         self.cached_ids += ids
         return logits
 
@@ -79,7 +80,7 @@ class Runtime:
         del self.cached_ids[keep:]
         logits = None
         for start in range(keep, len(ids), PREFILL_CHUNK):
-            logits = self._forward(ids[start:start + PREFILL_CHUNK])[-1]
+            logits = self._forward(ids[start:start + PREFILL_CHUNK], last_only=True)[-1]
         return logits
 
     def reset(self) -> None:
@@ -104,7 +105,7 @@ class Runtime:
     def logits(self, ids: list[int]) -> torch.Tensor:
         """Float32 logits [T, V] of every position of ids, from an empty cache."""
         self.reset()
-        return torch.cat([self._forward(ids[s:s + PREFILL_CHUNK]) for s in range(0, len(ids), PREFILL_CHUNK)])
+        return torch.cat([self._forward(ids[s:s + SCORE_CHUNK]) for s in range(0, len(ids), SCORE_CHUNK)])
 
     def perplexity(self, text: str | list[int]) -> PerplexityResult:
         """Teacher-forced perplexity of a text; texts longer than the context are scored in windows."""
@@ -115,8 +116,8 @@ class Runtime:
         for window_start in range(0, len(ids) - 1, self.max_context):
             window = ids[window_start:window_start + self.max_context + 1]
             self.reset()
-            for start in range(0, len(window) - 1, PREFILL_CHUNK):
-                chunk = window[start:start + PREFILL_CHUNK]
+            for start in range(0, len(window) - 1, SCORE_CHUNK):
+                chunk = window[start:start + SCORE_CHUNK]
                 targets = torch.tensor(window[start + 1:start + 1 + len(chunk)])
                 logprobs = torch.log_softmax(self._forward(chunk)[:len(targets)], dim=-1)
                 nll += (-logprobs.gather(1, targets[:, None])[:, 0]).tolist()
