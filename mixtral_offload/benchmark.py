@@ -79,8 +79,14 @@ def machine_info() -> dict:
 
 
 def child_env(threads: int) -> dict[str, str]:
-    """Environment for a child that should use `threads` threads in Numba, OpenMP and torch."""
-    env = dict(os.environ)
+    """Environment for a child that should use `threads` threads in Numba, OpenMP and torch.
+
+    The OpenMP wait settings this package gives itself are left out: a peer runs with its own defaults
+    (a child of this runtime sets them again when it imports the package).
+    """
+    from . import OPENMP_SET_HERE
+
+    env = {name: value for name, value in os.environ.items() if name not in OPENMP_SET_HERE}
     for name in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env[name] = str(threads)
     return env
