@@ -26,8 +26,6 @@ class Event:
 class NullProfiler:
     """Records nothing."""
 
-    enabled = False
-
     @contextmanager
     def span(self, name: str, **args) -> Iterator[None]:
         """Time a block of work under a name (e.g. 'attention', 'router', 'expert_cpu')."""
@@ -45,8 +43,6 @@ NULL_PROFILER = NullProfiler()
 
 class Profiler(NullProfiler):
     """Keeps every span and counter, tagged with the index of the forward pass it belongs to."""
-
-    enabled = True
 
     def __init__(self) -> None:
         self.origin = time.perf_counter()

@@ -90,7 +90,6 @@ class ExpertCache:
         sizes = partition_capacities(num_slots, num_layers, partition, top_k)
         self.capacity = sizes if partition == "layer" else None
         self.policies: list[EvictionPolicy] = [make_policy(policy) for _ in sizes]
-        self.policy_name = policy
         self.store = store if store is not None else HostSlots(pool, num_slots, compute)
         # With device slots a miss may be cheaper on the CPU, where the expert lies; RAM slots are
         # filled by the same bytes the CPU would read, so there a miss always fills a slot.
