@@ -64,9 +64,11 @@ def generate(model, prompt, max_new_tokens, temperature, top_p, top_k, seed, **l
         sys.stdout.flush()
     click.echo()
     if load_kwargs["log"] is not None and record is not None:
+        stats = runtime.cache_stats()
+        cache = f", expert cache hit rate {stats.hit_rate:.2f}" if stats is not None else ""
         load_kwargs["log"](f"{record.index + 1} tokens, prompt {record.prompt_tokens} tokens in "
-                   f"{record.prompt_seconds:.2f} s, decode {record.tokens_per_second:.2f} tok/s, "
-                   f"finish: {record.finish_reason}")
+                           f"{record.prompt_seconds:.2f} s, decode {record.tokens_per_second:.2f} tok/s, "
+                           f"finish: {record.finish_reason}{cache}")
 
 
 @cli.command()
