@@ -6,12 +6,10 @@ the test marked for a GPU.
 """
 import pytest
 import torch
-from checkpoints import write_checkpoint
 
 from mixtral_offload.cache.expert_cache import ExpertCache, MissCosts
 from mixtral_offload.cache.slots import DeviceSlots
 from mixtral_offload.errors import MixtralOffloadError
-from mixtral_offload.offload.convert import convert
 from mixtral_offload.offload.loading import load, resolve_device
 from mixtral_offload.offload.quant_experts import expert_forward
 from mixtral_offload.quant.quantize import dequantize_parts_torch
@@ -19,25 +17,17 @@ from mixtral_offload.quant.quantize import dequantize_parts_torch
 IDS = [1, 415, 5565, 302, 4843, 349, 5465, 28723, 330, 1215, 264, 1215]
 
 
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    root = tmp_path_factory.mktemp("device")
-    write_checkpoint(root / "hf", num_hidden_layers=3, num_local_experts=8, hidden_size=128, intermediate_size=256)
-    convert(root / "hf", root / "q4", bits=4, group_size=64, progress=False)
-    return root / "q4"
-
-
 def relative_error(a, b):
     return float((a - b).abs().max() / b.abs().max())
 
 
 @pytest.mark.parametrize("slots,prefetch", [(2, 0), (4, 2), (24, 2)])
-def test_device_slots_on_cpu_match_the_pool(converted, slots, prefetch):
-    runtime = load(converted, dtype="float32", device="cpu")
+def test_device_slots_on_cpu_match_the_pool(converted_int4, slots, prefetch):
+    runtime = load(converted_int4, dtype="float32", device="cpu")
     expected = runtime.logits(IDS)
     pool = runtime.model.experts.pool
     store = DeviceSlots(pool, slots, "cpu", torch.float32, dequantize_parts_torch, expert_forward)
-    cache = ExpertCache(pool, 3, 2, slots, policy="lru", prefetch=prefetch, store=store)
+    cache = ExpertCache(pool, 4, 2, slots, policy="lru", prefetch=prefetch, store=store)
     runtime.model.experts, runtime.model.prefetch_hints = cache, prefetch > 0
     got = runtime.logits(IDS)
     cache.close()
@@ -66,9 +56,9 @@ def test_cuda_refused_without_a_gpu():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: pinned staging and the copy stream")
-def test_cuda_tier_matches_the_cpu(converted):
-    expected = load(converted, dtype="float32", device="cpu").logits(IDS)
-    runtime = load(converted, dtype="float32", device="cuda", memory_budget="1GiB", ram_budget="64GiB")
+def test_cuda_tier_matches_the_cpu(converted_int4):
+    expected = load(converted_int4, dtype="float32", device="cpu").logits(IDS)
+    runtime = load(converted_int4, dtype="float32", device="cuda", memory_budget="1GiB", ram_budget="64GiB")
     assert isinstance(runtime.model.experts.store, DeviceSlots)
     assert relative_error(runtime.logits(IDS), expected) < 1e-4
     assert torch.cuda.max_memory_reserved() <= 2**30

@@ -6,14 +6,12 @@ import sys
 import time
 
 import pytest
-import torch
-from checkpoints import mixtral_tokenizer_path, write_checkpoint
+from checkpoints import mixtral_tokenizer_path
 
 from mixtral_offload.cache.expert_cache import ExpertCache
 from mixtral_offload.cache.simulate import prefetch_recall
 from mixtral_offload.config import ModelArgs
 from mixtral_offload.errors import MixtralOffloadError
-from mixtral_offload.offload.convert import convert
 from mixtral_offload.offload.loading import load, warm_up_kernels
 from mixtral_offload.offload.pool import ExpertPool
 from mixtral_offload.offload.quant_experts import expert_forward
@@ -22,22 +20,14 @@ from mixtral_offload.offload.synthetic import write_synthetic
 PROMPT = "The cache keeps the experts it will need again, and reads the rest from disk."
 
 
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    root = tmp_path_factory.mktemp("budget")
-    write_checkpoint(root / "hf", num_hidden_layers=4, num_local_experts=8, hidden_size=128, intermediate_size=256)
-    convert(root / "hf", root / "q4", bits=4, group_size=64, progress=False)
-    return root / "q4"
-
-
 def tokens(runtime, n=12):
     return [r.token_id for r in runtime.generate(PROMPT, max_new_tokens=n)]
 
 
 @pytest.mark.parametrize("policy", ["lru", "gate", "lfu"])
 @pytest.mark.parametrize("slots,prefetch", [(2, 0), (4, 2), (6, 2), (12, 0), (32, 2)])
-def test_cached_runs_give_the_same_tokens(converted, policy, slots, prefetch):
-    runtime = load(converted, dtype="float32")
+def test_cached_runs_give_the_same_tokens(converted_int4, policy, slots, prefetch):
+    runtime = load(converted_int4, dtype="float32")
     expected = tokens(runtime)
     pool = runtime.model.experts.pool
     cache = ExpertCache(pool, 4, 2, slots, expert_forward, policy=policy, prefetch=prefetch)
@@ -52,9 +42,9 @@ def test_cached_runs_give_the_same_tokens(converted, policy, slots, prefetch):
         assert sum(stats.misses) <= 32 and stats.hit_rate > 0.5
 
 
-def test_budget_through_load_and_trace(converted):
-    expected = tokens(load(converted, dtype="float32"))
-    runtime = load(converted, dtype="float32", memory_budget="2GiB", record_trace=True)
+def test_budget_through_load_and_trace(converted_int4):
+    expected = tokens(load(converted_int4, dtype="float32"))
+    runtime = load(converted_int4, dtype="float32", memory_budget="2GiB", record_trace=True)
     assert isinstance(runtime.model.experts, ExpertCache)
     assert tokens(runtime) == expected
     trace = runtime.model.experts.recorder.to_trace()
@@ -65,9 +55,9 @@ def test_budget_through_load_and_trace(converted):
     assert runtime.cache_stats().hit_rate > 0
 
 
-def test_budget_below_minimum_names_the_minimum(converted):
+def test_budget_below_minimum_names_the_minimum(converted_int4):
     with pytest.raises(MixtralOffloadError, match=r"below the minimum of [\d.]+ [MG]iB"):
-        load(converted, memory_budget="100MB")
+        load(converted_int4, memory_budget="100MB")
 
 
 def test_budget_needs_a_converted_model(tiny_checkpoint):

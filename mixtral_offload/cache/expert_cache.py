@@ -173,13 +173,13 @@ class ExpertCache:
         """Weighted sum of each token's routed experts, [T, D] in x's dtype; misses are read into slots."""
         ids = expert_ids.cpu().numpy()
         w = weights.float()
+        w_cpu = w.cpu().numpy()
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         if self.recorder is not None:
-            self.recorder.record(layer, ids, w.cpu().numpy(), predicted_next=self.token_guesses.pop(layer + 1, None))
+            self.recorder.record(layer, ids, w_cpu, predicted_next=self.token_guesses.pop(layer + 1, None))
         experts, inverse = np.unique(ids, return_inverse=True)
         inverse = inverse.reshape(ids.shape)
         keys = [(layer, int(e)) for e in experts]
-        w_cpu = w.cpu().numpy()
         for index, key in enumerate(keys):
             self._policy(layer).on_access(key, float(w_cpu[inverse == index].sum()), self.now)
             self.now += 1
