@@ -80,7 +80,7 @@ def transformers_on_dequantized(model_dir: Path, hf_dir: Path, tmp: Path):
 def test_logits_equal_transformers_on_dequantized_weights(bits, hf_dir, converted, tmp_path):
     model_dir = converted(bits)
     reference = transformers_on_dequantized(model_dir, hf_dir, tmp_path)
-    runtime = load(model_dir, dtype="float32")
+    runtime = load(model_dir, dtype="float32", activations="float32")
     ids = runtime.tokenizer.encode(TEXT)[:48]
     ours = runtime.logits(ids)
     with torch.no_grad():

@@ -23,7 +23,7 @@ def relative_error(a, b):
 
 @pytest.mark.parametrize("slots,prefetch", [(2, 0), (4, 2), (24, 2)])
 def test_device_slots_on_cpu_match_the_pool(converted_int4, slots, prefetch):
-    runtime = load(converted_int4, dtype="float32", device="cpu")
+    runtime = load(converted_int4, dtype="float32", device="cpu", activations="float32")
     expected = runtime.logits(IDS)
     pool = runtime.model.experts.pool
     store = DeviceSlots(pool, slots, "cpu", torch.float32, dequantize_parts_torch, expert_forward)

@@ -1,4 +1,5 @@
 """--memory-budget: exact tokens under any budget, and a child process's peak RSS under the budget."""
+import functools
 import os
 import re
 import subprocess
@@ -26,11 +27,13 @@ def tokens(runtime, n=12):
 
 @pytest.mark.parametrize("policy", ["lru", "gate", "lfu"])
 @pytest.mark.parametrize("slots,prefetch", [(2, 0), (4, 2), (6, 2), (12, 0), (32, 2)])
-def test_cached_runs_give_the_same_tokens(converted_int4, policy, slots, prefetch):
-    runtime = load(converted_int4, dtype="float32")
+@pytest.mark.parametrize("activations", ["float32", "int8"])
+def test_cached_runs_give_the_same_tokens(converted_int4, policy, slots, prefetch, activations):
+    runtime = load(converted_int4, dtype="float32", activations=activations)
     expected = tokens(runtime)
     pool = runtime.model.experts.pool
-    cache = ExpertCache(pool, 4, 2, slots, expert_forward, policy=policy, prefetch=prefetch)
+    run_expert = functools.partial(expert_forward, activations=activations)
+    cache = ExpertCache(pool, 4, 2, slots, run_expert, policy=policy, prefetch=prefetch)
     runtime.model.experts, runtime.model.prefetch_hints = cache, prefetch > 0
     runtime.reset()
     assert tokens(runtime) == expected

@@ -88,11 +88,14 @@ def kernels(threads, bits, group_size, tokens, repeats, no_torch, as_json):
               show_default=True)
 @click.option("--policy", type=click.Choice(["gate", "lru", "lfu"]), default="gate", show_default=True)
 @click.option("--prefetch/--no-prefetch", default=True, show_default=True)
+@click.option("--activations", type=click.Choice(["int8", "float32"]), multiple=True, default=("int8",),
+              show_default=True, help="The CPU kernels' input (see generate --help); give it twice to "
+                                      "measure both side by side: --activations int8 --activations float32.")
 @click.option("--bandwidth-gbs", type=click.FloatRange(0, min_open=True), default=None,
               help="Memory read bandwidth for the floor [default: measured now at --threads].")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (schema: benchmark.py).")
 def decode(model, budgets, fractions, no_resident, prompt_tokens, decode_prompt_tokens, decode_tokens, repeats,
-           threads, dtype, policy, prefetch, bandwidth_gbs, as_json):
+           threads, dtype, policy, prefetch, activations, bandwidth_gbs, as_json):
     """Decode and prompt tokens/s of MODEL, each configuration in a fresh child process.
 
     Reports medians of --repeats, the child's peak RSS, and with a budget the cache hit rate and
@@ -111,9 +114,13 @@ def decode(model, budgets, fractions, no_resident, prompt_tokens, decode_prompt_
     common = dict(model=model, prompt_tokens=prompt_tokens, decode_prompt_tokens=decode_prompt_tokens,
                   decode_tokens=decode_tokens, repeats=repeats, threads=threads, dtype=dtype, policy=policy,
                   prefetch=prefetch)
-    specs = [] if no_resident else [DecodeSpec(label="resident", **common)]
-    specs += [DecodeSpec(label=f"budget {b}", budget=b, **common) for b in budgets]
-    specs += [DecodeSpec(label=f"{f:.0%} of experts", experts_fraction=f, **common) for f in fractions]
+    specs = []
+    for mode in dict.fromkeys(activations):
+        suffix = f" ({mode})" if len(set(activations)) > 1 else ""
+        common["activations"] = mode
+        specs += [] if no_resident else [DecodeSpec(label="resident" + suffix, **common)]
+        specs += [DecodeSpec(label=f"budget {b}{suffix}", budget=b, **common) for b in budgets]
+        specs += [DecodeSpec(label=f"{f:.0%} of experts{suffix}", experts_fraction=f, **common) for f in fractions]
     if not specs:
         raise click.UsageError("nothing to measure: drop --no-resident or give --budget/--experts-fraction")
     log = None if as_json else (lambda text: click.echo(text, err=True))

@@ -1,6 +1,7 @@
 """Opening a model directory of either kind: an HF Mixtral checkpoint, or a converted one with a pool."""
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 from typing import Callable
@@ -16,6 +17,7 @@ from ..config import ModelArgs, format_size, parse_size
 from ..errors import MixtralOffloadError
 from .checkpoint import dense_shapes, parse_dtype
 from .pool import CONFIG_NAME, DENSE_NAME, POOL_NAME, TOKENIZER_NAME, ExpertPool
+from ..quant.kernels import check_activations_mode
 from ..quant.quantize import dequantize_parts_torch
 from .memory_plan import SLACK_BYTES, current_rss, plan_memory
 from .quant_experts import PoolExperts, expert_forward
@@ -26,7 +28,8 @@ from .tokenizer import Tokenizer
 def load(path: str | Path, dtype: str = "auto", max_context: int | None = None, *,
          memory_budget: int | str | None = None, ram_budget: int | str | None = None, policy: str = "gate",
          prefetch: bool = True, device: str = "auto", record_trace: bool = False,
-         log: Callable[[str], None] | None = None, release_pages: bool = False) -> Runtime:
+         log: Callable[[str], None] | None = None, release_pages: bool = False,
+         activations: str = "int8") -> Runtime:
     """Load the model at path for generation.
 
     A directory holding experts.pool loads as a converted model, anything else as an HF checkpoint.
@@ -34,7 +37,10 @@ def load(path: str | Path, dtype: str = "auto", max_context: int | None = None, 
     '6GiB'), experts are paged into as many cache slots as the budget leaves (policy: lru, lfu, gate):
     RAM on the CPU, VRAM with device 'cuda' (then ram_budget bounds host memory). Without a budget on
     the CPU, experts are computed where they lie in the mapped pool. log receives the memory plan.
+    activations: how the CPU kernels take an expert's input: 'int8' (quantized per group, integer dot
+    products, the fast path for int4 pools) or 'float32' (exact to the dequantized weights).
     """
+    check_activations_mode(activations)
     path = Path(path)
     if not path.exists():
         raise MixtralOffloadError(f"{path}: no such model directory")
@@ -42,7 +48,7 @@ def load(path: str | Path, dtype: str = "auto", max_context: int | None = None, 
     if (path / POOL_NAME).exists():
         return load_converted(path, dtype, max_context, memory_budget=memory_budget, ram_budget=ram_budget,
                               policy=policy, prefetch=prefetch, device=torch_device, record_trace=record_trace,
-                              log=log, release_pages=release_pages)
+                              log=log, release_pages=release_pages, activations=activations)
     if memory_budget is not None:
         raise MixtralOffloadError(
             f"{path}: --memory-budget needs a converted model: run 'mixtral-offload convert {path} OUT_DIR' first")
@@ -71,8 +77,9 @@ def load_converted(path: str | Path, dtype: str = "auto", max_context: int | Non
                    memory_budget: int | str | None = None, ram_budget: int | str | None = None,
                    policy: str = "gate", prefetch: bool = True, device: torch.device = torch.device("cpu"),
                    record_trace: bool = False, log: Callable[[str], None] | None = None,
-                   release_pages: bool = False) -> Runtime:
+                   release_pages: bool = False, activations: str = "int8") -> Runtime:
     """Load a converted model directory: dense weights resident, experts in the mapped pool or a cache."""
+    run_expert = functools.partial(expert_forward, activations=activations)
     path = Path(path)
     args = ModelArgs.from_file(path / CONFIG_NAME)
     pool = ExpertPool.open(path)
@@ -81,11 +88,11 @@ def load_converted(path: str | Path, dtype: str = "auto", max_context: int | Non
     context = default_context(args, max_context)
     on_gpu = device.type == "cuda"
     if memory_budget is None and not record_trace and not on_gpu:
-        experts = PoolExperts(pool, release_pages)
+        experts = PoolExperts(pool, release_pages, activations)
         dense = read_dense(path / DENSE_NAME, args, torch_dtype)
         return Runtime(build_model(args, dense, experts, context), tokenizer, path)
     prefetch_slots = args.num_experts_per_tok if prefetch else 0
-    warm_up_kernels(pool)  # compiled kernels count towards the baseline
+    warm_up_kernels(pool, run_expert)  # compiled kernels count towards the baseline
     if memory_budget is None and not on_gpu:  # tracing without a budget: a cache that holds every expert
         slots = args.num_hidden_layers * args.num_local_experts
     else:
@@ -103,9 +110,9 @@ def load_converted(path: str | Path, dtype: str = "auto", max_context: int | Non
     if on_gpu:
         check_host_budget(ram_budget, pool.block_nbytes)
     dense = {name: tensor.to(device) for name, tensor in read_dense(path / DENSE_NAME, args, torch_dtype).items()}
-    store = DeviceSlots(pool, slots, device, torch_dtype, dequantize_parts_torch, expert_forward) if on_gpu else None
+    store = DeviceSlots(pool, slots, device, torch_dtype, dequantize_parts_torch, run_expert) if on_gpu else None
     recorder = TraceRecorder(args.num_hidden_layers, args.num_local_experts, source=str(path)) if record_trace else None
-    experts = ExpertCache(pool, args.num_hidden_layers, args.num_experts_per_tok, slots, expert_forward,
+    experts = ExpertCache(pool, args.num_hidden_layers, args.num_experts_per_tok, slots, run_expert,
                           policy=policy, prefetch=prefetch_slots, recorder=recorder, store=store)
     model = build_model(args, dense, experts, context, prefetch_hints=prefetch or record_trace)
     return Runtime(model, tokenizer, path)
@@ -121,7 +128,7 @@ def check_host_budget(ram_budget: int | str | None, block_bytes: int) -> None:
                                   f"{format_size(needed)} (baseline, two staging buffers and slack)")
 
 
-def warm_up_kernels(pool: ExpertPool) -> None:
+def warm_up_kernels(pool: ExpertPool, run_expert: Callable = expert_forward) -> None:
     """Load (or compile) every kernel variant a run will call, before the baseline is measured.
 
     Numba compiles per argument type: one token and a batch take different kernels, and views on an
@@ -133,7 +140,7 @@ def warm_up_kernels(pool: ExpertPool) -> None:
     pool.read_block_into(0, 0, buffer)
     for matrices in (pool.views_from_buffer(buffer), pool.expert(0, 0)):
         for tokens in (1, 64):
-            expert_forward(*matrices, np.zeros((tokens, hidden), np.float32))
+            run_expert(*matrices, np.zeros((tokens, hidden), np.float32))
     pool.release(0, 0)
 
 

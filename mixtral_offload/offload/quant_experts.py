@@ -24,16 +24,21 @@ def reference_expert_forward(w1: QuantizedMatrix, w3: QuantizedMatrix, w2: Quant
     return hidden @ dequantize(w2).T                             # [T, D]
 
 
-def expert_forward(w1: QuantizedMatrix, w3: QuantizedMatrix, w2: QuantizedMatrix, x: np.ndarray) -> np.ndarray:
-    """One expert on x [T, D] float32 -> [T, D] float32 with the fused Numba kernel."""
-    return _kernel_expert_forward(w1, w3, w2, x)
+def expert_forward(w1: QuantizedMatrix, w3: QuantizedMatrix, w2: QuantizedMatrix, x: np.ndarray,
+                   activations: str = "float32") -> np.ndarray:
+    """One expert on x [T, D] float32 -> [T, D] float32 with the fused Numba kernels.
+
+    activations 'int8' quantizes the inputs per group for integer dot products (see quant/int8x.py).
+    """
+    return _kernel_expert_forward(w1, w3, w2, x, activations)
 
 
 class PoolExperts:
     """Every routed expert computed where it lies in the pool's mapping (no cache, no copies)."""
 
-    def __init__(self, pool: ExpertPool, release_pages: bool = False):
+    def __init__(self, pool: ExpertPool, release_pages: bool = False, activations: str = "float32"):
         self.pool = pool
+        self.activations = activations
         self.release_pages = release_pages  # drop the mapped pages after use, so RSS stays flat
         self.views: dict[tuple[int, int], tuple] = {}  # (layer, expert) -> validated views on the mapping
 
@@ -46,7 +51,7 @@ class PoolExperts:
             key = (layer, expert)
             if key not in self.views:
                 self.views[key] = self.pool.expert(layer, expert)
-            y = expert_forward(*self.views[key], np.ascontiguousarray(x32[rows]))
+            y = expert_forward(*self.views[key], np.ascontiguousarray(x32[rows]), self.activations)
             out[rows] += y * w[rows, ranks, None]   # a token meets each expert at most once
             if self.release_pages:
                 self.pool.release(layer, expert)

@@ -1,0 +1,330 @@
+"""int4 weights times int8 activations: integer dot products per 64-byte block of codes (decode path).
+
+The float kernels in kernels.py decode every nibble to float and stay compute-bound at ~25-30% of
+memory bandwidth. Here x is quantized once per call to int8 per weight group (symmetric, one float
+scale per group, as llama.cpp's Q8 does), and the dot products run on integers:
+
+    row . x = sum_g s_g dx_g (sum_k q_k xq_k) - sum_g s_g z_g (dx_g sum_k xq_k)
+
+One 64-byte block of a row's codes holds 128 weights: low nibbles are elements j of their group,
+high nibbles elements j + G/2 (the pool's layout). `quantize_activations` writes xq permuted to
+the same order, [lo 64 B | hi 64 B] per block, so each block takes two `vpdpbusd` (AVX-512 VNNI:
+u8 x s8 -> int32, 4 products per lane) with no shuffles, one int->float conversion, and one FMA with
+the per-lane scale s_g dx_g. Groups of 32/64/128 map to 4/8/16 int32 lanes of a block.
+
+Numba widens small-integer arithmetic to int64, so the block loop is written in LLVM IR through a
+Numba intrinsic. Where the CPU has no AVX-512 VNNI, the same IR computes the integer dot products
+with generic vector ops (widen, multiply, add pairs), which LLVM lowers for any target: correct
+everywhere, fast where VNNI exists. `HAS_VNNI` says which one this process compiled.
+
+Applies when cols % 128 == 0 (whole blocks per row) and bits == 4; `supports()` says so, and the
+callers in kernels.py keep the exact float kernels for everything else. Results equal the float64
+reference on the dequantized weights and the dequantized int8 x (`reference_matvec`) within ~1e-6
+relative; against the float x they differ by the activation rounding (~0.5% of the largest output).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import binding as llvm_binding
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+BLOCK_BYTES = 64  # codes per block: one zmm load, 128 int4 weights
+BLOCK_COLS = 2 * BLOCK_BYTES
+ROWS_PER_TASK = 64
+
+_FEATURES = llvm_binding.get_host_cpu_features()
+HAS_VNNI = bool(_FEATURES.get("avx512vnni") and _FEATURES.get("avx512bw"))
+
+_I8, _I16, _I32, _I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+_F32 = ir.FloatType()
+_V64I8 = ir.VectorType(_I8, 64)
+_V16I32 = ir.VectorType(_I32, 16)
+_V16F = ir.VectorType(_F32, 16)
+
+
+def supports(bits: int, cols: int) -> bool:
+    """Whether a [rows, cols] matrix of this bit width can use the int8-activation kernels."""
+    return bits == 4 and cols % BLOCK_COLS == 0
+
+
+# --- activation quantization ---
+
+
+@njit(cache=True, fastmath=True, nogil=True)
+def _quantize_activations(x, group_size, xperm, dx, xqsum):
+    """Per token and group: dx = max|x| / 127, xq = round(x / dx), written in the codes' block order."""
+    half = group_size // 2
+    inv127 = np.float32(1.0 / 127.0)
+    for t in range(x.shape[0]):
+        for g in range(x.shape[1] // group_size):
+            base = g * group_size
+            amax = np.float32(0.0)
+            for j in range(group_size):
+                amax = max(amax, abs(x[t, base + j]))
+            scale = amax * inv127
+            inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
+            total = 0
+            for j in range(group_size):
+                q = np.int32(np.rint(x[t, base + j] * inv))
+                # element j < half is the low nibble of code byte p = g*half + j, j >= half the high one
+                p = g * half + (j % half)
+                block, pos = p // BLOCK_BYTES, p % BLOCK_BYTES
+                xperm[t, block * BLOCK_COLS + (BLOCK_BYTES if j >= half else 0) + pos] = q
+                total += q
+            dx[t, g] = scale
+            xqsum[t, g] = scale * np.float32(total)
+
+
+def quantize_activations(x: np.ndarray, group_size: int):
+    """(xperm int8 [T, cols], dx float32 [T, cols/G], xqsum float32 [T, cols/G]) for x [T, cols]."""
+    tokens, cols = x.shape
+    xperm = np.empty((tokens, cols), np.int8)
+    dx = np.empty((tokens, cols // group_size), np.float32)
+    xqsum = np.empty((tokens, cols // group_size), np.float32)
+    _quantize_activations(x, group_size, xperm, dx, xqsum)
+    return xperm, dx, xqsum
+
+
+def dequantized_activations(x: np.ndarray, group_size: int) -> np.ndarray:
+    """The float32 x [T, cols] the int8 kernels compute with (for references and error reports)."""
+    tokens, cols = x.shape
+    groups = x.reshape(tokens, cols // group_size, group_size)
+    amax = np.abs(groups).max(axis=2, keepdims=True)
+    inv = np.where(amax > 0, np.float32(127.0) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    q = np.rint(groups * inv)
+    return (q * (amax * np.float32(1.0 / 127.0))).reshape(tokens, cols).astype(np.float32)
+
+
+# --- the block loop, in LLVM IR ---
+
+
+def _data_pointer(context, builder, array_type, array):
+    return context.make_array(array_type)(context, builder, array).data
+
+
+def _load(builder, base, offset, vector_type):
+    pointer = builder.bitcast(builder.gep(base, [offset]), vector_type.as_pointer())
+    return builder.load(pointer, align=1)
+
+
+def _halfs_to_float(builder, base, offset, count):
+    """<count x float> from `count` float16 bit patterns (uint16) at base[offset]."""
+    bits = _load(builder, base, offset, ir.VectorType(_I16, count))
+    return builder.fpext(builder.bitcast(bits, ir.VectorType(ir.HalfType(), count)), ir.VectorType(_F32, count))
+
+
+def _int_dot(builder, acc, codes_u8, x_s8, use_vnni):
+    """acc <16 x i32> + the sum of each 4 adjacent u8 x s8 products."""
+    if use_vnni:
+        vpdpbusd = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(_V16I32, [_V16I32] * 3), "llvm.x86.avx512.vpdpbusd.512"
+        )
+        return builder.call(vpdpbusd, [acc, builder.bitcast(codes_u8, _V16I32), builder.bitcast(x_s8, _V16I32)])
+    wide = ir.VectorType(_I32, 64)
+    products = builder.mul(builder.zext(codes_u8, wide), builder.sext(x_s8, wide))
+    for k in range(4):
+        lane = builder.shuffle_vector(products, products, ir.Constant(ir.VectorType(_I32, 16), list(range(k, 64, 4))))
+        acc = builder.add(acc, lane)
+    return acc
+
+
+def make_row_dot(group_size: int, tokens: int, use_vnni: bool = HAS_VNNI):
+    """An intrinsic: dot products of one int4 row with `tokens` rows of quantize_activations' output.
+
+    row_dot(codes, code_offset, scales, zeros, scale_offset, xperm, dx, xqsum, t0, blocks) returns a
+    tuple of `tokens` float32: row . x[t0 + i]. codes/scales/zeros are a matrix's flat views, offsets
+    in elements; xperm/dx/xqsum are the 2D arrays of quantize_activations; blocks = cols // 128.
+    Each 64-byte block of codes is split into nibbles once and used for every token of the tile.
+    """
+    half = group_size // 2
+    groups_per_block = BLOCK_BYTES // half
+    lanes_per_group = 16 // groups_per_block
+    expand = ir.Constant(ir.VectorType(_I32, 16), [lane // lanes_per_group for lane in range(16)])
+    small = ir.VectorType(_F32, groups_per_block)
+    # one token: two accumulators over alternate blocks (one FMA chain would bound the loop by its
+    # latency); a tile of tokens has a chain per token already
+    chains = 2 if tokens == 1 else 1
+
+    @intrinsic
+    def row_dot(typingctx, codes, code_offset, scales, zeros, scale_offset, xperm, dx, xqsum, t0, blocks):
+        signature = types.UniTuple(types.float32, tokens)(
+            codes, code_offset, scales, zeros, scale_offset, xperm, dx, xqsum, t0, blocks
+        )
+
+        def codegen(context, builder, sig, args):
+            codes_v, code_off, scales_v, zeros_v, scale_off, xperm_v, dx_v, xqsum_v, t0_v, nblocks = args
+            arg_types = sig.args
+            code_p = _data_pointer(context, builder, arg_types[0], codes_v)
+            scale_p = _data_pointer(context, builder, arg_types[2], scales_v)
+            zero_p = _data_pointer(context, builder, arg_types[3], zeros_v)
+            cols = builder.mul(nblocks, ir.Constant(_I64, BLOCK_COLS))
+            ngroups = builder.udiv(cols, ir.Constant(_I64, group_size))
+            x_rows, dx_rows, xqsum_rows = [], [], []
+            for i in range(tokens):
+                t = builder.add(t0_v, ir.Constant(_I64, i))
+                x_rows.append(builder.gep(_data_pointer(context, builder, arg_types[5], xperm_v), [builder.mul(t, cols)]))
+                dx_rows.append(builder.gep(_data_pointer(context, builder, arg_types[6], dx_v), [builder.mul(t, ngroups)]))
+                xqsum_rows.append(builder.gep(_data_pointer(context, builder, arg_types[7], xqsum_v), [builder.mul(t, ngroups)]))
+            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16F, [_V16F] * 3), "llvm.fma.v16f32")
+            low_mask = ir.Constant(_V64I8, [15] * 64)
+            four = ir.Constant(_V64I8, [4] * 64)
+            accs = [[cgutils.alloca_once_value(builder, ir.Constant(_V16F, None)) for _ in range(chains)] for _ in range(tokens)]
+            zero_terms = [cgutils.alloca_once_value(builder, ir.Constant(small, None)) for _ in range(tokens)]
+
+            def block(b, chain):
+                codes_b = _load(builder, code_p, builder.add(code_off, builder.mul(b, ir.Constant(_I64, BLOCK_BYTES))), _V64I8)
+                low = builder.and_(codes_b, low_mask)
+                high = builder.lshr(codes_b, four)
+                g0 = builder.mul(b, ir.Constant(_I64, groups_per_block))
+                s = _halfs_to_float(builder, scale_p, builder.add(scale_off, g0), groups_per_block)
+                sz = builder.fmul(s, _halfs_to_float(builder, zero_p, builder.add(scale_off, g0), groups_per_block))
+                x_off = builder.mul(b, ir.Constant(_I64, BLOCK_COLS))
+                for i in range(tokens):
+                    x_lo = _load(builder, x_rows[i], x_off, _V64I8)
+                    x_hi = _load(builder, x_rows[i], builder.add(x_off, ir.Constant(_I64, BLOCK_BYTES)), _V64I8)
+                    ints = _int_dot(builder, ir.Constant(_V16I32, None), low, x_lo, use_vnni)
+                    ints = _int_dot(builder, ints, high, x_hi, use_vnni)
+                    d = _load(builder, dx_rows[i], g0, small)
+                    lane_scale = builder.shuffle_vector(builder.fmul(s, d), ir.Constant(small, ir.Undefined), expand)
+                    acc = accs[i][chain]
+                    builder.store(builder.call(fma, [builder.sitofp(ints, _V16F), lane_scale, builder.load(acc)]), acc)
+                    zt = builder.fmul(sz, _load(builder, xqsum_rows[i], g0, small))
+                    builder.store(builder.fadd(builder.load(zero_terms[i]), zt), zero_terms[i])
+
+            steps = builder.udiv(nblocks, ir.Constant(_I64, chains))
+            with cgutils.for_range(builder, steps) as loop:
+                first = builder.mul(loop.index, ir.Constant(_I64, chains))
+                for chain in range(chains):
+                    block(builder.add(first, ir.Constant(_I64, chain)), chain)
+            if chains == 2:
+                odd = builder.icmp_unsigned("!=", builder.urem(nblocks, ir.Constant(_I64, 2)), ir.Constant(_I64, 0))
+                with builder.if_then(odd):
+                    block(builder.sub(nblocks, ir.Constant(_I64, 1)), 0)
+
+            results = []
+            for i in range(tokens):
+                total = builder.load(accs[i][0])
+                for chain in range(1, chains):
+                    total = builder.fadd(total, builder.load(accs[i][chain]))
+                result = builder.extract_element(total, ir.Constant(_I32, 0))
+                for lane in range(1, 16):
+                    result = builder.fadd(result, builder.extract_element(total, ir.Constant(_I32, lane)))
+                zsum = builder.load(zero_terms[i])
+                for lane in range(groups_per_block):
+                    result = builder.fsub(result, builder.extract_element(zsum, ir.Constant(_I32, lane)))
+                results.append(result)
+            return context.make_tuple(builder, sig.return_type, results)
+
+        return signature, codegen
+
+    return row_dot
+
+
+TILE = 4  # tokens per pass over a row when several tokens go through one matrix (prefill)
+_dot1_g32, _dot1_g64, _dot1_g128 = (make_row_dot(g, 1) for g in (32, 64, 128))
+_dot4_g32, _dot4_g64, _dot4_g128 = (make_row_dot(g, TILE) for g in (32, 64, 128))
+
+
+@njit(cache=True, fastmath=True, nogil=True)
+def _row_dots(codes, scales, zeros, r, xperm, dx, xqsum, group_size, out, out_col):
+    """out[t, out_col] = row r of an int4 matrix (flat views) . x[t] for every token t."""
+    tokens, cols = xperm.shape
+    blocks = np.uint64(cols // BLOCK_COLS)
+    ngroups = dx.shape[1]
+    code_offset = np.uint64(r) * np.uint64(cols // 2)
+    scale_offset = np.uint64(r) * np.uint64(ngroups)
+    t = 0
+    while t + TILE <= tokens:
+        t0 = np.uint64(t)
+        if group_size == 64:
+            a = _dot4_g64(codes, code_offset, scales, zeros, scale_offset, xperm, dx, xqsum, t0, blocks)
+        elif group_size == 128:
+            a = _dot4_g128(codes, code_offset, scales, zeros, scale_offset, xperm, dx, xqsum, t0, blocks)
+        else:
+            a = _dot4_g32(codes, code_offset, scales, zeros, scale_offset, xperm, dx, xqsum, t0, blocks)
+        for i in range(TILE):
+            out[t + i, out_col] = a[i]
+        t += TILE
+    while t < tokens:
+        t0 = np.uint64(t)
+        if group_size == 64:
+            (a1,) = _dot1_g64(codes, code_offset, scales, zeros, scale_offset, xperm, dx, xqsum, t0, blocks)
+        elif group_size == 128:
+            (a1,) = _dot1_g128(codes, code_offset, scales, zeros, scale_offset, xperm, dx, xqsum, t0, blocks)
+        else:
+            (a1,) = _dot1_g32(codes, code_offset, scales, zeros, scale_offset, xperm, dx, xqsum, t0, blocks)
+        out[t, out_col] = a1
+        t += 1
+
+
+# --- parallel drivers: one row per call, rows in order (one read stream per thread: measured faster
+# from DRAM than 2 or 4 rows at once, which are faster only when the matrix sits in cache) ---
+
+
+@njit(cache=True, fastmath=True, nogil=True, parallel=True)
+def _matvec_kernel(codes, scales, zeros, xperm, dx, xqsum, group_size, out):
+    """out[t, r] = row r . x[t] for every token t of the quantized activations."""
+    rows = scales.shape[0]
+    cflat = codes.reshape(codes.size)
+    sflat = scales.reshape(scales.size)
+    zflat = zeros.reshape(zeros.size)
+    for task in prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        for r in range(task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK)):
+            _row_dots(cflat, sflat, zflat, r, xperm, dx, xqsum, group_size, out, r)
+
+
+@njit(cache=True, fastmath=True, nogil=True)
+def _silu(a):
+    return a / (np.float32(1.0) + np.exp(-a))
+
+
+@njit(cache=True, fastmath=True, nogil=True, parallel=True)
+def _gate_up_kernel(codes1, scales1, zeros1, codes3, scales3, zeros3, xperm, dx, xqsum, group_size, h):
+    """h[t, r] = silu(w1[r] . x[t]) * (w3[r] . x[t]), row r of w1 and of w3 read in the same pass."""
+    rows = scales1.shape[0]
+    tokens = xperm.shape[0]
+    c1 = codes1.reshape(codes1.size)
+    s1 = scales1.reshape(scales1.size)
+    z1 = zeros1.reshape(zeros1.size)
+    c3 = codes3.reshape(codes3.size)
+    s3 = scales3.reshape(scales3.size)
+    z3 = zeros3.reshape(zeros3.size)
+    for task in prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        pair = np.empty((tokens, 2), np.float32)
+        for r in range(task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK)):
+            _row_dots(c1, s1, z1, r, xperm, dx, xqsum, group_size, pair, 0)
+            _row_dots(c3, s3, z3, r, xperm, dx, xqsum, group_size, pair, 1)
+            for t in range(tokens):
+                h[t, r] = _silu(pair[t, 0]) * pair[t, 1]
+
+
+def _parts(qm):
+    return qm.codes, qm.scales.view(np.uint16), qm.zeros.view(np.uint16)
+
+
+def matmul(qm, x: np.ndarray) -> np.ndarray:
+    """y [T, rows] = x [T, cols] @ W.T with x quantized to int8 per group (supports(...) must hold)."""
+    xperm, dx, xqsum = quantize_activations(x, qm.spec.group_size)
+    y = np.empty((x.shape[0], qm.rows), np.float32)
+    _matvec_kernel(*_parts(qm), xperm, dx, xqsum, qm.spec.group_size, y)
+    return y
+
+
+def gate_up(w1, w3, x: np.ndarray) -> np.ndarray:
+    """h [T, I] = silu(x @ w1.T) * (x @ w3.T) with x quantized to int8 per group."""
+    xperm, dx, xqsum = quantize_activations(x, w1.spec.group_size)
+    h = np.empty((x.shape[0], w1.rows), np.float32)
+    _gate_up_kernel(*_parts(w1), *_parts(w3), xperm, dx, xqsum, w1.spec.group_size, h)
+    return h
+
+
+def reference_matmul(qm, x: np.ndarray) -> np.ndarray:
+    """float64 NumPy reference of matmul: dequantized W times the dequantized int8 x."""
+    from mixtral_offload.quant.quantize import dequantize
+
+    xd = dequantized_activations(x, qm.spec.group_size).astype(np.float64)
+    return (xd @ dequantize(qm).astype(np.float64).T).astype(np.float32)

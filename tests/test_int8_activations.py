@@ -1,0 +1,114 @@
+"""int4 x int8-activation kernels (quant/int8x.py) against NumPy references, and their effect on a model."""
+import numpy as np
+import pytest
+from numba import njit
+
+from mixtral_offload.offload.loading import load
+from mixtral_offload.quant import int8x, kernels
+from mixtral_offload.quant.bench import random_quantized
+from mixtral_offload.quant.format import QuantSpec
+from mixtral_offload.quant.quantize import dequantize, quantize
+
+
+def relative(a, b):
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("rows,cols", [(1, 128), (7, 256), (67, 384), (131, 1024)])
+@pytest.mark.parametrize("tokens", [1, 2, 4, 5, 9])
+def test_matmul_equals_the_reference(group_size, rows, cols, tokens):
+    qm = random_quantized(QuantSpec(4, group_size), (rows, cols), seed=rows + tokens)
+    x = np.random.default_rng(tokens).standard_normal((tokens, cols)).astype(np.float32)
+    assert relative(int8x.matmul(qm, x), int8x.reference_matmul(qm, x)) < 1e-5
+
+
+def test_reference_quantizes_x_per_group():
+    x = np.random.default_rng(0).standard_normal((3, 256)).astype(np.float32) * np.linspace(0.01, 10, 256)
+    x[1, :64] = 0.0  # an all-zero group has scale 0 and codes 0
+    xd = int8x.dequantized_activations(x, 64)
+    groups, deq = x.reshape(3, 4, 64), xd.reshape(3, 4, 64)
+    step = np.abs(groups).max(axis=2, keepdims=True) / 127
+    assert np.all(np.abs(deq - groups) <= step / 2 * (1 + 1e-5) + 1e-12)
+    assert np.all(xd[1, :64] == 0)
+    qm = random_quantized(QuantSpec(4, 64), (5, 256))
+    assert relative(int8x.matmul(qm, x), int8x.reference_matmul(qm, x)) < 1e-5
+
+
+def test_portable_ir_equals_vnni():
+    """The generic-vector form of the integer dot (CPUs without AVX-512 VNNI) gives the same sums."""
+    generic = {tokens: int8x.make_row_dot(64, tokens, use_vnni=False) for tokens in (1, 4)}
+
+    @njit
+    def rows_dots(codes, scales, zeros, xperm, dx, xqsum, out):
+        rows, cols = out.shape[1], xperm.shape[1]
+        blocks, ngroups = np.uint64(cols // 128), dx.shape[1]
+        for r in range(rows):
+            off, soff = np.uint64(r * (cols // 2)), np.uint64(r * ngroups)
+            four = generic4(codes, off, scales, zeros, soff, xperm, dx, xqsum, np.uint64(0), blocks)
+            for t in range(4):
+                out[t, r] = four[t]
+            (out[4, r],) = generic1(codes, off, scales, zeros, soff, xperm, dx, xqsum, np.uint64(4), blocks)
+
+    generic1, generic4 = generic[1], generic[4]
+    qm = random_quantized(QuantSpec(4, 64), (9, 384), seed=3)
+    x = np.random.default_rng(3).standard_normal((5, 384)).astype(np.float32)
+    xperm, dx, xqsum = int8x.quantize_activations(x, 64)
+    out = np.empty((5, 9), np.float32)
+    codes, scales, zeros = qm.codes.reshape(-1), qm.scales.view(np.uint16).reshape(-1), qm.zeros.view(np.uint16).reshape(-1)
+    rows_dots(codes, scales, zeros, xperm, dx, xqsum, out)
+    assert relative(out, int8x.reference_matmul(qm, x)) < 1e-5
+    assert relative(out, int8x.matmul(qm, x)) < 1e-5
+
+
+def test_expert_forward_int8_equals_its_reference():
+    spec = QuantSpec(4, 64)
+    w1, w3 = random_quantized(spec, (384, 256), 1), random_quantized(spec, (384, 256), 2)
+    w2 = random_quantized(spec, (256, 384), 3)
+    x = np.random.default_rng(0).standard_normal((6, 256)).astype(np.float32)
+    xd = int8x.dequantized_activations(x, 64).astype(np.float64)
+    gate, up = xd @ dequantize(w1).T.astype(np.float64), xd @ dequantize(w3).T.astype(np.float64)
+    hidden = (gate / (1 + np.exp(-gate)) * up).astype(np.float32)
+    expected = int8x.reference_matmul(w2, hidden)
+    got = kernels.expert_forward(w1, w3, w2, x, activations="int8")
+    # h is quantized from float32 values that differ from the float64 reference in the last bits,
+    # so a code may round the other way: a step of 1/254 of a group's largest |h| at most
+    assert relative(got, expected) < 1e-3
+    exact = kernels.expert_forward(w1, w3, w2, x)
+    assert 1e-5 < relative(got, exact) < 0.05  # int8 differs from float32, by the activation rounding
+
+
+@pytest.mark.parametrize("bits,cols", [(4, 192), (8, 256)])
+def test_unsupported_formats_fall_back_to_the_exact_kernel(bits, cols):
+    qm = random_quantized(QuantSpec(bits, 64), (10, cols))
+    x = np.random.default_rng(1).standard_normal((2, cols)).astype(np.float32)
+    assert not int8x.supports(bits, cols)
+    assert np.array_equal(kernels.matmul(qm, x, activations="int8"), kernels.matmul(qm, x))
+
+
+def test_unknown_activations_mode_is_refused():
+    from mixtral_offload.errors import MixtralOffloadError
+
+    qm = random_quantized(QuantSpec(4, 64), (4, 128))
+    with pytest.raises(MixtralOffloadError, match="activations must be one of"):
+        kernels.matmul(qm, np.zeros((1, 128), np.float32), activations="int4")
+
+
+def test_int8_error_is_small_beside_the_weight_error():
+    """On Gaussian weights and x, the activation rounding adds far less error than int4 weights do."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((512, 1024)).astype(np.float32)
+    x = rng.standard_normal((8, 1024)).astype(np.float32)
+    qm = quantize(w, QuantSpec(4, 64))
+    exact = x @ w.T
+    weight_error = relative(kernels.matmul(qm, x), exact)
+    both_error = relative(kernels.matmul(qm, x, activations="int8"), exact)
+    assert both_error < weight_error * 1.1
+
+
+def test_model_nll_int8_close_to_float32_teacher_forced(converted_int4):
+    text = "Experts that are not in the cache are computed where they lie. " * 4
+    exact = np.array(load(converted_int4, dtype="float32", activations="float32").perplexity(text).nll)
+    fast = np.array(load(converted_int4, dtype="float32", activations="int8").perplexity(text).nll)
+    assert np.corrcoef(exact, fast)[0, 1] > 0.99
+    assert np.abs(exact - fast).mean() < 0.05
