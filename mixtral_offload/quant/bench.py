@@ -12,10 +12,17 @@ below) and `format_kernel_bench()` renders it as a text table.
 Rows "int{b} g{G} expert" time `expert_forward` (w1, w3 [I, D], w2 [D, I]) on `expert_shapes` (D, I),
 by default a Mixtral-mini expert (1024, 3584); their `shape` is [D, I] and their bytes all three matrices.
 `tokens` > 1 times the batched path (prefill, or T tokens routed to one expert).
+`activations` is "float32" (x as given, exact) or "int8" (x quantized per group, integer dot
+products: quant/int8x.py; int4 only); the int8 rows include the time to quantize x.
+
+Every call reads a different copy of its matrices, cycling through at least ROTATION_BYTES of
+them, so the weights come from DRAM as in a real decode, not from the last-level cache (a 33 MB
+int4 w1 would otherwise sit partly in a 32 MiB L3 and read faster than memory allows).
 """
 
 from __future__ import annotations
 
+import math
 import time
 
 import numba
@@ -23,12 +30,13 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from mixtral_offload.quant import kernels
+from mixtral_offload.quant import int8x, kernels
 from mixtral_offload.quant.format import QuantizedMatrix, QuantSpec, part_layout
 
 MIXTRAL_SHAPES = ((14336, 4096), (4096, 14336))  # w1/w3 and w2
 MIXTRAL_MINI_EXPERT = (1024, 3584)  # (hidden D, intermediate I)
 _BANDWIDTH_BYTES = 1 << 30
+ROTATION_BYTES = 256 << 20  # well past any L3 (32 MiB here, 96 MiB on a V-cache part)
 
 
 @njit(cache=True, fastmath=True, nogil=True, parallel=True)
@@ -46,7 +54,11 @@ def _parallel_sum(values):
 
 
 def measure_read_bandwidth(threads: int, repeats: int = 5) -> float:
-    """GB/s of a Numba parallel sum over 1 GiB of float32 (median of `repeats`)."""
+    """GB/s of a Numba parallel sum over 1 GiB of float32 (median of `repeats`).
+
+    A version of the sum with the int8-x kernels' software prefetch read no faster (28-35 GB/s
+    against 31-36 here), so this plain one stands for the machine's read bandwidth.
+    """
     values = np.ones(_BANDWIDTH_BYTES // 4, np.float32)
     with _threads(threads):
         _parallel_sum(values)
@@ -89,43 +101,49 @@ def run_kernel_bench(
         rows, cols = shape
         x_all = np.random.default_rng(1).standard_normal((max(tokens), cols)).astype(np.float32)
         for b in bits:
-            qm = random_quantized(QuantSpec(b, group_size), shape)
-            for t in threads:
-                for n in tokens:
-                    x = x_all[:n]
-                    with _threads(t):
-                        kernels.matmul(qm, x)
-                        seconds = _median_seconds(lambda: kernels.matmul(qm, x), repeats)
-                    name = f"int{b} g{group_size} " + ("matvec" if n == 1 else f"matmul T={n}")
-                    results.append(_row(name, b, shape, t, n, seconds, qm.nbytes, bandwidth[t]))
+            spec = QuantSpec(b, group_size)
+            copies = [random_quantized(spec, shape, seed) for seed in range(_copies(packed_size(spec, shape)))]
+            for activations in _activation_modes(b, cols):
+                for t in threads:
+                    for n in tokens:
+                        x = x_all[:n]
+                        seconds = _rotating_median(
+                            lambda qm: kernels.matmul(qm, x, activations=activations), copies, repeats, t)
+                        name = f"int{b} g{group_size} " + ("matvec" if n == 1 else f"matmul T={n}")
+                        name += " int8-x" if activations == "int8" else ""
+                        results.append(_row(name, b, shape, t, n, seconds, copies[0].nbytes, bandwidth[t],
+                                            activations))
+            del copies
         if torch_dense:
             for dtype, b in ((torch.float32, 32), (torch.bfloat16, 16)):
                 w = torch.randn(shape, dtype=dtype)
+                copies = [w]  # 117 MB (bf16) or more: past the L3 on its own
                 for t in threads:
                     for n in tokens:
                         x = torch.from_numpy(x_all[:n]).to(dtype)
-                        with _threads(t):
-                            torch.matmul(x, w.T)
-                            seconds = _median_seconds(lambda: torch.matmul(x, w.T), repeats)
+                        seconds = _rotating_median(lambda m: torch.matmul(x, m.T), copies, repeats, t)
                         name = f"torch {str(dtype).removeprefix('torch.')} dense"
                         nbytes = w.numel() * w.element_size()
-                        results.append(_row(name, b, shape, t, n, seconds, nbytes, bandwidth[t]))
-                del w
+                        results.append(_row(name, b, shape, t, n, seconds, nbytes, bandwidth[t], str(dtype).removeprefix("torch.")))
+                del w, copies
     for hidden, inter in expert_shapes:
         x_all = np.random.default_rng(2).standard_normal((max(tokens), hidden)).astype(np.float32)
         for b in bits:
             spec = QuantSpec(b, group_size)
-            w1, w3 = random_quantized(spec, (inter, hidden), 1), random_quantized(spec, (inter, hidden), 2)
-            w2 = random_quantized(spec, (hidden, inter), 3)
-            nbytes = w1.nbytes + w3.nbytes + w2.nbytes
-            for t in threads:
-                for n in tokens:
-                    x = x_all[:n]
-                    with _threads(t):
-                        kernels.expert_forward(w1, w3, w2, x)
-                        seconds = _median_seconds(lambda: kernels.expert_forward(w1, w3, w2, x), repeats)
-                    name = f"int{b} g{group_size} expert"
-                    results.append(_row(name, b, (hidden, inter), t, n, seconds, nbytes, bandwidth[t]))
+            expert_bytes = 2 * packed_size(spec, (inter, hidden)) + packed_size(spec, (hidden, inter))
+            experts = [(random_quantized(spec, (inter, hidden), 3 * i + 1), random_quantized(spec, (inter, hidden), 3 * i + 2),
+                        random_quantized(spec, (hidden, inter), 3 * i + 3)) for i in range(_copies(expert_bytes))]
+            nbytes = sum(m.nbytes for m in experts[0])
+            for activations in _activation_modes(b, hidden):
+                for t in threads:
+                    for n in tokens:
+                        x = x_all[:n]
+                        seconds = _rotating_median(
+                            lambda e: kernels.expert_forward(*e, x, activations=activations), experts, repeats, t)
+                        name = f"int{b} g{group_size} expert" + (" int8-x" if activations == "int8" else "")
+                        results.append(_row(name, b, (hidden, inter), t, n, seconds, nbytes, bandwidth[t],
+                                            activations))
+            del experts
     return {
         "bandwidth_gbs": max(bandwidth.values()),
         "bandwidth_by_threads": {str(t): round(v, 2) for t, v in bandwidth.items()},
@@ -152,12 +170,40 @@ def format_kernel_bench(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _row(kernel, bits, shape, threads, tokens, seconds, nbytes, bandwidth):
+def _row(kernel, bits, shape, threads, tokens, seconds, nbytes, bandwidth, activations):
     gbs = nbytes / seconds / 1e9
     return {
         "kernel": kernel, "bits": bits, "shape": list(shape), "threads": threads, "tokens": tokens,
-        "ms": round(seconds * 1e3, 3), "gbs": round(gbs, 2), "ratio": round(gbs / bandwidth, 3),
+        "activations": activations, "ms": round(seconds * 1e3, 3), "gbs": round(gbs, 2),
+        "ratio": round(gbs / bandwidth, 3),
     }
+
+
+def packed_size(spec: QuantSpec, shape: tuple[int, int]) -> int:
+    """Bytes of a quantized matrix's parts (codes, scales, zeros)."""
+    return sum(np.dtype(dtype).itemsize * math.prod(part_shape) for dtype, part_shape in part_layout(spec, shape).values())
+
+
+def _copies(nbytes: int) -> int:
+    """How many copies of nbytes of weights make up ROTATION_BYTES (at least 2)."""
+    return max(2, math.ceil(ROTATION_BYTES / nbytes))
+
+
+def _activation_modes(bits: int, cols: int) -> tuple[str, ...]:
+    return ("float32", "int8") if int8x.supports(bits, cols) else ("float32",)
+
+
+def _rotating_median(fn, operands: list, repeats: int, threads: int) -> float:
+    """Median seconds of fn(operand), each call on the next operand, after one untimed call."""
+    with _threads(threads):
+        fn(operands[-1])
+        times = []
+        for i in range(max(repeats, 1)):
+            operand = operands[i % len(operands)]
+            start = time.perf_counter()
+            fn(operand)
+            times.append(time.perf_counter() - start)
+    return float(np.median(times))
 
 
 def _first_call_seconds() -> dict[str, float]:
@@ -169,6 +215,10 @@ def _first_call_seconds() -> dict[str, float]:
         start = time.perf_counter()
         kernels.matmul(qm, x)
         out[f"int{b} matvec"] = round(time.perf_counter() - start, 3)
+    qm = random_quantized(QuantSpec(4, 64), (8, 128))
+    start = time.perf_counter()
+    kernels.matmul(qm, np.ones((1, 128), np.float32), activations="int8")
+    out["int4 matvec int8-x"] = round(time.perf_counter() - start, 3)
     return out
 
 

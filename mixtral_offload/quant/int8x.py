@@ -35,6 +35,10 @@ from numba.extending import intrinsic
 BLOCK_BYTES = 64  # codes per block: one zmm load, 128 int4 weights
 BLOCK_COLS = 2 * BLOCK_BYTES
 ROWS_PER_TASK = 64
+# Software prefetch of the codes 8 KiB ahead into L2 (prefetcht1). The hardware prefetchers alone
+# left one thread at 16-20 GB/s on Mixtral's w1/w2 int4 g64; with it 27 GB/s, and 2 threads 33 GB/s,
+# ~95% of a plain parallel sum's read rate (distances 1, 2, 4 and 8 KiB measured; 4-8 KiB best).
+PREFETCH_BYTES = 8192
 
 _FEATURES = llvm_binding.get_host_cpu_features()
 HAS_VNNI = bool(_FEATURES.get("avx512vnni") and _FEATURES.get("avx512bw"))
@@ -117,6 +121,15 @@ def _halfs_to_float(builder, base, offset, count):
     return builder.fpext(builder.bitcast(bits, ir.VectorType(ir.HalfType(), count)), ir.VectorType(_F32, count))
 
 
+def _prefetch_l2(builder, pointer):
+    """A read prefetch into L2 (prefetcht1 on x86); never faults, so it may point past the codes."""
+    hint = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32]), "llvm.prefetch.p0i8"
+    )
+    builder.call(hint, [builder.bitcast(pointer, _I8.as_pointer()), ir.Constant(_I32, 0), ir.Constant(_I32, 2),
+                        ir.Constant(_I32, 1)])
+
+
 def _int_dot(builder, acc, codes_u8, x_s8, use_vnni):
     """acc <16 x i32> + the sum of each 4 adjacent u8 x s8 products."""
     if use_vnni:
@@ -132,7 +145,7 @@ def _int_dot(builder, acc, codes_u8, x_s8, use_vnni):
     return acc
 
 
-def make_row_dot(group_size: int, tokens: int, use_vnni: bool = HAS_VNNI):
+def make_row_dot(group_size: int, tokens: int, use_vnni: bool = HAS_VNNI, prefetch: int = PREFETCH_BYTES):
     """An intrinsic: dot products of one int4 row with `tokens` rows of quantize_activations' output.
 
     row_dot(codes, code_offset, scales, zeros, scale_offset, xperm, dx, xqsum, t0, blocks) returns a
@@ -176,6 +189,10 @@ def make_row_dot(group_size: int, tokens: int, use_vnni: bool = HAS_VNNI):
             zero_terms = [cgutils.alloca_once_value(builder, ir.Constant(small, None)) for _ in range(tokens)]
 
             def block(b, chain):
+                if prefetch:
+                    ahead = builder.add(code_off, builder.add(builder.mul(b, ir.Constant(_I64, BLOCK_BYTES)),
+                                                              ir.Constant(_I64, prefetch)))
+                    _prefetch_l2(builder, builder.gep(code_p, [ahead]))
                 codes_b = _load(builder, code_p, builder.add(code_off, builder.mul(b, ir.Constant(_I64, BLOCK_BYTES))), _V64I8)
                 low = builder.and_(codes_b, low_mask)
                 high = builder.lshr(codes_b, four)
