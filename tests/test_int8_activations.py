@@ -37,26 +37,18 @@ def test_reference_quantizes_x_per_group():
 
 def test_portable_ir_equals_vnni():
     """The generic-vector form of the integer dot (CPUs without AVX-512 VNNI) gives the same sums."""
-    generic = {tokens: int8x.make_row_dot(64, tokens, use_vnni=False) for tokens in (1, 4)}
+    generic_rows = int8x.make_rows_kernel(64, use_vnni=False)
 
     @njit
-    def rows_dots(codes, scales, zeros, xperm, dx, xqsum, out):
-        rows, cols = out.shape[1], xperm.shape[1]
-        blocks, ngroups = np.uint64(cols // 128), dx.shape[1]
-        for r in range(rows):
-            off, soff = np.uint64(r * (cols // 2)), np.uint64(r * ngroups)
-            four = generic4(codes, off, scales, zeros, soff, xperm, dx, xqsum, np.uint64(0), blocks)
-            for t in range(4):
-                out[t, r] = four[t]
-            (out[4, r],) = generic1(codes, off, scales, zeros, soff, xperm, dx, xqsum, np.uint64(4), blocks)
+    def all_rows(codes, scales, zeros, xperm, dx, xqsum, out):
+        generic_rows(codes, scales, zeros, xperm, dx, xqsum, out, np.uint64(0), np.uint64(out.shape[1]), np.uint64(0))
 
-    generic1, generic4 = generic[1], generic[4]
     qm = random_quantized(QuantSpec(4, 64), (9, 384), seed=3)
-    x = np.random.default_rng(3).standard_normal((5, 384)).astype(np.float32)
+    x = np.random.default_rng(3).standard_normal((5, 384)).astype(np.float32)  # a tile of 4 and one more
     xperm, dx, xqsum = int8x.quantize_activations(x, 64)
     out = np.empty((5, 9), np.float32)
     codes, scales, zeros = qm.codes.reshape(-1), qm.scales.view(np.uint16).reshape(-1), qm.zeros.view(np.uint16).reshape(-1)
-    rows_dots(codes, scales, zeros, xperm, dx, xqsum, out)
+    all_rows(codes, scales, zeros, xperm, dx, xqsum, out)
     assert relative(out, int8x.reference_matmul(qm, x)) < 1e-5
     assert relative(out, int8x.matmul(qm, x)) < 1e-5
 

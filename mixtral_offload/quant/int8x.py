@@ -130,6 +130,17 @@ def _prefetch_l2(builder, pointer):
                         ir.Constant(_I32, 1)])
 
 
+def _horizontal_sum(builder, vector):
+    """The sum of a float vector's lanes, halving it with shuffles (log2(n) adds, not n - 1)."""
+    width = vector.type.count
+    while width > 1:
+        width //= 2
+        low = builder.shuffle_vector(vector, vector, ir.Constant(ir.VectorType(_I32, width), list(range(width))))
+        high = builder.shuffle_vector(vector, vector, ir.Constant(ir.VectorType(_I32, width), list(range(width, 2 * width))))
+        vector = builder.fadd(low, high)
+    return builder.extract_element(vector, ir.Constant(_I32, 0))
+
+
 def _int_dot(builder, acc, codes_u8, x_s8, use_vnni):
     """acc <16 x i32> + the sum of each 4 adjacent u8 x s8 products."""
     if use_vnni:
@@ -145,12 +156,19 @@ def _int_dot(builder, acc, codes_u8, x_s8, use_vnni):
     return acc
 
 
-def make_row_dot(group_size: int, tokens: int, use_vnni: bool = HAS_VNNI, prefetch: int = PREFETCH_BYTES):
-    """An intrinsic: dot products of one int4 row with `tokens` rows of quantize_activations' output.
+class _Operands:
+    """LLVM pointers to one call's arrays: a matrix's flat codes/scales/zeros and the quantized x."""
 
-    row_dot(codes, code_offset, scales, zeros, scale_offset, xperm, dx, xqsum, t0, blocks) returns a
-    tuple of `tokens` float32: row . x[t0 + i]. codes/scales/zeros are a matrix's flat views, offsets
-    in elements; xperm/dx/xqsum are the 2D arrays of quantize_activations; blocks = cols // 128.
+    def __init__(self, context, builder, arg_types, args):
+        self.codes, self.scales, self.zeros, self.xperm, self.dx, self.xqsum = (
+            _data_pointer(context, builder, array_type, array) for array_type, array in zip(arg_types, args)
+        )
+
+
+def _emit_row_dots(builder, ops, group_size, tokens, t0, code_off, scale_off, nblocks, use_vnni, prefetch):
+    """IR for the dot products of one int4 row with x[t0 : t0 + tokens]: a list of float32 values.
+
+    code_off/scale_off: the row's first element in the flat codes and scales/zeros; nblocks = cols/128.
     Each 64-byte block of codes is split into nibbles once and used for every token of the tile.
     """
     half = group_size // 2
@@ -161,125 +179,134 @@ def make_row_dot(group_size: int, tokens: int, use_vnni: bool = HAS_VNNI, prefet
     # one token: two accumulators over alternate blocks (one FMA chain would bound the loop by its
     # latency); a tile of tokens has a chain per token already
     chains = 2 if tokens == 1 else 1
+    cols = builder.mul(nblocks, ir.Constant(_I64, BLOCK_COLS))
+    ngroups = builder.mul(nblocks, ir.Constant(_I64, BLOCK_COLS // group_size))
+    x_rows, dx_rows, xqsum_rows = [], [], []
+    for i in range(tokens):
+        t = builder.add(t0, ir.Constant(_I64, i))
+        x_rows.append(builder.gep(ops.xperm, [builder.mul(t, cols)]))
+        dx_rows.append(builder.gep(ops.dx, [builder.mul(t, ngroups)]))
+        xqsum_rows.append(builder.gep(ops.xqsum, [builder.mul(t, ngroups)]))
+    fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16F, [_V16F] * 3), "llvm.fma.v16f32")
+    low_mask = ir.Constant(_V64I8, [15] * 64)
+    four = ir.Constant(_V64I8, [4] * 64)
+    accs = [[cgutils.alloca_once_value(builder, ir.Constant(_V16F, None)) for _ in range(chains)] for _ in range(tokens)]
+    zero_terms = [cgutils.alloca_once_value(builder, ir.Constant(small, None)) for _ in range(tokens)]
 
-    @intrinsic
-    def row_dot(typingctx, codes, code_offset, scales, zeros, scale_offset, xperm, dx, xqsum, t0, blocks):
-        signature = types.UniTuple(types.float32, tokens)(
-            codes, code_offset, scales, zeros, scale_offset, xperm, dx, xqsum, t0, blocks
-        )
+    def block(b, chain):
+        code_at = builder.add(code_off, builder.mul(b, ir.Constant(_I64, BLOCK_BYTES)))
+        if prefetch:
+            _prefetch_l2(builder, builder.gep(ops.codes, [builder.add(code_at, ir.Constant(_I64, prefetch))]))
+        codes_b = _load(builder, ops.codes, code_at, _V64I8)
+        low = builder.and_(codes_b, low_mask)
+        high = builder.lshr(codes_b, four)
+        g0 = builder.mul(b, ir.Constant(_I64, groups_per_block))
+        s = _halfs_to_float(builder, ops.scales, builder.add(scale_off, g0), groups_per_block)
+        sz = builder.fmul(s, _halfs_to_float(builder, ops.zeros, builder.add(scale_off, g0), groups_per_block))
+        x_off = builder.mul(b, ir.Constant(_I64, BLOCK_COLS))
+        for i in range(tokens):
+            x_lo = _load(builder, x_rows[i], x_off, _V64I8)
+            x_hi = _load(builder, x_rows[i], builder.add(x_off, ir.Constant(_I64, BLOCK_BYTES)), _V64I8)
+            ints = _int_dot(builder, ir.Constant(_V16I32, None), low, x_lo, use_vnni)
+            ints = _int_dot(builder, ints, high, x_hi, use_vnni)
+            d = _load(builder, dx_rows[i], g0, small)
+            lane_scale = builder.shuffle_vector(builder.fmul(s, d), ir.Constant(small, ir.Undefined), expand)
+            acc = accs[i][chain]
+            builder.store(builder.call(fma, [builder.sitofp(ints, _V16F), lane_scale, builder.load(acc)]), acc)
+            zt = builder.fmul(sz, _load(builder, xqsum_rows[i], g0, small))
+            builder.store(builder.fadd(builder.load(zero_terms[i]), zt), zero_terms[i])
 
-        def codegen(context, builder, sig, args):
-            codes_v, code_off, scales_v, zeros_v, scale_off, xperm_v, dx_v, xqsum_v, t0_v, nblocks = args
-            arg_types = sig.args
-            code_p = _data_pointer(context, builder, arg_types[0], codes_v)
-            scale_p = _data_pointer(context, builder, arg_types[2], scales_v)
-            zero_p = _data_pointer(context, builder, arg_types[3], zeros_v)
-            cols = builder.mul(nblocks, ir.Constant(_I64, BLOCK_COLS))
-            ngroups = builder.udiv(cols, ir.Constant(_I64, group_size))
-            x_rows, dx_rows, xqsum_rows = [], [], []
-            for i in range(tokens):
-                t = builder.add(t0_v, ir.Constant(_I64, i))
-                x_rows.append(builder.gep(_data_pointer(context, builder, arg_types[5], xperm_v), [builder.mul(t, cols)]))
-                dx_rows.append(builder.gep(_data_pointer(context, builder, arg_types[6], dx_v), [builder.mul(t, ngroups)]))
-                xqsum_rows.append(builder.gep(_data_pointer(context, builder, arg_types[7], xqsum_v), [builder.mul(t, ngroups)]))
-            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16F, [_V16F] * 3), "llvm.fma.v16f32")
-            low_mask = ir.Constant(_V64I8, [15] * 64)
-            four = ir.Constant(_V64I8, [4] * 64)
-            accs = [[cgutils.alloca_once_value(builder, ir.Constant(_V16F, None)) for _ in range(chains)] for _ in range(tokens)]
-            zero_terms = [cgutils.alloca_once_value(builder, ir.Constant(small, None)) for _ in range(tokens)]
+    steps = builder.udiv(nblocks, ir.Constant(_I64, chains))
+    with cgutils.for_range(builder, steps) as loop:
+        first = builder.mul(loop.index, ir.Constant(_I64, chains))
+        for chain in range(chains):
+            block(builder.add(first, ir.Constant(_I64, chain)), chain)
+    if chains == 2:
+        odd = builder.icmp_unsigned("!=", builder.urem(nblocks, ir.Constant(_I64, 2)), ir.Constant(_I64, 0))
+        with builder.if_then(odd):
+            block(builder.sub(nblocks, ir.Constant(_I64, 1)), 0)
 
-            def block(b, chain):
-                if prefetch:
-                    ahead = builder.add(code_off, builder.add(builder.mul(b, ir.Constant(_I64, BLOCK_BYTES)),
-                                                              ir.Constant(_I64, prefetch)))
-                    _prefetch_l2(builder, builder.gep(code_p, [ahead]))
-                codes_b = _load(builder, code_p, builder.add(code_off, builder.mul(b, ir.Constant(_I64, BLOCK_BYTES))), _V64I8)
-                low = builder.and_(codes_b, low_mask)
-                high = builder.lshr(codes_b, four)
-                g0 = builder.mul(b, ir.Constant(_I64, groups_per_block))
-                s = _halfs_to_float(builder, scale_p, builder.add(scale_off, g0), groups_per_block)
-                sz = builder.fmul(s, _halfs_to_float(builder, zero_p, builder.add(scale_off, g0), groups_per_block))
-                x_off = builder.mul(b, ir.Constant(_I64, BLOCK_COLS))
-                for i in range(tokens):
-                    x_lo = _load(builder, x_rows[i], x_off, _V64I8)
-                    x_hi = _load(builder, x_rows[i], builder.add(x_off, ir.Constant(_I64, BLOCK_BYTES)), _V64I8)
-                    ints = _int_dot(builder, ir.Constant(_V16I32, None), low, x_lo, use_vnni)
-                    ints = _int_dot(builder, ints, high, x_hi, use_vnni)
-                    d = _load(builder, dx_rows[i], g0, small)
-                    lane_scale = builder.shuffle_vector(builder.fmul(s, d), ir.Constant(small, ir.Undefined), expand)
-                    acc = accs[i][chain]
-                    builder.store(builder.call(fma, [builder.sitofp(ints, _V16F), lane_scale, builder.load(acc)]), acc)
-                    zt = builder.fmul(sz, _load(builder, xqsum_rows[i], g0, small))
-                    builder.store(builder.fadd(builder.load(zero_terms[i]), zt), zero_terms[i])
-
-            steps = builder.udiv(nblocks, ir.Constant(_I64, chains))
-            with cgutils.for_range(builder, steps) as loop:
-                first = builder.mul(loop.index, ir.Constant(_I64, chains))
-                for chain in range(chains):
-                    block(builder.add(first, ir.Constant(_I64, chain)), chain)
-            if chains == 2:
-                odd = builder.icmp_unsigned("!=", builder.urem(nblocks, ir.Constant(_I64, 2)), ir.Constant(_I64, 0))
-                with builder.if_then(odd):
-                    block(builder.sub(nblocks, ir.Constant(_I64, 1)), 0)
-
-            results = []
-            for i in range(tokens):
-                total = builder.load(accs[i][0])
-                for chain in range(1, chains):
-                    total = builder.fadd(total, builder.load(accs[i][chain]))
-                result = builder.extract_element(total, ir.Constant(_I32, 0))
-                for lane in range(1, 16):
-                    result = builder.fadd(result, builder.extract_element(total, ir.Constant(_I32, lane)))
-                zsum = builder.load(zero_terms[i])
-                for lane in range(groups_per_block):
-                    result = builder.fsub(result, builder.extract_element(zsum, ir.Constant(_I32, lane)))
-                results.append(result)
-            return context.make_tuple(builder, sig.return_type, results)
-
-        return signature, codegen
-
-    return row_dot
+    results = []
+    for i in range(tokens):
+        total = builder.load(accs[i][0])
+        for chain in range(1, chains):
+            total = builder.fadd(total, builder.load(accs[i][chain]))
+        results.append(builder.fsub(_horizontal_sum(builder, total),
+                                    _horizontal_sum(builder, builder.load(zero_terms[i]))))
+    return results
 
 
 TILE = 4  # tokens per pass over a row when several tokens go through one matrix (prefill)
-_dot1_g32, _dot1_g64, _dot1_g128 = (make_row_dot(g, 1) for g in (32, 64, 128))
-_dot4_g32, _dot4_g64, _dot4_g128 = (make_row_dot(g, TILE) for g in (32, 64, 128))
+
+
+def make_rows_kernel(group_size: int, use_vnni: bool = HAS_VNNI, prefetch: int = PREFETCH_BYTES):
+    """An intrinsic: rows_dots(codes, scales, zeros, xperm, dx, xqsum, out, r_start, r_end, out_start).
+
+    For rows r_start <= r < r_end of an int4 matrix (codes/scales/zeros: its flat views) and every
+    token t of quantize_activations' output: out[t, out_start + r - r_start] = row r . x[t].
+    Tokens go TILE at a time, the rest one by one. The row loop is in the IR: a call per row from
+    Numba cost ~40 ns of fixed work, as much as 9 blocks of codes (measured on 3584x1024).
+    """
+
+    @intrinsic
+    def rows_dots(typingctx, codes, scales, zeros, xperm, dx, xqsum, out, r_start, r_end, out_start):
+        signature = types.none(codes, scales, zeros, xperm, dx, xqsum, out, r_start, r_end, out_start)
+
+        def codegen(context, builder, sig, args):
+            ops = _Operands(context, builder, sig.args[:6], args[:6])
+            xperm = context.make_array(sig.args[3])(context, builder, args[3])
+            tokens, cols = cgutils.unpack_tuple(builder, xperm.shape, 2)
+            out = context.make_array(sig.args[6])(context, builder, args[6])
+            out_cols = cgutils.unpack_tuple(builder, out.shape, 2)[1]
+            first_row, end_row, out_first = args[7], args[8], args[9]
+            nblocks = builder.udiv(cols, ir.Constant(_I64, BLOCK_COLS))
+            ngroups = builder.udiv(cols, ir.Constant(_I64, group_size))
+            half_cols = builder.udiv(cols, ir.Constant(_I64, 2))
+            tiles = builder.udiv(tokens, ir.Constant(_I64, TILE))
+            rest = builder.urem(tokens, ir.Constant(_I64, TILE))
+
+            def store(t, column, value):
+                builder.store(value, builder.gep(out.data, [builder.add(builder.mul(t, out_cols), column)]))
+
+            with cgutils.for_range(builder, builder.sub(end_row, first_row)) as row_loop:
+                r = builder.add(first_row, row_loop.index)
+                column = builder.add(out_first, row_loop.index)
+                code_off, scale_off = builder.mul(r, half_cols), builder.mul(r, ngroups)
+                with cgutils.for_range(builder, tiles) as tile_loop:
+                    t0 = builder.mul(tile_loop.index, ir.Constant(_I64, TILE))
+                    values = _emit_row_dots(builder, ops, group_size, TILE, t0, code_off, scale_off, nblocks,
+                                            use_vnni, prefetch)
+                    for i, value in enumerate(values):
+                        store(builder.add(t0, ir.Constant(_I64, i)), column, value)
+                with cgutils.for_range(builder, rest) as rest_loop:
+                    t = builder.add(builder.mul(tiles, ir.Constant(_I64, TILE)), rest_loop.index)
+                    (value,) = _emit_row_dots(builder, ops, group_size, 1, t, code_off, scale_off, nblocks,
+                                              use_vnni, prefetch)
+                    store(t, column, value)
+            return context.get_dummy_value()
+
+        return signature, codegen
+
+    return rows_dots
+
+
+_rows_g32, _rows_g64, _rows_g128 = (make_rows_kernel(g) for g in (32, 64, 128))
 
 
 @njit(cache=True, fastmath=True, nogil=True)
-def _row_dots(codes, scales, zeros, r, xperm, dx, xqsum, group_size, out, out_col):
-    """out[t, out_col] = row r of an int4 matrix (flat views) . x[t] for every token t."""
-    tokens, cols = xperm.shape
-    blocks = np.uint64(cols // BLOCK_COLS)
-    ngroups = dx.shape[1]
-    code_offset = np.uint64(r) * np.uint64(cols // 2)
-    scale_offset = np.uint64(r) * np.uint64(ngroups)
-    t = 0
-    while t + TILE <= tokens:
-        t0 = np.uint64(t)
-        if group_size == 64:
-            a = _dot4_g64(codes, code_offset, scales, zeros, scale_offset, xperm, dx, xqsum, t0, blocks)
-        elif group_size == 128:
-            a = _dot4_g128(codes, code_offset, scales, zeros, scale_offset, xperm, dx, xqsum, t0, blocks)
-        else:
-            a = _dot4_g32(codes, code_offset, scales, zeros, scale_offset, xperm, dx, xqsum, t0, blocks)
-        for i in range(TILE):
-            out[t + i, out_col] = a[i]
-        t += TILE
-    while t < tokens:
-        t0 = np.uint64(t)
-        if group_size == 64:
-            (a1,) = _dot1_g64(codes, code_offset, scales, zeros, scale_offset, xperm, dx, xqsum, t0, blocks)
-        elif group_size == 128:
-            (a1,) = _dot1_g128(codes, code_offset, scales, zeros, scale_offset, xperm, dx, xqsum, t0, blocks)
-        else:
-            (a1,) = _dot1_g32(codes, code_offset, scales, zeros, scale_offset, xperm, dx, xqsum, t0, blocks)
-        out[t, out_col] = a1
-        t += 1
+def _rows(codes, scales, zeros, xperm, dx, xqsum, group_size, out, r_start, r_end, out_start):
+    """out[t, out_start + r - r_start] = row r . x[t] for r in [r_start, r_end) (flat matrix views)."""
+    first, end, column = np.uint64(r_start), np.uint64(r_end), np.uint64(out_start)
+    if group_size == 64:
+        _rows_g64(codes, scales, zeros, xperm, dx, xqsum, out, first, end, column)
+    elif group_size == 128:
+        _rows_g128(codes, scales, zeros, xperm, dx, xqsum, out, first, end, column)
+    else:
+        _rows_g32(codes, scales, zeros, xperm, dx, xqsum, out, first, end, column)
 
 
-# --- parallel drivers: one row per call, rows in order (one read stream per thread: measured faster
-# from DRAM than 2 or 4 rows at once, which are faster only when the matrix sits in cache) ---
+# --- parallel drivers: rows in order, one read stream per thread (measured faster from DRAM than
+# 2 or 4 rows at once, which are faster only when the matrix sits in cache) ---
 
 
 @njit(cache=True, fastmath=True, nogil=True, parallel=True)
@@ -290,8 +317,8 @@ def _matvec_kernel(codes, scales, zeros, xperm, dx, xqsum, group_size, out):
     sflat = scales.reshape(scales.size)
     zflat = zeros.reshape(zeros.size)
     for task in prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        for r in range(task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK)):
-            _row_dots(cflat, sflat, zflat, r, xperm, dx, xqsum, group_size, out, r)
+        first = task * ROWS_PER_TASK
+        _rows(cflat, sflat, zflat, xperm, dx, xqsum, group_size, out, first, min(rows, first + ROWS_PER_TASK), first)
 
 
 @njit(cache=True, fastmath=True, nogil=True)
@@ -301,7 +328,7 @@ def _silu(a):
 
 @njit(cache=True, fastmath=True, nogil=True, parallel=True)
 def _gate_up_kernel(codes1, scales1, zeros1, codes3, scales3, zeros3, xperm, dx, xqsum, group_size, h):
-    """h[t, r] = silu(w1[r] . x[t]) * (w3[r] . x[t]), row r of w1 and of w3 read in the same pass."""
+    """h[t, r] = silu(w1[r] . x[t]) * (w3[r] . x[t]), a task's rows of w1 then the same rows of w3."""
     rows = scales1.shape[0]
     tokens = xperm.shape[0]
     c1 = codes1.reshape(codes1.size)
@@ -311,12 +338,15 @@ def _gate_up_kernel(codes1, scales1, zeros1, codes3, scales3, zeros3, xperm, dx,
     s3 = scales3.reshape(scales3.size)
     z3 = zeros3.reshape(zeros3.size)
     for task in prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        pair = np.empty((tokens, 2), np.float32)
-        for r in range(task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK)):
-            _row_dots(c1, s1, z1, r, xperm, dx, xqsum, group_size, pair, 0)
-            _row_dots(c3, s3, z3, r, xperm, dx, xqsum, group_size, pair, 1)
-            for t in range(tokens):
-                h[t, r] = _silu(pair[t, 0]) * pair[t, 1]
+        first = task * ROWS_PER_TASK
+        end = min(rows, first + ROWS_PER_TASK)
+        gate = np.empty((tokens, ROWS_PER_TASK), np.float32)
+        up = np.empty((tokens, ROWS_PER_TASK), np.float32)
+        _rows(c1, s1, z1, xperm, dx, xqsum, group_size, gate, first, end, 0)
+        _rows(c3, s3, z3, xperm, dx, xqsum, group_size, up, first, end, 0)
+        for t in range(tokens):
+            for i in range(end - first):
+                h[t, first + i] = _silu(gate[t, i]) * up[t, i]
 
 
 def _parts(qm):
