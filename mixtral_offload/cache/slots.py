@@ -6,6 +6,7 @@ an expert where it lies in the mapped pool with the CPU kernels (no slot, pages 
 """
 from __future__ import annotations
 
+import contextlib
 import queue
 from typing import Callable
 
@@ -13,11 +14,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..offload.pool import MATRICES
+
 PAGE = 4096
 Key = tuple[int, int]
 
 
-def _slot_bytes(pool) -> int:
+def page_rounded_block_bytes(pool) -> int:
+    """One pool block's bytes rounded up to whole pages: the size of a RAM slot and a staging buffer."""
     return -(-pool.block_nbytes // PAGE) * PAGE
 
 
@@ -38,7 +42,7 @@ class HostSlots:
 
     def __init__(self, pool, num_slots: int, compute: Callable):
         self.pool, self.compute = pool, compute
-        self.slot_bytes = _slot_bytes(pool)
+        self.slot_bytes = page_rounded_block_bytes(pool)
         self.buffers = np.empty((num_slots, self.slot_bytes), dtype=np.uint8)  # pages touched on first fill
         self.views = [pool.views_from_buffer(buffer) for buffer in self.buffers]  # fixed: contents change
     def fill(self, slot: int, key: Key) -> int:
@@ -61,41 +65,57 @@ class DeviceSlots:
     On CUDA a fill is: one read of the block into a pinned buffer, an asynchronous copy to the slot on
     a copy stream, and a wait for that copy on the reader thread (so compute never waits on a stream).
     On the CPU the same code runs with ordinary buffers, which is how it is tested without a GPU.
+    How a slot holds an expert is in allocate, store, matrices_of and linear (NF4DeviceSlots overrides them).
     """
 
     def __init__(self, pool, num_slots: int, device: torch.device, dtype: torch.dtype,
                  dequantize: Callable, cpu_compute: Callable, staging_buffers: int = 2):
         self.pool, self.device, self.dtype = pool, torch.device(device), dtype
         self.dequantize, self.cpu_compute = dequantize, cpu_compute
-        self.slot_bytes = _slot_bytes(pool)
-        self.buffers = torch.empty((num_slots, self.slot_bytes), dtype=torch.uint8, device=self.device)
         self.is_cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device) if self.is_cuda else None
         self.staging: queue.Queue = queue.Queue()
         for _ in range(staging_buffers):
-            self.staging.put(torch.empty(self.slot_bytes, dtype=torch.uint8, pin_memory=self.is_cuda))
+            self.staging.put(torch.empty(page_rounded_block_bytes(pool), dtype=torch.uint8,
+                                         pin_memory=self.is_cuda))
+        self.allocate(num_slots)
+
+    def allocate(self, num_slots: int) -> None:
+        """Allocate the slots once, and set slot_bytes: here one page-rounded pool block each."""
+        self.slot_bytes = page_rounded_block_bytes(self.pool)
+        self.buffers = torch.empty((num_slots, self.slot_bytes), dtype=torch.uint8, device=self.device)
 
     def fill(self, slot: int, key: Key) -> int:
-        """Read one expert's block and copy it into a device slot; bytes read."""
+        """Read one expert's block and store it into a device slot (see `store`); bytes read."""
         stage = self.staging.get()
         try:
             got = self.pool.read_block_into(key[0], key[1], stage.numpy())
+            with torch.cuda.stream(self.stream) if self.is_cuda else contextlib.nullcontext():
+                self.store(slot, stage)
             if self.is_cuda:
-                with torch.cuda.stream(self.stream):
-                    self.buffers[slot].copy_(stage, non_blocking=True)
                 self.stream.synchronize()  # the staging buffer is reused next, and the slot must be whole
-            else:
-                self.buffers[slot].copy_(stage)
         finally:
             self.staging.put(stage)
         return got
 
+    def store(self, slot: int, stage: torch.Tensor) -> None:
+        """Put the block read into the staging buffer into `slot` (on the copy stream): here a plain copy."""
+        self.buffers[slot].copy_(stage, non_blocking=self.is_cuda)
+
     def run(self, slot: int, x: torch.Tensor) -> torch.Tensor:
-        """The expert in `slot`, dequantized on the device, on x [T, D] -> [T, D]."""
-        w1, w3, w2 = (self.dequantize(self.pool.spec, self.pool.shapes[name], parts, self.dtype)
-                      for name, parts in zip(("w1", "w3", "w2"), self.pool.tensor_parts(self.buffers[slot])))
+        """The expert in `slot` on x [T, D] -> [T, D] in the compute dtype."""
+        w1, w3, w2 = self.matrices_of(slot)
         x = x.to(self.dtype)
-        return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
+        return self.linear(F.silu(self.linear(x, w1)) * self.linear(x, w3), w2)
+
+    def matrices_of(self, slot: int) -> tuple:
+        """w1, w3, w2 of the expert in `slot`, dequantized on the device to the compute dtype."""
+        return tuple(self.dequantize(self.pool.spec, self.pool.shapes[name], parts, self.dtype)
+                     for name, parts in zip(MATRICES, self.pool.tensor_parts(self.buffers[slot])))
+
+    def linear(self, x: torch.Tensor, weight) -> torch.Tensor:
+        """x [T, in] times one matrix from `matrices_of` ([out, in]) -> [T, out]."""
+        return F.linear(x, weight)
 
     def run_direct(self, key: Key, x: torch.Tensor) -> torch.Tensor:
         """The expert computed by the CPU kernels where it lies in the pool (no copy to the device)."""

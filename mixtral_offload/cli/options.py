@@ -40,6 +40,14 @@ def load_options(command):
                      help="Read the next layer's likely experts while this layer computes."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
                      help="Where to compute: auto picks CUDA when torch sees a GPU."),
+        click.option("--device-format", type=click.Choice(["dequantize", "nf4"]), default="dequantize",
+                     show_default=True,
+                     help="How cached experts are held in VRAM (with --device cuda, converted models). "
+                          "dequantize: the pool's int4/int8 blocks, dequantized to the compute dtype on every "
+                          "call. nf4: re-quantized at fill to bitsandbytes NF4 (0.56 byte per weight: as small "
+                          "as int4 g64 blocks, 1.8x smaller than int8 blocks, 3.6x smaller than float16) and "
+                          "computed on the packed weights; re-quantizing the pool's int4 adds error. Needs "
+                          "bitsandbytes."),
         click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
                      show_default=True, help="Compute dtype of the dense weights; auto: as stored."),
         click.option("--activations", type=click.Choice(["int8", "float32"]), default="int8", show_default=True,

@@ -12,6 +12,7 @@ from safetensors import safe_open
 
 from ..cache.expert_cache import ExpertCache
 from ..cache.traces import TraceRecorder
+from ..cache.nf4_slots import NF4DeviceSlots, import_bitsandbytes, nf4_slot_bytes
 from ..cache.slots import DeviceSlots
 from ..config import ModelArgs, format_size, parse_size
 from ..errors import MixtralOffloadError
@@ -24,12 +25,14 @@ from .quant_experts import PoolExperts, expert_forward
 from .runtime import PREFILL_CHUNK, SCORE_CHUNK, Runtime, build_model, default_context, load_checkpoint
 from .tokenizer import Tokenizer
 
+DEVICE_FORMATS = ("dequantize", "nf4")  # how device slots hold an expert (see load())
+
 
 def load(path: str | Path, dtype: str = "auto", max_context: int | None = None, *,
          memory_budget: int | str | None = None, ram_budget: int | str | None = None, policy: str = "gate",
          prefetch: bool = True, device: str = "auto", record_trace: bool = False,
          log: Callable[[str], None] | None = None, release_pages: bool = False,
-         activations: str = "int8") -> Runtime:
+         activations: str = "int8", device_format: str = "dequantize") -> Runtime:
     """Load the model at path for generation.
 
     A directory holding experts.pool loads as a converted model, anything else as an HF checkpoint.
@@ -39,8 +42,12 @@ def load(path: str | Path, dtype: str = "auto", max_context: int | None = None, 
     the CPU, experts are computed where they lie in the mapped pool. log receives the memory plan.
     activations: how the CPU kernels take an expert's input: 'int8' (quantized per group, integer dot
     products, the fast path for int4 pools) or 'float32' (exact to the dequantized weights).
+    device_format: how device slots hold an expert: 'dequantize' (the pool's block, dequantized per call)
+    or 'nf4' (re-quantized to bitsandbytes NF4 at fill, computed by matmul_4bit; needs a device tier).
     """
     check_activations_mode(activations)
+    if device_format not in DEVICE_FORMATS:
+        raise MixtralOffloadError(f"unknown device format {device_format!r}: use {' or '.join(DEVICE_FORMATS)}")
     path = Path(path)
     if not path.exists():
         raise MixtralOffloadError(f"{path}: no such model directory")
@@ -48,7 +55,10 @@ def load(path: str | Path, dtype: str = "auto", max_context: int | None = None, 
     if (path / POOL_NAME).exists():
         return load_converted(path, dtype, max_context, memory_budget=memory_budget, ram_budget=ram_budget,
                               policy=policy, prefetch=prefetch, device=torch_device, record_trace=record_trace,
-                              log=log, release_pages=release_pages, activations=activations)
+                              log=log, release_pages=release_pages, activations=activations,
+                              device_format=device_format)
+    if device_format == "nf4":
+        raise MixtralOffloadError(f"{path}: --device-format nf4 needs a converted model (experts in a pool)")
     if memory_budget is not None:
         raise MixtralOffloadError(
             f"{path}: --memory-budget needs a converted model: run 'mixtral-offload convert {path} OUT_DIR' first")
@@ -77,7 +87,8 @@ def load_converted(path: str | Path, dtype: str = "auto", max_context: int | Non
                    memory_budget: int | str | None = None, ram_budget: int | str | None = None,
                    policy: str = "gate", prefetch: bool = True, device: torch.device = torch.device("cpu"),
                    record_trace: bool = False, log: Callable[[str], None] | None = None,
-                   release_pages: bool = False, activations: str = "int8") -> Runtime:
+                   release_pages: bool = False, activations: str = "int8",
+                   device_format: str = "dequantize") -> Runtime:
     """Load a converted model directory: dense weights resident, experts in the mapped pool or a cache."""
     run_expert = functools.partial(expert_forward, activations=activations)
     path = Path(path)
@@ -87,6 +98,10 @@ def load_converted(path: str | Path, dtype: str = "auto", max_context: int | Non
     torch_dtype = parse_dtype(resolve_dtype(dtype, path))
     context = default_context(args, max_context)
     on_gpu = device.type == "cuda"
+    if device_format == "nf4" and not on_gpu:
+        raise MixtralOffloadError("--device-format nf4 needs the experts on a device tier: add --device cuda")
+    if device_format == "nf4":
+        import_bitsandbytes()  # fail before the weights are read
     if memory_budget is None and not record_trace and not on_gpu:
         experts = PoolExperts(pool, release_pages, activations)
         dense = read_dense(path / DENSE_NAME, args, torch_dtype)
@@ -102,7 +117,8 @@ def load_converted(path: str | Path, dtype: str = "auto", max_context: int | Non
         dense_bytes = itemsize * sum(math.prod(shape) for shape in dense_shapes(args).values())
         # on the GPU the budget bounds what torch allocates there; the host's baseline counts for ram_budget
         baseline = torch.cuda.memory_reserved(device) if on_gpu else None
-        plan = plan_memory(args, parse_size(memory_budget), dense_bytes, pool.block_nbytes, context, itemsize,
+        slot_bytes = nf4_slot_bytes(pool) if device_format == "nf4" else pool.block_nbytes
+        plan = plan_memory(args, parse_size(memory_budget), dense_bytes, slot_bytes, context, itemsize,
                            PREFILL_CHUNK, prefetch_slots, baseline=baseline, score_chunk=SCORE_CHUNK)
         if log is not None:
             log(plan.describe())
@@ -110,7 +126,8 @@ def load_converted(path: str | Path, dtype: str = "auto", max_context: int | Non
     if on_gpu:
         check_host_budget(ram_budget, pool.block_nbytes)
     dense = {name: tensor.to(device) for name, tensor in read_dense(path / DENSE_NAME, args, torch_dtype).items()}
-    store = DeviceSlots(pool, slots, device, torch_dtype, dequantize_parts_torch, run_expert) if on_gpu else None
+    store_class = NF4DeviceSlots if device_format == "nf4" else DeviceSlots
+    store = store_class(pool, slots, device, torch_dtype, dequantize_parts_torch, run_expert) if on_gpu else None
     recorder = TraceRecorder(args.num_hidden_layers, args.num_local_experts, source=str(path)) if record_trace else None
     experts = ExpertCache(pool, args.num_hidden_layers, args.num_experts_per_tok, slots, run_expert,
                           policy=policy, prefetch=prefetch_slots, recorder=recorder, store=store)
