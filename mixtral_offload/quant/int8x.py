@@ -1,4 +1,4 @@
-"""int4 weights times int8 activations: integer dot products per 64-byte block of codes (decode path).
+"""int4 and int8 weights times int8 activations: integer dot products per 64-byte block of codes.
 
 The float kernels in kernels.py decode every nibble to float and stay compute-bound at ~25-30% of
 memory bandwidth. Here x is quantized once per call to int8 per weight group (symmetric, one float
@@ -12,13 +12,17 @@ the same order, [lo 64 B | hi 64 B] per block, so each block takes two `vpdpbusd
 u8 x s8 -> int32, 4 products per lane) with no shuffles, one int->float conversion, and one FMA with
 the per-lane scale s_g dx_g. Groups of 32/64/128 map to 4/8/16 int32 lanes of a block.
 
+int8 weights (symmetric, q in -127..127) are read as u = q + 128 (an XOR of the sign bit) and a
+block of 64 takes sum u xq - 128 sum xq: two `vpdpbusd` on the same x, no zero points. x stays in
+its natural order for them.
+
 Numba widens small-integer arithmetic to int64, so the block loop is written in LLVM IR through a
 Numba intrinsic. Where the CPU has no AVX-512 VNNI, the same IR computes the integer dot products
 with generic vector ops (widen, multiply, add pairs), which LLVM lowers for any target: correct
 everywhere, fast where VNNI exists. `HAS_VNNI` says which one this process compiled.
 
-Applies when cols % 128 == 0 (whole blocks per row) and bits == 4; `supports()` says so, and the
-callers in kernels.py keep the exact float kernels for everything else. Results equal the float64
+Applies to int4 with cols % 128 == 0 and int8 with cols % 64 == 0 (whole blocks per row);
+`supports()` says so, and the callers in kernels.py keep the exact float kernels otherwise. Results equal the float64
 reference on the dequantized weights and the dequantized int8 x (`reference_matvec`) within ~1e-6
 relative; against the float x they differ by the activation rounding (~0.5% of the largest output).
 """
@@ -32,8 +36,8 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-BLOCK_BYTES = 64  # codes per block: one zmm load, 128 int4 weights
-BLOCK_COLS = 2 * BLOCK_BYTES
+BLOCK_BYTES = 64  # codes per block: one zmm load, 128 int4 or 64 int8 weights
+BLOCK_COLS = {4: 2 * BLOCK_BYTES, 8: BLOCK_BYTES}  # weights (columns) per block, by bit width
 ROWS_PER_TASK = 64
 # Software prefetch of the codes 8 KiB ahead into L2 (prefetcht1). The hardware prefetchers alone
 # left one thread at 16-20 GB/s on Mixtral's w1/w2 int4 g64; with it 27 GB/s, and 2 threads 33 GB/s,
@@ -52,15 +56,15 @@ _V16F = ir.VectorType(_F32, 16)
 
 def supports(bits: int, cols: int) -> bool:
     """Whether a [rows, cols] matrix of this bit width can use the int8-activation kernels."""
-    return bits == 4 and cols % BLOCK_COLS == 0
+    return bits in BLOCK_COLS and cols % BLOCK_COLS[bits] == 0
 
 
 # --- activation quantization ---
 
 
 @njit(cache=True, fastmath=True, nogil=True)
-def _quantize_activations(x, group_size, xperm, dx, xqsum):
-    """Per token and group: dx = max|x| / 127, xq = round(x / dx), written in the codes' block order."""
+def _quantize_activations(x, group_size, permute, xperm, dx, xqsum):
+    """Per token and group: dx = max|x| / 127, xq = round(x / dx); with permute, in int4's block order."""
     half = group_size // 2
     inv127 = np.float32(1.0 / 127.0)
     for t in range(x.shape[0]):
@@ -74,22 +78,28 @@ def _quantize_activations(x, group_size, xperm, dx, xqsum):
             total = 0
             for j in range(group_size):
                 q = np.int32(np.rint(x[t, base + j] * inv))
+                total += q
+                if not permute:
+                    xperm[t, base + j] = q
+                    continue
                 # element j < half is the low nibble of code byte p = g*half + j, j >= half the high one
                 p = g * half + (j % half)
                 block, pos = p // BLOCK_BYTES, p % BLOCK_BYTES
-                xperm[t, block * BLOCK_COLS + (BLOCK_BYTES if j >= half else 0) + pos] = q
-                total += q
+                xperm[t, block * 2 * BLOCK_BYTES + (BLOCK_BYTES if j >= half else 0) + pos] = q
             dx[t, g] = scale
             xqsum[t, g] = scale * np.float32(total)
 
 
-def quantize_activations(x: np.ndarray, group_size: int):
-    """(xperm int8 [T, cols], dx float32 [T, cols/G], xqsum float32 [T, cols/G]) for x [T, cols]."""
+def quantize_activations(x: np.ndarray, group_size: int, bits: int = 4):
+    """(xperm int8 [T, cols], dx float32 [T, cols/G], xqsum float32 [T, cols/G]) for x [T, cols].
+
+    xperm is in the order the weights' codes are read: int4's block order for bits 4, natural for 8.
+    """
     tokens, cols = x.shape
     xperm = np.empty((tokens, cols), np.int8)
     dx = np.empty((tokens, cols // group_size), np.float32)
     xqsum = np.empty((tokens, cols // group_size), np.float32)
-    _quantize_activations(x, group_size, xperm, dx, xqsum)
+    _quantize_activations(x, group_size, bits == 4, xperm, dx, xqsum)
     return xperm, dx, xqsum
 
 
@@ -165,22 +175,24 @@ class _Operands:
         )
 
 
-def _emit_row_dots(builder, ops, group_size, tokens, t0, code_off, scale_off, nblocks, use_vnni, prefetch):
-    """IR for the dot products of one int4 row with x[t0 : t0 + tokens]: a list of float32 values.
+def _emit_row_dots(builder, ops, bits, group_size, tokens, t0, code_off, scale_off, nblocks, use_vnni, prefetch):
+    """IR for the dot products of one row with x[t0 : t0 + tokens]: a list of float32 values.
 
-    code_off/scale_off: the row's first element in the flat codes and scales/zeros; nblocks = cols/128.
-    Each 64-byte block of codes is split into nibbles once and used for every token of the tile.
+    code_off/scale_off: the row's first element in the flat codes and scales/zeros; nblocks = cols
+    / BLOCK_COLS[bits]. Each 64-byte block of codes is decoded once and used for every token.
     """
-    half = group_size // 2
-    groups_per_block = BLOCK_BYTES // half
-    lanes_per_group = 16 // groups_per_block
-    expand = ir.Constant(ir.VectorType(_I32, 16), [lane // lanes_per_group for lane in range(16)])
+    block_cols = BLOCK_COLS[bits]
+    # int32 lane l of a block sums weights 4l..4l+3 of its 64 bytes: of group (4l) // (G/2) for int4
+    # (a byte holds elements j and j + G/2), (4l) // G for int8; an int8 group of 128 spans 2 blocks
+    group_bytes = group_size // 2 if bits == 4 else group_size
+    groups_per_block = max(1, BLOCK_BYTES // group_bytes)
+    expand = ir.Constant(ir.VectorType(_I32, 16), [(4 * lane) // group_bytes for lane in range(16)])
     small = ir.VectorType(_F32, groups_per_block)
     # one token: two accumulators over alternate blocks (one FMA chain would bound the loop by its
     # latency); a tile of tokens has a chain per token already
     chains = 2 if tokens == 1 else 1
-    cols = builder.mul(nblocks, ir.Constant(_I64, BLOCK_COLS))
-    ngroups = builder.mul(nblocks, ir.Constant(_I64, BLOCK_COLS // group_size))
+    cols = builder.mul(nblocks, ir.Constant(_I64, block_cols))
+    ngroups = builder.udiv(cols, ir.Constant(_I64, group_size))
     x_rows, dx_rows, xqsum_rows = [], [], []
     for i in range(tokens):
         t = builder.add(t0, ir.Constant(_I64, i))
@@ -190,6 +202,7 @@ def _emit_row_dots(builder, ops, group_size, tokens, t0, code_off, scale_off, nb
     fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16F, [_V16F] * 3), "llvm.fma.v16f32")
     low_mask = ir.Constant(_V64I8, [15] * 64)
     four = ir.Constant(_V64I8, [4] * 64)
+    sign = ir.Constant(_V64I8, [0x80] * 64)
     accs = [[cgutils.alloca_once_value(builder, ir.Constant(_V16F, None)) for _ in range(chains)] for _ in range(tokens)]
     zero_terms = [cgutils.alloca_once_value(builder, ir.Constant(small, None)) for _ in range(tokens)]
 
@@ -198,23 +211,30 @@ def _emit_row_dots(builder, ops, group_size, tokens, t0, code_off, scale_off, nb
         if prefetch:
             _prefetch_l2(builder, builder.gep(ops.codes, [builder.add(code_at, ir.Constant(_I64, prefetch))]))
         codes_b = _load(builder, ops.codes, code_at, _V64I8)
-        low = builder.and_(codes_b, low_mask)
-        high = builder.lshr(codes_b, four)
-        g0 = builder.mul(b, ir.Constant(_I64, groups_per_block))
+        g0 = builder.udiv(builder.mul(b, ir.Constant(_I64, BLOCK_BYTES)), ir.Constant(_I64, group_bytes))
         s = _halfs_to_float(builder, ops.scales, builder.add(scale_off, g0), groups_per_block)
-        sz = builder.fmul(s, _halfs_to_float(builder, ops.zeros, builder.add(scale_off, g0), groups_per_block))
-        x_off = builder.mul(b, ir.Constant(_I64, BLOCK_COLS))
+        x_off = builder.mul(b, ir.Constant(_I64, block_cols))
+        if bits == 4:
+            low, high = builder.and_(codes_b, low_mask), builder.lshr(codes_b, four)
+            sz = builder.fmul(s, _halfs_to_float(builder, ops.zeros, builder.add(scale_off, g0), groups_per_block))
+        else:
+            biased = builder.xor(codes_b, sign)  # q + 128 as u8
         for i in range(tokens):
             x_lo = _load(builder, x_rows[i], x_off, _V64I8)
-            x_hi = _load(builder, x_rows[i], builder.add(x_off, ir.Constant(_I64, BLOCK_BYTES)), _V64I8)
-            ints = _int_dot(builder, ir.Constant(_V16I32, None), low, x_lo, use_vnni)
-            ints = _int_dot(builder, ints, high, x_hi, use_vnni)
+            if bits == 4:
+                x_hi = _load(builder, x_rows[i], builder.add(x_off, ir.Constant(_I64, BLOCK_BYTES)), _V64I8)
+                ints = _int_dot(builder, ir.Constant(_V16I32, None), low, x_lo, use_vnni)
+                ints = _int_dot(builder, ints, high, x_hi, use_vnni)
+            else:
+                ints = builder.sub(_int_dot(builder, ir.Constant(_V16I32, None), biased, x_lo, use_vnni),
+                                   _int_dot(builder, ir.Constant(_V16I32, None), sign, x_lo, use_vnni))
             d = _load(builder, dx_rows[i], g0, small)
             lane_scale = builder.shuffle_vector(builder.fmul(s, d), ir.Constant(small, ir.Undefined), expand)
             acc = accs[i][chain]
             builder.store(builder.call(fma, [builder.sitofp(ints, _V16F), lane_scale, builder.load(acc)]), acc)
-            zt = builder.fmul(sz, _load(builder, xqsum_rows[i], g0, small))
-            builder.store(builder.fadd(builder.load(zero_terms[i]), zt), zero_terms[i])
+            if bits == 4:
+                zt = builder.fmul(sz, _load(builder, xqsum_rows[i], g0, small))
+                builder.store(builder.fadd(builder.load(zero_terms[i]), zt), zero_terms[i])
 
     steps = builder.udiv(nblocks, ir.Constant(_I64, chains))
     with cgutils.for_range(builder, steps) as loop:
@@ -239,18 +259,22 @@ def _emit_row_dots(builder, ops, group_size, tokens, t0, code_off, scale_off, nb
 TILE = 4  # tokens per pass over a row when several tokens go through one matrix (prefill)
 
 
-def make_rows_kernel(group_size: int, use_vnni: bool = HAS_VNNI, prefetch: int = PREFETCH_BYTES):
-    """An intrinsic: rows_dots(codes, scales, zeros, xperm, dx, xqsum, out, r_start, r_end, out_start).
+GROUP_SIZES = (32, 64, 128)
 
-    For rows r_start <= r < r_end of an int4 matrix (codes/scales/zeros: its flat views) and every
-    token t of quantize_activations' output: out[t, out_start + r - r_start] = row r . x[t].
-    Tokens go TILE at a time, the rest one by one. The row loop is in the IR: a call per row from
-    Numba cost ~40 ns of fixed work, as much as 9 blocks of codes (measured on 3584x1024).
+
+def make_rows_kernel(bits: int, use_vnni: bool = HAS_VNNI, prefetch: int = PREFETCH_BYTES):
+    """An intrinsic: rows_dots(codes, scales, zeros, xperm, dx, xqsum, out, r_start, r_end, out_start, G).
+
+    For rows r_start <= r < r_end of an int4/int8 matrix (codes/scales/zeros: its flat views) with
+    group size G and every token t of quantize_activations' output (all arrays C-contiguous):
+    out[t, out_start + r - r_start] = row r . x[t]. Tokens go TILE at a time, the rest one by one.
+    The row loop is in the IR: a call per row from Numba cost ~40 ns of fixed work, as much as 9
+    blocks of codes (measured on 3584x1024). The loop is emitted once per group size in GROUP_SIZES.
     """
 
     @intrinsic
-    def rows_dots(typingctx, codes, scales, zeros, xperm, dx, xqsum, out, r_start, r_end, out_start):
-        signature = types.none(codes, scales, zeros, xperm, dx, xqsum, out, r_start, r_end, out_start)
+    def rows_dots(typingctx, codes, scales, zeros, xperm, dx, xqsum, out, r_start, r_end, out_start, group_size):
+        signature = types.none(codes, scales, zeros, xperm, dx, xqsum, out, r_start, r_end, out_start, group_size)
 
         def codegen(context, builder, sig, args):
             ops = _Operands(context, builder, sig.args[:6], args[:6])
@@ -258,31 +282,36 @@ def make_rows_kernel(group_size: int, use_vnni: bool = HAS_VNNI, prefetch: int =
             tokens, cols = cgutils.unpack_tuple(builder, xperm.shape, 2)
             out = context.make_array(sig.args[6])(context, builder, args[6])
             out_cols = cgutils.unpack_tuple(builder, out.shape, 2)[1]
-            first_row, end_row, out_first = args[7], args[8], args[9]
-            nblocks = builder.udiv(cols, ir.Constant(_I64, BLOCK_COLS))
-            ngroups = builder.udiv(cols, ir.Constant(_I64, group_size))
-            half_cols = builder.udiv(cols, ir.Constant(_I64, 2))
+            first_row, end_row, out_first, group_size_v = args[7:11]
+            nblocks = builder.udiv(cols, ir.Constant(_I64, BLOCK_COLS[bits]))
+            row_bytes = builder.udiv(cols, ir.Constant(_I64, 8 // bits))
             tiles = builder.udiv(tokens, ir.Constant(_I64, TILE))
             rest = builder.urem(tokens, ir.Constant(_I64, TILE))
 
             def store(t, column, value):
                 builder.store(value, builder.gep(out.data, [builder.add(builder.mul(t, out_cols), column)]))
 
-            with cgutils.for_range(builder, builder.sub(end_row, first_row)) as row_loop:
-                r = builder.add(first_row, row_loop.index)
-                column = builder.add(out_first, row_loop.index)
-                code_off, scale_off = builder.mul(r, half_cols), builder.mul(r, ngroups)
-                with cgutils.for_range(builder, tiles) as tile_loop:
-                    t0 = builder.mul(tile_loop.index, ir.Constant(_I64, TILE))
-                    values = _emit_row_dots(builder, ops, group_size, TILE, t0, code_off, scale_off, nblocks,
-                                            use_vnni, prefetch)
-                    for i, value in enumerate(values):
-                        store(builder.add(t0, ir.Constant(_I64, i)), column, value)
-                with cgutils.for_range(builder, rest) as rest_loop:
-                    t = builder.add(builder.mul(tiles, ir.Constant(_I64, TILE)), rest_loop.index)
-                    (value,) = _emit_row_dots(builder, ops, group_size, 1, t, code_off, scale_off, nblocks,
-                                              use_vnni, prefetch)
-                    store(t, column, value)
+            def emit_rows(group_size):
+                ngroups = builder.udiv(cols, ir.Constant(_I64, group_size))
+                with cgutils.for_range(builder, builder.sub(end_row, first_row)) as row_loop:
+                    r = builder.add(first_row, row_loop.index)
+                    column = builder.add(out_first, row_loop.index)
+                    code_off, scale_off = builder.mul(r, row_bytes), builder.mul(r, ngroups)
+                    with cgutils.for_range(builder, tiles) as tile_loop:
+                        t0 = builder.mul(tile_loop.index, ir.Constant(_I64, TILE))
+                        values = _emit_row_dots(builder, ops, bits, group_size, TILE, t0, code_off, scale_off,
+                                                nblocks, use_vnni, prefetch)
+                        for i, value in enumerate(values):
+                            store(builder.add(t0, ir.Constant(_I64, i)), column, value)
+                    with cgutils.for_range(builder, rest) as rest_loop:
+                        t = builder.add(builder.mul(tiles, ir.Constant(_I64, TILE)), rest_loop.index)
+                        (value,) = _emit_row_dots(builder, ops, bits, group_size, 1, t, code_off, scale_off,
+                                                  nblocks, use_vnni, prefetch)
+                        store(t, column, value)
+
+            for group_size in GROUP_SIZES:
+                with builder.if_then(builder.icmp_unsigned("==", group_size_v, ir.Constant(_I64, group_size))):
+                    emit_rows(group_size)
             return context.get_dummy_value()
 
         return signature, codegen
@@ -290,19 +319,17 @@ def make_rows_kernel(group_size: int, use_vnni: bool = HAS_VNNI, prefetch: int =
     return rows_dots
 
 
-_rows_g32, _rows_g64, _rows_g128 = (make_rows_kernel(g) for g in (32, 64, 128))
+_rows_int4, _rows_int8 = make_rows_kernel(4), make_rows_kernel(8)
 
 
 @njit(cache=True, fastmath=True, nogil=True)
-def _rows(codes, scales, zeros, xperm, dx, xqsum, group_size, out, r_start, r_end, out_start):
+def _rows(bits, codes, scales, zeros, xperm, dx, xqsum, group_size, out, r_start, r_end, out_start):
     """out[t, out_start + r - r_start] = row r . x[t] for r in [r_start, r_end) (flat matrix views)."""
-    first, end, column = np.uint64(r_start), np.uint64(r_end), np.uint64(out_start)
-    if group_size == 64:
-        _rows_g64(codes, scales, zeros, xperm, dx, xqsum, out, first, end, column)
-    elif group_size == 128:
-        _rows_g128(codes, scales, zeros, xperm, dx, xqsum, out, first, end, column)
+    first, end, column, group = np.uint64(r_start), np.uint64(r_end), np.uint64(out_start), np.uint64(group_size)
+    if bits == 4:
+        _rows_int4(codes, scales, zeros, xperm, dx, xqsum, out, first, end, column, group)
     else:
-        _rows_g32(codes, scales, zeros, xperm, dx, xqsum, out, first, end, column)
+        _rows_int8(codes, scales, zeros, xperm, dx, xqsum, out, first, end, column, group)
 
 
 # --- parallel drivers: rows in order, one read stream per thread (measured faster from DRAM than
@@ -310,7 +337,7 @@ def _rows(codes, scales, zeros, xperm, dx, xqsum, group_size, out, r_start, r_en
 
 
 @njit(cache=True, fastmath=True, nogil=True, parallel=True)
-def _matvec_kernel(codes, scales, zeros, xperm, dx, xqsum, group_size, out):
+def _matvec_kernel(bits, codes, scales, zeros, xperm, dx, xqsum, group_size, out):
     """out[t, r] = row r . x[t] for every token t of the quantized activations."""
     rows = scales.shape[0]
     cflat = codes.reshape(codes.size)
@@ -318,7 +345,7 @@ def _matvec_kernel(codes, scales, zeros, xperm, dx, xqsum, group_size, out):
     zflat = zeros.reshape(zeros.size)
     for task in prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
         first = task * ROWS_PER_TASK
-        _rows(cflat, sflat, zflat, xperm, dx, xqsum, group_size, out, first, min(rows, first + ROWS_PER_TASK), first)
+        _rows(bits, cflat, sflat, zflat, xperm, dx, xqsum, group_size, out, first, min(rows, first + ROWS_PER_TASK), first)
 
 
 @njit(cache=True, fastmath=True, nogil=True)
@@ -327,7 +354,7 @@ def _silu(a):
 
 
 @njit(cache=True, fastmath=True, nogil=True, parallel=True)
-def _gate_up_kernel(codes1, scales1, zeros1, codes3, scales3, zeros3, xperm, dx, xqsum, group_size, h):
+def _gate_up_kernel(bits, codes1, scales1, zeros1, codes3, scales3, zeros3, xperm, dx, xqsum, group_size, h):
     """h[t, r] = silu(w1[r] . x[t]) * (w3[r] . x[t]), a task's rows of w1 then the same rows of w3."""
     rows = scales1.shape[0]
     tokens = xperm.shape[0]
@@ -342,30 +369,34 @@ def _gate_up_kernel(codes1, scales1, zeros1, codes3, scales3, zeros3, xperm, dx,
         end = min(rows, first + ROWS_PER_TASK)
         gate = np.empty((tokens, ROWS_PER_TASK), np.float32)
         up = np.empty((tokens, ROWS_PER_TASK), np.float32)
-        _rows(c1, s1, z1, xperm, dx, xqsum, group_size, gate, first, end, 0)
-        _rows(c3, s3, z3, xperm, dx, xqsum, group_size, up, first, end, 0)
+        _rows(bits, c1, s1, z1, xperm, dx, xqsum, group_size, gate, first, end, 0)
+        _rows(bits, c3, s3, z3, xperm, dx, xqsum, group_size, up, first, end, 0)
         for t in range(tokens):
             for i in range(end - first):
                 h[t, first + i] = _silu(gate[t, i]) * up[t, i]
 
 
+_NO_ZEROS = np.zeros(1, np.uint16)  # int8 has no zero points; the kernels never read this
+
+
 def _parts(qm):
-    return qm.codes, qm.scales.view(np.uint16), qm.zeros.view(np.uint16)
+    zeros = qm.zeros.view(np.uint16) if qm.spec.bits == 4 else _NO_ZEROS
+    return qm.codes, qm.scales.view(np.uint16), zeros
 
 
 def matmul(qm, x: np.ndarray) -> np.ndarray:
     """y [T, rows] = x [T, cols] @ W.T with x quantized to int8 per group (supports(...) must hold)."""
-    xperm, dx, xqsum = quantize_activations(x, qm.spec.group_size)
+    xperm, dx, xqsum = quantize_activations(x, qm.spec.group_size, qm.spec.bits)
     y = np.empty((x.shape[0], qm.rows), np.float32)
-    _matvec_kernel(*_parts(qm), xperm, dx, xqsum, qm.spec.group_size, y)
+    _matvec_kernel(qm.spec.bits, *_parts(qm), xperm, dx, xqsum, qm.spec.group_size, y)
     return y
 
 
 def gate_up(w1, w3, x: np.ndarray) -> np.ndarray:
     """h [T, I] = silu(x @ w1.T) * (x @ w3.T) with x quantized to int8 per group."""
-    xperm, dx, xqsum = quantize_activations(x, w1.spec.group_size)
+    xperm, dx, xqsum = quantize_activations(x, w1.spec.group_size, w1.spec.bits)
     h = np.empty((x.shape[0], w1.rows), np.float32)
-    _gate_up_kernel(*_parts(w1), *_parts(w3), xperm, dx, xqsum, w1.spec.group_size, h)
+    _gate_up_kernel(w1.spec.bits, *_parts(w1), *_parts(w3), xperm, dx, xqsum, w1.spec.group_size, h)
     return h
 
 
