@@ -90,6 +90,8 @@ class DeviceSlots:
         stage = self.staging.get()
         try:
             got = self.pool.read_block_into(key[0], key[1], stage.numpy())
+            if self.is_cuda:  # the slot's previous expert may still be queued for compute on the default stream
+                self.stream.wait_stream(torch.cuda.default_stream(self.device))
             with torch.cuda.stream(self.stream) if self.is_cuda else contextlib.nullcontext():
                 self.store(slot, stage)
             if self.is_cuda:
