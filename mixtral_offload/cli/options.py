@@ -54,6 +54,10 @@ def load_options(command):
                      help="How the CPU kernels take an expert's input (int4 models): int8 quantizes it per "
                           "group for integer dot products (1.5-2.5x faster decode); float32 is exact to "
                           "the dequantized weights."),
+        click.option("--dense", type=click.Choice(["stored", "int8"]), default="stored", show_default=True,
+                     help="How the attention and output weights are held (converted models, CPU): stored keeps "
+                          "them in --dtype; int8 quantizes them at load (per group of 64, 0.6% error) and "
+                          "computes them with the CPU kernels: half their memory and bytes per token."),
         click.option("--max-context", type=int, default=None,
                      help="KV cache length in tokens [default: min(4096, the model's maximum)]."),
         click.option("--verbose", "-v", "log", is_flag=True, callback=_log_callback,

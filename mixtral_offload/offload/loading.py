@@ -21,18 +21,20 @@ from .pool import CONFIG_NAME, DENSE_NAME, POOL_NAME, TOKENIZER_NAME, ExpertPool
 from ..quant.kernels import check_activations_mode
 from ..quant.quantize import dequantize_parts_torch
 from .memory_plan import SLACK_BYTES, current_rss, plan_memory
+from .quant_dense import is_quantized_dense, quantize_dense, quantized_dense_bytes
 from .quant_experts import PoolExperts, expert_forward
 from .runtime import PREFILL_CHUNK, SCORE_CHUNK, Runtime, build_model, default_context, load_checkpoint
 from .tokenizer import Tokenizer
 
 DEVICE_FORMATS = ("dequantize", "nf4")  # how device slots hold an expert (see load())
+DENSE_FORMATS = ("stored", "int8")       # how the attention and output weights are held (see load())
 
 
 def load(path: str | Path, dtype: str = "auto", max_context: int | None = None, *,
          memory_budget: int | str | None = None, ram_budget: int | str | None = None, policy: str = "gate",
          prefetch: bool = True, device: str = "auto", record_trace: bool = False,
          log: Callable[[str], None] | None = None, release_pages: bool = False,
-         activations: str = "int8", device_format: str = "dequantize") -> Runtime:
+         activations: str = "int8", device_format: str = "dequantize", dense: str = "stored") -> Runtime:
     """Load the model at path for generation.
 
     A directory holding experts.pool loads as a converted model, anything else as an HF checkpoint.
@@ -44,10 +46,14 @@ def load(path: str | Path, dtype: str = "auto", max_context: int | None = None, 
     products, the fast path for int4 pools) or 'float32' (exact to the dequantized weights).
     device_format: how device slots hold an expert: 'dequantize' (the pool's block, dequantized per call)
     or 'nf4' (re-quantized to bitsandbytes NF4 at fill, computed by matmul_4bit; needs a device tier).
+    dense: 'stored' (attention and output weights in the compute dtype) or 'int8' (quantized per group
+    at load and computed by the CPU kernels: half the bytes per token and of their memory).
     """
     check_activations_mode(activations)
     if device_format not in DEVICE_FORMATS:
         raise MixtralOffloadError(f"unknown device format {device_format!r}: use {' or '.join(DEVICE_FORMATS)}")
+    if dense not in DENSE_FORMATS:
+        raise MixtralOffloadError(f"unknown dense format {dense!r}: use {' or '.join(DENSE_FORMATS)}")
     path = Path(path)
     if not path.exists():
         raise MixtralOffloadError(f"{path}: no such model directory")
@@ -56,9 +62,11 @@ def load(path: str | Path, dtype: str = "auto", max_context: int | None = None, 
         return load_converted(path, dtype, max_context, memory_budget=memory_budget, ram_budget=ram_budget,
                               policy=policy, prefetch=prefetch, device=torch_device, record_trace=record_trace,
                               log=log, release_pages=release_pages, activations=activations,
-                              device_format=device_format)
+                              device_format=device_format, dense=dense)
     if device_format == "nf4":
         raise MixtralOffloadError(f"{path}: --device-format nf4 needs a converted model (experts in a pool)")
+    if dense == "int8":
+        raise MixtralOffloadError(f"{path}: --dense int8 needs a converted model: run 'mixtral-offload convert' first")
     if memory_budget is not None:
         raise MixtralOffloadError(
             f"{path}: --memory-budget needs a converted model: run 'mixtral-offload convert {path} OUT_DIR' first")
@@ -88,7 +96,7 @@ def load_converted(path: str | Path, dtype: str = "auto", max_context: int | Non
                    policy: str = "gate", prefetch: bool = True, device: torch.device = torch.device("cpu"),
                    record_trace: bool = False, log: Callable[[str], None] | None = None,
                    release_pages: bool = False, activations: str = "int8",
-                   device_format: str = "dequantize") -> Runtime:
+                   device_format: str = "dequantize", dense: str = "stored") -> Runtime:
     """Load a converted model directory: dense weights resident, experts in the mapped pool or a cache."""
     run_expert = functools.partial(expert_forward, activations=activations)
     path = Path(path)
@@ -102,19 +110,22 @@ def load_converted(path: str | Path, dtype: str = "auto", max_context: int | Non
         raise MixtralOffloadError("--device-format nf4 needs the experts on a device tier: add --device cuda")
     if device_format == "nf4":
         import_bitsandbytes()  # fail before the weights are read
+    quantized = dense == "int8"
+    if quantized and on_gpu:
+        raise MixtralOffloadError("--dense int8 runs on the CPU kernels; with --device cuda keep --dense stored")
     if memory_budget is None and not record_trace and not on_gpu:
         experts = PoolExperts(pool, release_pages, activations)
-        dense = read_dense(path / DENSE_NAME, args, torch_dtype)
-        return Runtime(build_model(args, dense, experts, context), tokenizer, path)
+        weights = read_dense(path / DENSE_NAME, args, torch_dtype, quantized, activations)
+        return Runtime(build_model(args, weights, experts, context), tokenizer, path)
     prefetch_slots = args.num_experts_per_tok if prefetch else 0
-    warm_up_kernels(pool, run_expert)  # compiled kernels count towards the baseline
+    warm_up_kernels(pool, run_expert, activations if quantized else None)  # compiled kernels count in the baseline
     if memory_budget is None and not on_gpu:  # tracing without a budget: a cache that holds every expert
         slots = args.num_hidden_layers * args.num_local_experts
     else:
         if memory_budget is None:  # on a GPU: what is free now, less a tenth for the allocator
             memory_budget = int(torch.cuda.mem_get_info(device)[0] * 0.9)
         itemsize = torch.empty((), dtype=torch_dtype).element_size()
-        dense_bytes = itemsize * sum(math.prod(shape) for shape in dense_shapes(args).values())
+        dense_bytes = dense_nbytes(args, itemsize, quantized)
         # on the GPU the budget bounds what torch allocates there; the host's baseline counts for ram_budget
         baseline = torch.cuda.memory_reserved(device) if on_gpu else None
         slot_bytes = nf4_slot_bytes(pool) if device_format == "nf4" else pool.block_nbytes
@@ -125,14 +136,21 @@ def load_converted(path: str | Path, dtype: str = "auto", max_context: int | Non
         slots = plan.slots
     if on_gpu:
         check_host_budget(ram_budget, pool.block_nbytes)
-    dense = {name: tensor.to(device) for name, tensor in read_dense(path / DENSE_NAME, args, torch_dtype).items()}
+    weights = {name: tensor.to(device) if isinstance(tensor, torch.Tensor) else tensor
+               for name, tensor in read_dense(path / DENSE_NAME, args, torch_dtype, quantized, activations).items()}
     store_class = NF4DeviceSlots if device_format == "nf4" else DeviceSlots
     store = store_class(pool, slots, device, torch_dtype, dequantize_parts_torch, run_expert) if on_gpu else None
     recorder = TraceRecorder(args.num_hidden_layers, args.num_local_experts, source=str(path)) if record_trace else None
     experts = ExpertCache(pool, args.num_hidden_layers, args.num_experts_per_tok, slots, run_expert,
                           policy=policy, prefetch=prefetch_slots, recorder=recorder, store=store)
-    model = build_model(args, dense, experts, context, prefetch_hints=prefetch or record_trace)
+    model = build_model(args, weights, experts, context, prefetch_hints=prefetch or record_trace)
     return Runtime(model, tokenizer, path)
+
+
+def dense_nbytes(args: ModelArgs, itemsize: int, quantized: bool) -> int:
+    """Bytes the dense weights take resident: itemsize per weight, or int8 per group where quantized."""
+    return sum(quantized_dense_bytes(shape) if quantized and is_quantized_dense(name, shape) else itemsize * math.prod(shape)
+               for name, shape in dense_shapes(args).items())
 
 
 def check_host_budget(ram_budget: int | str | None, block_bytes: int) -> None:
@@ -145,7 +163,7 @@ def check_host_budget(ram_budget: int | str | None, block_bytes: int) -> None:
                                   f"{format_size(needed)} (baseline, two staging buffers and slack)")
 
 
-def warm_up_kernels(pool: ExpertPool, run_expert: Callable = expert_forward) -> None:
+def warm_up_kernels(pool: ExpertPool, run_expert: Callable = expert_forward, dense_activations: str | None = None) -> None:
     """Load (or compile) every kernel variant a run will call, before the baseline is measured.
 
     Numba compiles per argument type: one token and a batch take different kernels, and views on an
@@ -159,10 +177,17 @@ def warm_up_kernels(pool: ExpertPool, run_expert: Callable = expert_forward) -> 
         for tokens in (1, 64):
             run_expert(*matrices, np.zeros((tokens, hidden), np.float32))
     pool.release(0, 0)
+    if dense_activations is not None and is_quantized_dense("lm_head", (8, hidden)):  # int8 dense weights' kernels
+        weight = quantize_dense(torch.ones(8, hidden), dense_activations)
+        for tokens in (1, 64):
+            weight.linear(torch.zeros(tokens, hidden))
 
 
-def read_dense(file: Path, args: ModelArgs, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Every dense tensor of dense.safetensors in dtype, checked against the config's shapes.
+def read_dense(file: Path, args: ModelArgs, dtype: torch.dtype, quantized: bool = False,
+               activations: str = "int8") -> dict:
+    """Every dense tensor of dense.safetensors in dtype, checked against the config's shapes; with
+    quantized, the attention and output weights as QuantizedLinear (int8, computed with `activations`),
+    each as soon as it is read.
 
     The file is mapped for one tensor at a time, so its pages never all count in RSS at once.
     """
@@ -179,7 +204,10 @@ def read_dense(file: Path, args: ModelArgs, dtype: torch.dtype) -> dict[str, tor
                 if tuple(tensor.shape) != tuple(shape):
                     raise MixtralOffloadError(f"{file}: tensor {name} has shape {tuple(tensor.shape)}, "
                                               f"expected {tuple(shape)} from {CONFIG_NAME}")
-                dense[name] = tensor.to(dtype=dtype, copy=True)
+                if quantized and is_quantized_dense(name, shape):
+                    dense[name] = quantize_dense(tensor, activations)
+                else:
+                    dense[name] = tensor.to(dtype=dtype, copy=True)
     except MixtralOffloadError:
         raise
     except Exception as exc:  # safetensors raises several types for damaged files

@@ -34,7 +34,8 @@ class ExpertBackend(Protocol):
 
 @dataclass
 class LayerWeights:
-    """Dense weights of one decoder layer, [out, in] like nn.Linear."""
+    """Dense weights of one decoder layer, [out, in] like nn.Linear. The projections may instead be
+    quantized weights that multiply themselves (`weight.linear(x)`, see `linear`)."""
 
     attn_norm: torch.Tensor  # [D]
     moe_norm: torch.Tensor   # [D]
@@ -42,7 +43,7 @@ class LayerWeights:
     wk: torch.Tensor         # [G*hd, D]
     wv: torch.Tensor         # [G*hd, D]
     wo: torch.Tensor         # [D, H*hd]
-    gate: torch.Tensor       # [E, D]  the router
+    gate: torch.Tensor       # [E, D]  the router, always a tensor
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -57,8 +58,11 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight.T in x's dtype, multiplied in compute_dtype(x)."""
+def linear(x: torch.Tensor, weight) -> torch.Tensor:
+    """x @ weight.T in x's dtype, multiplied in compute_dtype(x); a weight that is not a tensor (a
+    quantized one) multiplies itself: weight.linear(x)."""
+    if not isinstance(weight, torch.Tensor):
+        return weight.linear(x)
     dtype = compute_dtype(x)
     if dtype == x.dtype:
         return F.linear(x, weight)
