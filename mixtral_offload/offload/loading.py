@@ -20,7 +20,7 @@ from .checkpoint import dense_shapes, parse_dtype
 from .pool import CONFIG_NAME, DENSE_NAME, POOL_NAME, TOKENIZER_NAME, ExpertPool
 from ..quant.kernels import check_activations_mode
 from ..quant.quantize import dequantize_parts_torch
-from .memory_plan import SLACK_BYTES, current_rss, plan_memory
+from .memory_plan import SLACK_BYTES, current_rss, plan_memory, return_freed_memory
 from .quant_dense import is_quantized_dense, quantize_dense, quantized_dense_bytes
 from .quant_experts import PoolExperts, expert_forward
 from .runtime import PREFILL_CHUNK, SCORE_CHUNK, Runtime, build_model, default_context, load_checkpoint
@@ -206,6 +206,8 @@ def read_dense(file: Path, args: ModelArgs, dtype: torch.dtype, quantized: bool 
                                               f"expected {tuple(shape)} from {CONFIG_NAME}")
                 if quantized and is_quantized_dense(name, shape):
                     dense[name] = quantize_dense(tensor, activations)
+                    del tensor
+                    return_freed_memory()
                 else:
                     dense[name] = tensor.to(dtype=dtype, copy=True)
     except MixtralOffloadError:

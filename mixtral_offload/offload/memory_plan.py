@@ -1,6 +1,7 @@
 """Planning resident memory under --memory-budget: what is fixed, and how many expert slots fit."""
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 
 import psutil
@@ -66,6 +67,19 @@ def kv_cache_bytes(args: ModelArgs, max_context: int, itemsize: int) -> int:
 def current_rss() -> int:
     """This process's resident set size now."""
     return psutil.Process().memory_info().rss
+
+
+def return_freed_memory() -> None:
+    """Give the C heap's freed pages back to the system (glibc's malloc_trim; a no-op elsewhere).
+
+    Quantizing the dense weights at load frees a temporary per tensor; glibc kept 0.9 GB of them
+    resident at Mixtral-8x7B geometry (2.6 GB of RSS for 1.7 GB of weights), memory the plan never
+    counted, until trimmed.
+    """
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def plan_memory(args: ModelArgs, budget: int, dense_bytes: int, slot_bytes: int, max_context: int,
