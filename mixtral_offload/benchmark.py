@@ -55,6 +55,7 @@ class DecodeSpec:
     policy: str = "gate"
     prefetch: bool = True
     activations: str = "int8"              # the CPU kernels' input: int8 or float32 (see load())
+    dense: str = "stored"                  # attention/output weights: stored or int8 (see load())
 
 
 def machine_info() -> dict:
@@ -253,11 +254,11 @@ def run_spec(spec: DecodeSpec) -> dict:
     start = time.perf_counter()
     if spec.experts_fraction is None:
         runtime = load(path, dtype=spec.dtype, max_context=max_context, memory_budget=budget, policy=spec.policy,
-                       prefetch=spec.prefetch, activations=spec.activations)
+                       prefetch=spec.prefetch, activations=spec.activations, dense=spec.dense)
     else:
         with _FractionBudget(spec.experts_fraction) as sized:
             runtime = load(path, dtype=spec.dtype, max_context=max_context, memory_budget=1 << 60,
-                           policy=spec.policy, prefetch=spec.prefetch, activations=spec.activations)
+                           policy=spec.policy, prefetch=spec.prefetch, activations=spec.activations, dense=spec.dense)
         budget = sized.budget
     load_seconds = time.perf_counter() - start
     runtime.tokenizer.eos_id = -1  # a fixed number of tokens: a random model may pick </s> at any step
@@ -293,7 +294,7 @@ def run_spec(spec: DecodeSpec) -> dict:
     return {
         "label": spec.label, "model": str(path), "experts_fraction": spec.experts_fraction,
         "budget": None if budget is None else parse_size(budget),
-        "threads": spec.threads, "policy": spec.policy if stats else None, "activations": spec.activations,
+        "threads": spec.threads, "policy": spec.policy if stats else None, "activations": spec.activations, "dense": spec.dense,
         "decode_tps": statistics.median(decode_runs), "decode_tps_runs": decode_runs,
         "prompt_tps": statistics.median(prompt_runs), "prompt_tps_runs": prompt_runs,
         "decode_prompt_tokens": spec.decode_prompt_tokens, "decode_tokens": spec.decode_tokens,

@@ -51,9 +51,9 @@ def load_options(command):
         click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
                      show_default=True, help="Compute dtype of the dense weights; auto: as stored."),
         click.option("--activations", type=click.Choice(["int8", "float32"]), default="int8", show_default=True,
-                     help="How the CPU kernels take an expert's input (int4 models): int8 quantizes it per "
-                          "group for integer dot products (1.5-2.5x faster decode); float32 is exact to "
-                          "the dequantized weights."),
+                     help="How the CPU kernels take their input (converted models): int8 quantizes it per "
+                          "group for integer dot products (1.4-1.7x faster decode measured); float32 is exact "
+                          "to the dequantized weights."),
         click.option("--dense", type=click.Choice(["stored", "int8"]), default="stored", show_default=True,
                      help="How the attention and output weights are held (converted models, CPU): stored keeps "
                           "them in --dtype; int8 quantizes them at load (per group of 64, 0.6% error) and "
