@@ -85,6 +85,8 @@ def unlimited_configs(paths, quick: bool) -> list[dict]:
              argv=runtime_argv(DecodeSpec(str(paths["int4"]), label="int4", **rt))),
         dict(name="this runtime int8", system="runtime", fmt="int8",
              argv=runtime_argv(DecodeSpec(str(paths["int8"]), label="int8", **rt))),
+        dict(name="this runtime int4, --dense int8", system="runtime", fmt="int4",
+             argv=runtime_argv(DecodeSpec(str(paths["int4"]), label="int4 dense int8", dense="int8", **rt))),
         dict(name="this runtime int4, budget for 50% of experts", system="runtime", fmt="int4",
              argv=runtime_argv(DecodeSpec(str(paths["int4"]), label="int4 50%", experts_fraction=0.5, **rt))),
         dict(name="this runtime int4, budget for 25% of experts", system="runtime", fmt="int4",

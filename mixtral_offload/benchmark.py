@@ -198,13 +198,16 @@ def _disk_read_bytes() -> int:
     return 0
 
 
-def _active_bytes(args, pool, itemsize: int) -> int:
-    """Bytes one decode step must read: every dense weight but the embedding table, plus top_k experts per layer."""
+def _active_bytes(args, pool, itemsize: int, dense_format: str = "stored") -> int:
+    """Bytes one decode step must read: every dense weight but the embedding table (int8 where
+    `--dense int8` holds it so), plus top_k experts per layer."""
     from .offload.checkpoint import dense_shapes
+    from .offload.quant_dense import is_quantized_dense, quantized_dense_bytes
 
-    shapes = dense_shapes(args)
-    dense = sum(math.prod(s) for name, s in shapes.items() if name != "embed" or args.tie_word_embeddings)
-    return dense * itemsize + args.num_hidden_layers * args.num_experts_per_tok * pool.block_nbytes
+    dense = sum(quantized_dense_bytes(shape) if dense_format == "int8" and is_quantized_dense(name, shape)
+                else itemsize * math.prod(shape)
+                for name, shape in dense_shapes(args).items() if name != "embed" or args.tie_word_embeddings)
+    return dense + args.num_hidden_layers * args.num_experts_per_tok * pool.block_nbytes
 
 
 class _FractionBudget:
@@ -305,7 +308,7 @@ def run_spec(spec: DecodeSpec) -> dict:
         "disk_bytes_per_token": cache["disk_bytes_per_token"],
         **{k: cache.get(k) for k in ("misses_per_token", "prefetches_per_token", "prefetch_hits_per_token",
                                      "prefetch_waste_per_token")},
-        "active_bytes_per_token": _active_bytes(runtime.args, pool, itemsize) if pool is not None else None,
+        "active_bytes_per_token": _active_bytes(runtime.args, pool, itemsize, spec.dense) if pool is not None else None,
         "peak_rss_hwm": _peak_rss_hwm(),
     }
 
