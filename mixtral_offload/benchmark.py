@@ -55,7 +55,7 @@ class DecodeSpec:
     policy: str = "gate"
     prefetch: bool = True
     activations: str = "int8"              # the CPU kernels' input: int8 or float32 (see load())
-    dense: str = "stored"                  # attention/output weights: stored or int8 (see load())
+    dense: str = "auto"                    # attention/output weights: auto, stored or int8 (see load())
 
 
 def machine_info() -> dict:
@@ -293,11 +293,12 @@ def run_spec(spec: DecodeSpec) -> dict:
         prompt_runs.append(spec.prompt_tokens / record.prompt_seconds)
     experts = runtime.model.experts
     pool = getattr(experts, "pool", None)
+    dense_held = "stored" if isinstance(runtime.model.layers[0].wq, torch.Tensor) else "int8"  # what auto chose
     itemsize = runtime.model.embed.element_size()
     return {
         "label": spec.label, "model": str(path), "experts_fraction": spec.experts_fraction,
         "budget": None if budget is None else parse_size(budget),
-        "threads": spec.threads, "policy": spec.policy if stats else None, "activations": spec.activations, "dense": spec.dense,
+        "threads": spec.threads, "policy": spec.policy if stats else None, "activations": spec.activations, "dense": dense_held,
         "decode_tps": statistics.median(decode_runs), "decode_tps_runs": decode_runs,
         "prompt_tps": statistics.median(prompt_runs), "prompt_tps_runs": prompt_runs,
         "decode_prompt_tokens": spec.decode_prompt_tokens, "decode_tokens": spec.decode_tokens,
@@ -308,7 +309,7 @@ def run_spec(spec: DecodeSpec) -> dict:
         "disk_bytes_per_token": cache["disk_bytes_per_token"],
         **{k: cache.get(k) for k in ("misses_per_token", "prefetches_per_token", "prefetch_hits_per_token",
                                      "prefetch_waste_per_token")},
-        "active_bytes_per_token": _active_bytes(runtime.args, pool, itemsize, spec.dense) if pool is not None else None,
+        "active_bytes_per_token": _active_bytes(runtime.args, pool, itemsize, dense_held) if pool is not None else None,
         "peak_rss_hwm": _peak_rss_hwm(),
     }
 

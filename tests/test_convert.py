@@ -80,7 +80,7 @@ def transformers_on_dequantized(model_dir: Path, hf_dir: Path, tmp: Path):
 def test_logits_equal_transformers_on_dequantized_weights(bits, hf_dir, converted, tmp_path):
     model_dir = converted(bits)
     reference = transformers_on_dequantized(model_dir, hf_dir, tmp_path)
-    runtime = load(model_dir, dtype="float32", activations="float32")
+    runtime = load(model_dir, dtype="float32", activations="float32", dense="stored")
     ids = runtime.tokenizer.encode(TEXT)[:48]
     ours = runtime.logits(ids)
     with torch.no_grad():
@@ -102,7 +102,7 @@ def test_quantization_error_teacher_forced(hf_dir, converted):
     float_nll = load(hf_dir, dtype="float32").perplexity(TEXT).nll
     figures = {}
     for (bits, refine), (min_corr, max_mean) in NLL_BOUNDS.items():
-        quant = load(converted(bits, refine), dtype="float32", activations="float32")
+        quant = load(converted(bits, refine), dtype="float32", activations="float32", dense="stored")
         corr, mean = nll_distance(float_nll, quant.perplexity(TEXT).nll)
         figures[bits, refine] = corr, mean
         assert corr >= min_corr and mean <= max_mean, (bits, refine, corr, mean)

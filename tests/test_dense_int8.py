@@ -30,7 +30,7 @@ def test_int8_dense_equals_the_model_on_its_dequantized_weights(converted_int4):
     quantized = load(converted_int4, dtype="float32", activations="float32", dense="int8")
     places = quantized_weights(quantized.model)
     assert len(places) == 4 * 4 + 1
-    reference = load(converted_int4, dtype="float32", activations="float32")
+    reference = load(converted_int4, dtype="float32", activations="float32", dense="stored")
     ref_places = [(layer, name) for layer in reference.model.layers for name in ("wq", "wk", "wv", "wo")]
     ref_places.append((reference.model, "lm_head"))
     for (owner, name), (ref_owner, ref_name) in zip(places, ref_places):
@@ -42,7 +42,7 @@ def test_int8_dense_equals_the_model_on_its_dequantized_weights(converted_int4):
 def test_int8_dense_stays_close_teacher_forced(converted_int4):
     """On this tiny random model (NLL ~11, errors amplified) mean |dNLL| measured 0.05 for int8 dense
     weights alone, 0.04 for int8 activations alone, 0.07 for both; corr >= 0.994."""
-    stored = np.array(load(converted_int4, dtype="float32").perplexity(TEXT).nll)
+    stored = np.array(load(converted_int4, dtype="float32", dense="stored").perplexity(TEXT).nll)
     int8 = np.array(load(converted_int4, dtype="float32", dense="int8").perplexity(TEXT).nll)
     assert np.corrcoef(stored, int8)[0, 1] > 0.99
     assert np.abs(stored - int8).mean() < 0.1
@@ -54,7 +54,7 @@ def test_int8_dense_keeps_the_demo_models_perplexity():
     from mixtral_offload.demo import demo_model_dir
 
     sample = (Path(__file__).parent / "data" / "demo_heldout_sample.txt").read_text(encoding="utf-8")
-    stored = load(demo_model_dir()).perplexity(sample).perplexity
+    stored = load(demo_model_dir(), dense="stored").perplexity(sample).perplexity
     int8 = load(demo_model_dir(), dense="int8").perplexity(sample).perplexity
     assert abs(int8 / stored - 1) < 0.01, (stored, int8)
 
@@ -91,6 +91,8 @@ def test_int8_dense_refused_where_it_cannot_run(tiny_checkpoint, converted_int4)
     path, _ = tiny_checkpoint
     with pytest.raises(MixtralOffloadError, match="--dense int8 needs a converted model"):
         load(path, dense="int8")
+    assert isinstance(load(path, dense="auto").model.layers[0].wq, torch.Tensor)  # auto: stored for HF checkpoints
+    assert isinstance(load(converted_int4).model.layers[0].wq, QuantizedLinear)  # auto: int8 for a pool on the CPU
     with pytest.raises(MixtralOffloadError, match="unknown dense format"):
         load(converted_int4, dense="int4")
 

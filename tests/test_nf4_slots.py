@@ -127,7 +127,7 @@ def test_the_runtime_never_imports_bitsandbytes_otherwise(converted_int4):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: bitsandbytes' CUDA kernels")
 def test_nf4_tier_on_cuda_matches_the_cpu(converted_int4):
     pytest.importorskip("bitsandbytes", reason=NEEDS_BNB)
-    cpu = load(converted_int4, dtype="float32", device="cpu", activations="float32")
+    cpu = load(converted_int4, dtype="float32", device="cpu", activations="float32", dense="stored")
     expected = logits_with_nf4_slots(cpu, nf4_store(cpu.model.experts.pool, 32))
     runtime = load(converted_int4, dtype="float16", device="cuda", memory_budget="1GiB", ram_budget="64GiB",
                    device_format="nf4")

@@ -91,8 +91,8 @@ def kernels(threads, bits, group_size, tokens, repeats, no_torch, as_json):
 @click.option("--activations", type=click.Choice(["int8", "float32"]), multiple=True, default=("int8",),
               show_default=True, help="The CPU kernels' input (see generate --help); give it twice to "
                                       "measure both side by side: --activations int8 --activations float32.")
-@click.option("--dense", type=click.Choice(["stored", "int8"]), default="stored", show_default=True,
-              help="Attention and output weights as stored or int8 (see generate --help).")
+@click.option("--dense", type=click.Choice(["auto", "stored", "int8"]), default="auto", show_default=True,
+              help="Attention and output weights: auto, stored or int8 (see generate --help).")
 @click.option("--bandwidth-gbs", type=click.FloatRange(0, min_open=True), default=None,
               help="Memory read bandwidth for the floor [default: measured now at --threads].")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (schema: benchmark.py).")

@@ -54,10 +54,11 @@ def load_options(command):
                      help="How the CPU kernels take their input (converted models): int8 quantizes it per "
                           "group for integer dot products (1.4-1.7x faster decode measured); float32 is exact "
                           "to the dequantized weights."),
-        click.option("--dense", type=click.Choice(["stored", "int8"]), default="stored", show_default=True,
-                     help="How the attention and output weights are held (converted models, CPU): stored keeps "
-                          "them in --dtype; int8 quantizes them at load (per group of 64, 0.6% error) and "
-                          "computes them with the CPU kernels: half their memory and bytes per token."),
+        click.option("--dense", type=click.Choice(["auto", "stored", "int8"]), default="auto", show_default=True,
+                     help="How the attention and output weights are held: int8 quantizes them at load (per "
+                          "group of 64, 0.6% error) and computes them with the CPU kernels, halving their "
+                          "memory and bytes per token; stored keeps them in --dtype. auto: int8 for a "
+                          "converted model on the CPU, stored otherwise."),
         click.option("--max-context", type=int, default=None,
                      help="KV cache length in tokens [default: min(4096, the model's maximum)]."),
         click.option("--verbose", "-v", "log", is_flag=True, callback=_log_callback,

@@ -27,14 +27,14 @@ from .runtime import PREFILL_CHUNK, SCORE_CHUNK, Runtime, build_model, default_c
 from .tokenizer import Tokenizer
 
 DEVICE_FORMATS = ("dequantize", "nf4")  # how device slots hold an expert (see load())
-DENSE_FORMATS = ("stored", "int8")       # how the attention and output weights are held (see load())
+DENSE_FORMATS = ("auto", "stored", "int8")  # how the attention and output weights are held (see load())
 
 
 def load(path: str | Path, dtype: str = "auto", max_context: int | None = None, *,
          memory_budget: int | str | None = None, ram_budget: int | str | None = None, policy: str = "gate",
          prefetch: bool = True, device: str = "auto", record_trace: bool = False,
          log: Callable[[str], None] | None = None, release_pages: bool = False,
-         activations: str = "int8", device_format: str = "dequantize", dense: str = "stored") -> Runtime:
+         activations: str = "int8", device_format: str = "dequantize", dense: str = "auto") -> Runtime:
     """Load the model at path for generation.
 
     A directory holding experts.pool loads as a converted model, anything else as an HF checkpoint.
@@ -46,8 +46,10 @@ def load(path: str | Path, dtype: str = "auto", max_context: int | None = None, 
     products, the fast path for int4 pools) or 'float32' (exact to the dequantized weights).
     device_format: how device slots hold an expert: 'dequantize' (the pool's block, dequantized per call)
     or 'nf4' (re-quantized to bitsandbytes NF4 at fill, computed by matmul_4bit; needs a device tier).
-    dense: 'stored' (attention and output weights in the compute dtype) or 'int8' (quantized per group
-    at load and computed by the CPU kernels: half the bytes per token and of their memory).
+    dense: 'stored' (attention and output weights in the compute dtype), 'int8' (quantized per group at
+    load and computed by the CPU kernels: half the bytes per token and of their memory), or 'auto':
+    int8 for a converted model computed on the CPU, else stored. activations='float32' with
+    dense='stored' computes exactly what the dequantized weights define.
     """
     check_activations_mode(activations)
     if device_format not in DEVICE_FORMATS:
@@ -96,7 +98,7 @@ def load_converted(path: str | Path, dtype: str = "auto", max_context: int | Non
                    policy: str = "gate", prefetch: bool = True, device: torch.device = torch.device("cpu"),
                    record_trace: bool = False, log: Callable[[str], None] | None = None,
                    release_pages: bool = False, activations: str = "int8",
-                   device_format: str = "dequantize", dense: str = "stored") -> Runtime:
+                   device_format: str = "dequantize", dense: str = "auto") -> Runtime:
     """Load a converted model directory: dense weights resident, experts in the mapped pool or a cache."""
     run_expert = functools.partial(expert_forward, activations=activations)
     path = Path(path)
@@ -110,8 +112,8 @@ def load_converted(path: str | Path, dtype: str = "auto", max_context: int | Non
         raise MixtralOffloadError("--device-format nf4 needs the experts on a device tier: add --device cuda")
     if device_format == "nf4":
         import_bitsandbytes()  # fail before the weights are read
-    quantized = dense == "int8"
-    if quantized and on_gpu:
+    quantized = dense == "int8" or (dense == "auto" and not on_gpu)
+    if dense == "int8" and on_gpu:
         raise MixtralOffloadError("--dense int8 runs on the CPU kernels; with --device cuda keep --dense stored")
     if memory_budget is None and not record_trace and not on_gpu:
         experts = PoolExperts(pool, release_pages, activations)
