@@ -21,6 +21,7 @@ from .pool import CONFIG_NAME, DENSE_NAME, POOL_NAME, TOKENIZER_NAME, ExpertPool
 from ..quant.kernels import check_activations_mode
 from ..quant.quantize import dequantize_parts_torch
 from .memory_plan import SLACK_BYTES, current_rss, plan_memory, return_freed_memory
+from .mapped_embedding import FAULT_AROUND_BYTES, MappedEmbedding
 from .quant_dense import is_quantized_dense, quantize_dense, quantized_dense_bytes
 from .quant_experts import PoolExperts, expert_forward
 from .runtime import PREFILL_CHUNK, SCORE_CHUNK, Runtime, build_model, default_context, load_checkpoint
@@ -115,9 +116,10 @@ def load_converted(path: str | Path, dtype: str = "auto", max_context: int | Non
     quantized = dense == "int8" or (dense == "auto" and not on_gpu)
     if dense == "int8" and on_gpu:
         raise MixtralOffloadError("--dense int8 runs on the CPU kernels; with --device cuda keep --dense stored")
+    mapped = not on_gpu and not args.tie_word_embeddings  # a tied table is the output head too: resident
     if memory_budget is None and not record_trace and not on_gpu:
         experts = PoolExperts(pool, release_pages, activations)
-        weights = read_dense(path / DENSE_NAME, args, torch_dtype, quantized, activations)
+        weights = read_dense(path / DENSE_NAME, args, torch_dtype, quantized, activations, mapped)
         return Runtime(build_model(args, weights, experts, context), tokenizer, path)
     prefetch_slots = args.num_experts_per_tok if prefetch else 0
     warm_up_kernels(pool, run_expert, activations if quantized else None)  # compiled kernels count in the baseline
@@ -127,7 +129,7 @@ def load_converted(path: str | Path, dtype: str = "auto", max_context: int | Non
         if memory_budget is None:  # on a GPU: what is free now, less a tenth for the allocator
             memory_budget = int(torch.cuda.mem_get_info(device)[0] * 0.9)
         itemsize = torch.empty((), dtype=torch_dtype).element_size()
-        dense_bytes = dense_nbytes(args, itemsize, quantized)
+        dense_bytes = dense_nbytes(args, itemsize, quantized, mapped)
         # on the GPU the budget bounds what torch allocates there; the host's baseline counts for ram_budget
         baseline = torch.cuda.memory_reserved(device) if on_gpu else None
         slot_bytes = nf4_slot_bytes(pool) if device_format == "nf4" else pool.block_nbytes
@@ -139,7 +141,8 @@ def load_converted(path: str | Path, dtype: str = "auto", max_context: int | Non
     if on_gpu:
         check_host_budget(ram_budget, pool.block_nbytes)
     weights = {name: tensor.to(device) if isinstance(tensor, torch.Tensor) else tensor
-               for name, tensor in read_dense(path / DENSE_NAME, args, torch_dtype, quantized, activations).items()}
+               for name, tensor in read_dense(path / DENSE_NAME, args, torch_dtype, quantized, activations,
+                                              mapped).items()}
     store_class = NF4DeviceSlots if device_format == "nf4" else DeviceSlots
     store = store_class(pool, slots, device, torch_dtype, dequantize_parts_torch, run_expert) if on_gpu else None
     recorder = TraceRecorder(args.num_hidden_layers, args.num_local_experts, source=str(path)) if record_trace else None
@@ -149,10 +152,18 @@ def load_converted(path: str | Path, dtype: str = "auto", max_context: int | Non
     return Runtime(model, tokenizer, path)
 
 
-def dense_nbytes(args: ModelArgs, itemsize: int, quantized: bool) -> int:
-    """Bytes the dense weights take resident: itemsize per weight, or int8 per group where quantized."""
-    return sum(quantized_dense_bytes(shape) if quantized and is_quantized_dense(name, shape) else itemsize * math.prod(shape)
-               for name, shape in dense_shapes(args).items())
+def dense_nbytes(args: ModelArgs, itemsize: int, quantized: bool, mapped_embedding: bool = False) -> int:
+    """Bytes the dense weights take resident: itemsize per weight, or int8 per group where quantized;
+    a mapped embedding table only the rows one prefill chunk looks up (its pages are released after)."""
+    total = 0
+    for name, shape in dense_shapes(args).items():
+        if name == "embed" and mapped_embedding:
+            total += PREFILL_CHUNK * (shape[1] * itemsize + FAULT_AROUND_BYTES)  # each row's fault maps up to 64 KiB
+        elif quantized and is_quantized_dense(name, shape):
+            total += quantized_dense_bytes(shape)
+        else:
+            total += itemsize * math.prod(shape)
+    return total
 
 
 def check_host_budget(ram_budget: int | str | None, block_bytes: int) -> None:
@@ -186,10 +197,10 @@ def warm_up_kernels(pool: ExpertPool, run_expert: Callable = expert_forward, den
 
 
 def read_dense(file: Path, args: ModelArgs, dtype: torch.dtype, quantized: bool = False,
-               activations: str = "int8") -> dict:
+               activations: str = "int8", mapped_embedding: bool = False) -> dict:
     """Every dense tensor of dense.safetensors in dtype, checked against the config's shapes; with
     quantized, the attention and output weights as QuantizedLinear (int8, computed with `activations`),
-    each as soon as it is read.
+    each as soon as it is read; with mapped_embedding, the embedding table as a MappedEmbedding.
 
     The file is mapped for one tensor at a time, so its pages never all count in RSS at once.
     """
@@ -201,6 +212,9 @@ def read_dense(file: Path, args: ModelArgs, dtype: torch.dtype, quantized: bool 
         if missing:
             raise MixtralOffloadError(f"{file}: tensor {missing[0]} is missing ({len(missing)} missing)")
         for name, shape in shapes.items():
+            if name == "embed" and mapped_embedding:
+                dense[name] = MappedEmbedding(file, name, shape, dtype)
+                continue
             with safe_open(file, framework="pt") as handle:
                 tensor = handle.get_tensor(name)
                 if tuple(tensor.shape) != tuple(shape):

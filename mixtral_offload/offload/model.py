@@ -69,6 +69,14 @@ def linear(x: torch.Tensor, weight) -> torch.Tensor:
     return F.linear(x.to(dtype), weight.to(dtype)).to(x.dtype)
 
 
+def embedding(tokens: torch.Tensor, table) -> torch.Tensor:
+    """Rows of the embedding table for tokens [T]; a table that is not a tensor (one read from a file
+    mapping) looks its rows up itself: table.lookup(tokens)."""
+    if not isinstance(table, torch.Tensor):
+        return table.lookup(tokens)
+    return F.embedding(tokens.to(table.device), table)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm computed in float32, cast back to x's dtype before the scale (as Mixtral does)."""
     x32 = x.float()
@@ -154,7 +162,7 @@ class Mixtral:
                 f"context limit reached: {start + T} tokens do not fit in the context of {self.max_context}")
         profiler = self.profiler
         profiler.token("prefill" if T > 1 else "decode")
-        h = F.embedding(tokens.to(self.device), self.embed)                    # [T, D]
+        h = embedding(tokens, self.embed)                                      # [T, D]
         cos, sin = self.cos[start:start + T], self.sin[start:start + T]
         for index, layer in enumerate(self.layers):
             with profiler.span("attention", layer=index):
