@@ -12,14 +12,16 @@ the same order, [lo 64 B | hi 64 B] per block, so each block takes two `vpdpbusd
 u8 x s8 -> int32, 4 products per lane) with no shuffles, one int->float conversion, and one FMA with
 the per-lane scale s_g dx_g. Groups of 32/64/128 map to 4/8/16 int32 lanes of a block.
 
-int8 weights (symmetric, q in -127..127) are read as u = q + 128 (an XOR of the sign bit) and a
-block of 64 takes sum u xq - 128 sum xq: two `vpdpbusd` on the same x, no zero points. x stays in
-its natural order for them.
+int8 weights (symmetric, q in -127..127) are read by VNNI as u = q + 128 (an XOR of the sign bit),
+and a block of 64 takes sum u xq - 128 sum xq: two `vpdpbusd` on the same x, no zero points. x stays
+in its natural order for them.
 
 Numba widens small-integer arithmetic to int64, so the block loop is written in LLVM IR through a
 Numba intrinsic. Where the CPU has no AVX-512 VNNI, the same IR computes the integer dot products
 with generic vector ops (widen, multiply, add pairs), which LLVM lowers for any target: correct
-everywhere, fast where VNNI exists. `HAS_VNNI` says which one this process compiled.
+everywhere. With AVX2 and no VNNI, pmaddubsw/pmaddwd on 256-bit halves (llama.cpp's AVX2 route; int8
+weights as |q| against x with q's sign, so no pair sum saturates). `ISA` says which one this process
+compiled; the tests build the other two here and compare.
 
 Applies to int4 with cols % 128 == 0 and int8 with cols % 64 == 0 (whole blocks per row);
 `supports()` says so, and the callers in kernels.py keep the exact float kernels otherwise.
@@ -35,6 +37,7 @@ from llvmlite import binding as llvm_binding
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
+from numba.core import config as numba_config
 from numba.extending import intrinsic
 
 BLOCK_BYTES = 64  # codes per block: one zmm load, 128 int4 or 64 int8 weights
@@ -45,8 +48,20 @@ ROWS_PER_TASK = 64
 # ~95% of a plain parallel sum's read rate (distances 1, 2, 4 and 8 KiB measured; 4-8 KiB best).
 PREFETCH_BYTES = 8192
 
-_FEATURES = llvm_binding.get_host_cpu_features()
-HAS_VNNI = bool(_FEATURES.get("avx512vnni") and _FEATURES.get("avx512bw"))
+def target_isa() -> str:
+    """The integer-dot instructions for the CPU Numba compiles for (this host's, or NUMBA_CPU_NAME/
+    NUMBA_CPU_FEATURES'): 'vnni' (AVX-512 VNNI), 'avx2' (pmaddubsw/pmaddwd) or 'generic'."""
+    if numba_config.CPU_NAME not in (None, "host"):  # compiling for another CPU (e.g. a portable cache)
+        features = {f[1:] for f in (numba_config.CPU_FEATURES or "").split(",") if f.startswith("+")}
+    else:
+        features = {name for name, on in llvm_binding.get_host_cpu_features().items() if on}
+    if {"avx512vnni", "avx512bw"} <= features:
+        return "vnni"
+    return "avx2" if "avx2" in features else "generic"
+
+
+ISA = target_isa()
+ISAS = ("vnni", "avx2", "generic")
 
 _I8, _I16, _I32, _I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 _F32 = ir.FloatType()
@@ -152,19 +167,68 @@ def _horizontal_sum(builder, vector):
     return builder.extract_element(vector, ir.Constant(_I32, 0))
 
 
-def _int_dot(builder, acc, codes_u8, x_s8, use_vnni):
-    """acc <16 x i32> + the sum of each 4 adjacent u8 x s8 products."""
-    if use_vnni:
-        vpdpbusd = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(_V16I32, [_V16I32] * 3), "llvm.x86.avx512.vpdpbusd.512"
-        )
-        return builder.call(vpdpbusd, [acc, builder.bitcast(codes_u8, _V16I32), builder.bitcast(x_s8, _V16I32)])
+def _call(builder, name, return_type, args):
+    function = cgutils.get_or_insert_function(builder.module, ir.FunctionType(return_type, [a.type for a in args]), name)
+    return builder.call(function, args)
+
+
+def _avx2_dot(builder, unsigned_u8, signed_s8):
+    """<16 x i32>: sums of 4 adjacent u8 x s8 products, by pmaddubsw then pmaddwd on each 32-byte half.
+    The pair sums of pmaddubsw saturate at 32767: callers keep u8 x |s8| pairs under it."""
+    halves = []
+    ones = ir.Constant(ir.VectorType(_I16, 16), [1] * 16)
+    for half in range(2):
+        pick = ir.Constant(ir.VectorType(_I32, 32), list(range(32 * half, 32 * half + 32)))
+        u = builder.shuffle_vector(unsigned_u8, unsigned_u8, pick)
+        x = builder.shuffle_vector(signed_s8, signed_s8, pick)
+        pairs = _call(builder, "llvm.x86.avx2.pmadd.ub.sw", ir.VectorType(_I16, 16), [u, x])
+        halves.append(_call(builder, "llvm.x86.avx2.pmadd.wd", ir.VectorType(_I32, 8), [pairs, ones]))
+    return builder.shuffle_vector(halves[0], halves[1], ir.Constant(ir.VectorType(_I32, 16), list(range(16))))
+
+
+def _generic_dot(builder, codes, x_s8, codes_signed):
+    """<16 x i32>: sums of 4 adjacent products in plain vector IR (any CPU)."""
     wide = ir.VectorType(_I32, 64)
-    products = builder.mul(builder.zext(codes_u8, wide), builder.sext(x_s8, wide))
+    widened = builder.sext(codes, wide) if codes_signed else builder.zext(codes, wide)
+    products = builder.mul(widened, builder.sext(x_s8, wide))
+    total = ir.Constant(_V16I32, None)
     for k in range(4):
         lane = builder.shuffle_vector(products, products, ir.Constant(ir.VectorType(_I32, 16), list(range(k, 64, 4))))
-        acc = builder.add(acc, lane)
-    return acc
+        total = builder.add(total, lane)
+    return total
+
+
+def _int_dot(builder, acc, codes_u8, x_s8, isa):
+    """acc <16 x i32> + the sums of each 4 adjacent u8 x s8 products (u8 codes of at most 15 on avx2)."""
+    if isa == "vnni":
+        return _call(builder, "llvm.x86.avx512.vpdpbusd.512", _V16I32,
+                     [acc, builder.bitcast(codes_u8, _V16I32), builder.bitcast(x_s8, _V16I32)])
+    if isa == "avx2":  # int4 codes <= 15: a pair sum is at most 2 * 15 * 128, far from saturating
+        return builder.add(acc, _avx2_dot(builder, codes_u8, x_s8))
+    return builder.add(acc, _generic_dot(builder, codes_u8, x_s8, codes_signed=False))
+
+
+def _signed_int_dot(builder, codes_s8, x_s8, isa):
+    """<16 x i32>: the sums of each 4 adjacent s8 x s8 products (int8 weights)."""
+    if isa == "vnni":  # q + 128 as u8 (the sign bit flipped), less 128 * x
+        bias = ir.Constant(_V64I8, [0x80] * 64)
+        return builder.sub(_int_dot(builder, ir.Constant(_V16I32, None), builder.xor(codes_s8, bias), x_s8, isa),
+                           _int_dot(builder, ir.Constant(_V16I32, None), bias, x_s8, isa))
+    if isa == "avx2":  # |q| against x with q's sign: pair sums at most 2 * 128 * 127 < 32767
+        magnitude = _call(builder, "llvm.abs.v64i8", _V64I8, [codes_s8, ir.Constant(ir.IntType(1), 0)])
+        signed_x = _psign(builder, x_s8, codes_s8)
+        return _avx2_dot(builder, magnitude, signed_x)
+    return _generic_dot(builder, codes_s8, x_s8, codes_signed=True)
+
+
+def _psign(builder, x, sign_of):
+    """x negated where sign_of < 0 and zeroed where it is 0 (psignb on each 32-byte half)."""
+    halves = []
+    for half in range(2):
+        pick = ir.Constant(ir.VectorType(_I32, 32), list(range(32 * half, 32 * half + 32)))
+        halves.append(_call(builder, "llvm.x86.avx2.psign.b", ir.VectorType(_I8, 32),
+                            [builder.shuffle_vector(x, x, pick), builder.shuffle_vector(sign_of, sign_of, pick)]))
+    return builder.shuffle_vector(halves[0], halves[1], ir.Constant(ir.VectorType(_I32, 64), list(range(64))))
 
 
 class _Operands:
@@ -176,7 +240,7 @@ class _Operands:
         )
 
 
-def _emit_row_dots(builder, ops, bits, group_size, tokens, t0, code_off, scale_off, nblocks, use_vnni, prefetch):
+def _emit_row_dots(builder, ops, bits, group_size, tokens, t0, code_off, scale_off, nblocks, isa, prefetch):
     """IR for the dot products of one row with x[t0 : t0 + tokens]: a list of float32 values.
 
     code_off/scale_off: the row's first element in the flat codes and scales/zeros; nblocks = cols
@@ -203,7 +267,6 @@ def _emit_row_dots(builder, ops, bits, group_size, tokens, t0, code_off, scale_o
     fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16F, [_V16F] * 3), "llvm.fma.v16f32")
     low_mask = ir.Constant(_V64I8, [15] * 64)
     four = ir.Constant(_V64I8, [4] * 64)
-    sign = ir.Constant(_V64I8, [0x80] * 64)
     accs = [[cgutils.alloca_once_value(builder, ir.Constant(_V16F, None)) for _ in range(chains)] for _ in range(tokens)]
     zero_terms = [cgutils.alloca_once_value(builder, ir.Constant(small, None)) for _ in range(tokens)]
 
@@ -218,17 +281,14 @@ def _emit_row_dots(builder, ops, bits, group_size, tokens, t0, code_off, scale_o
         if bits == 4:
             low, high = builder.and_(codes_b, low_mask), builder.lshr(codes_b, four)
             sz = builder.fmul(s, _halfs_to_float(builder, ops.zeros, builder.add(scale_off, g0), groups_per_block))
-        else:
-            biased = builder.xor(codes_b, sign)  # q + 128 as u8
         for i in range(tokens):
             x_lo = _load(builder, x_rows[i], x_off, _V64I8)
             if bits == 4:
                 x_hi = _load(builder, x_rows[i], builder.add(x_off, ir.Constant(_I64, BLOCK_BYTES)), _V64I8)
-                ints = _int_dot(builder, ir.Constant(_V16I32, None), low, x_lo, use_vnni)
-                ints = _int_dot(builder, ints, high, x_hi, use_vnni)
+                ints = _int_dot(builder, ir.Constant(_V16I32, None), low, x_lo, isa)
+                ints = _int_dot(builder, ints, high, x_hi, isa)
             else:
-                ints = builder.sub(_int_dot(builder, ir.Constant(_V16I32, None), biased, x_lo, use_vnni),
-                                   _int_dot(builder, ir.Constant(_V16I32, None), sign, x_lo, use_vnni))
+                ints = _signed_int_dot(builder, codes_b, x_lo, isa)
             d = _load(builder, dx_rows[i], g0, small)
             lane_scale = builder.shuffle_vector(builder.fmul(s, d), ir.Constant(small, ir.Undefined), expand)
             acc = accs[i][chain]
@@ -263,7 +323,7 @@ TILE = 4  # tokens per pass over a row when several tokens go through one matrix
 GROUP_SIZES = (32, 64, 128)
 
 
-def make_rows_kernel(bits: int, use_vnni: bool = HAS_VNNI, prefetch: int = PREFETCH_BYTES):
+def make_rows_kernel(bits: int, isa: str = ISA, prefetch: int = PREFETCH_BYTES):
     """An intrinsic: rows_dots(codes, scales, zeros, xperm, dx, xqsum, out, r_start, r_end, out_start, G).
 
     For rows r_start <= r < r_end of an int4/int8 matrix (codes/scales/zeros: its flat views) with
@@ -301,13 +361,13 @@ def make_rows_kernel(bits: int, use_vnni: bool = HAS_VNNI, prefetch: int = PREFE
                     with cgutils.for_range(builder, tiles) as tile_loop:
                         t0 = builder.mul(tile_loop.index, ir.Constant(_I64, TILE))
                         values = _emit_row_dots(builder, ops, bits, group_size, TILE, t0, code_off, scale_off,
-                                                nblocks, use_vnni, prefetch)
+                                                nblocks, isa, prefetch)
                         for i, value in enumerate(values):
                             store(builder.add(t0, ir.Constant(_I64, i)), column, value)
                     with cgutils.for_range(builder, rest) as rest_loop:
                         t = builder.add(builder.mul(tiles, ir.Constant(_I64, TILE)), rest_loop.index)
                         (value,) = _emit_row_dots(builder, ops, bits, group_size, 1, t, code_off, scale_off,
-                                                  nblocks, use_vnni, prefetch)
+                                                  nblocks, isa, prefetch)
                         store(t, column, value)
 
             for group_size in GROUP_SIZES:
