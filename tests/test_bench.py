@@ -64,3 +64,25 @@ def test_decode_json_from_a_real_child(tiny_converted):
     assert row["slots"] == row["total_experts"] // 2  # 2 layers x 4 experts: 4 slots
     assert 0 <= row["hit_rate"] <= 1 and row["cache_bytes_per_token"] >= 0
     assert row["floor_tps"] == pytest.approx(10e9 / row["active_bytes_per_token"])
+
+
+def test_kernel_bench_result_has_the_documented_shape(monkeypatch):
+    """A real (small) run: one row per kernel, format, activations mode, thread count and token count."""
+    from mixtral_offload.quant import bench as quant_bench
+
+    monkeypatch.setattr(quant_bench, "_BANDWIDTH_BYTES", 64 << 20)
+    monkeypatch.setattr(quant_bench, "ROTATION_BYTES", 4 << 20)
+    result = quant_bench.run_kernel_bench(threads=(1,), bits=(4, 8), repeats=3, matrix_shapes=((256, 512),),
+                                          expert_shapes=((256, 384),))
+    assert result["bandwidth_gbs"] > 0 and set(result["compile_s"]) >= {"int4 matvec", "int4 matvec int8-x"}
+    rows = result["results"]
+    keys = {"kernel", "bits", "shape", "threads", "tokens", "activations", "ms", "gbs", "ratio"}
+    assert all(set(row) == keys for row in rows)
+    assert {(r["kernel"], r["activations"]) for r in rows if r["shape"] == [256, 512]} == {
+        ("int4 g64 matvec", "float32"), ("int4 g64 matvec int8-x", "int8"),
+        ("int8 g64 matvec", "float32"), ("int8 g64 matvec int8-x", "int8"),
+        ("torch float32 dense", "float32"), ("torch bfloat16 dense", "bfloat16")}
+    assert {r["bits"] for r in rows if r["kernel"].startswith("torch")} == {16, 32}
+    assert sum(r["kernel"].endswith("expert int8-x") for r in rows) == 2
+    for row in rows:
+        assert row["ms"] > 0 and row["ratio"] == pytest.approx(row["gbs"] / result["bandwidth_gbs"], rel=0.01, abs=1e-3)

@@ -89,6 +89,7 @@ def run_kernel_bench(
     torch_dense: bool = True,
     json: bool = False,
     expert_shapes: tuple[tuple[int, int], ...] = (MIXTRAL_MINI_EXPERT,),
+    matrix_shapes: tuple[tuple[int, int], ...] = MIXTRAL_SHAPES,
 ) -> dict:
     """Time the matvec kernels on Mixtral's expert shapes; see the module docstring for the result.
 
@@ -97,7 +98,7 @@ def run_kernel_bench(
     compile_s = _first_call_seconds()
     bandwidth = {t: measure_read_bandwidth(t) for t in threads}
     results = []
-    for shape in MIXTRAL_SHAPES:
+    for shape in matrix_shapes:
         rows, cols = shape
         x_all = np.random.default_rng(1).standard_normal((max(tokens), cols)).astype(np.float32)
         for b in bits:
