@@ -137,7 +137,8 @@ class Mixtral:
         shape = (args.num_hidden_layers, G, max_context, hd)
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)   # [L, G, S, hd]
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.cos, self.sin = (table.to(self.device) for table in rope_tables(args, max_context))
+        # in the compute dtype once (apply_rope casts them to the activations' dtype, as transformers does)
+        self.cos, self.sin = (table.to(self.device, self.dtype) for table in rope_tables(args, max_context))
         self.position = 0  # tokens already in the cache
         self.profiler = NULL_PROFILER
 
