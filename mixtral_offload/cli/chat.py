@@ -253,6 +253,7 @@ def chat(model, system, max_new_tokens, temperature, top_p, top_k, seed, **load_
     """
     from ..offload.loading import load
 
+    note(f"Loading {model} (a first run also compiles the CPU kernels, 10-30 s; later runs reuse them) ...")
     runtime = load(model, **load_kwargs)
     conversation = Conversation(runtime, system)
     sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
