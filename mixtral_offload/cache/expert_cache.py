@@ -94,6 +94,8 @@ class ExpertCache:
         # With device slots a miss may be cheaper on the CPU, where the expert lies; RAM slots are
         # filled by the same bytes the CPU would read, so there a miss always fills a slot.
         self.costs = MissCosts() if isinstance(self.store, DeviceSlots) else None
+        # CPU kernel threads for a forward pass (the runtime applies it): RAM slots leave a core to the reader
+        self.kernel_threads = getattr(self.store, "compute_threads", None)
         self.free = list(range(num_slots - 1, -1, -1))
         self.slot_of: dict[Key, int] = {}
         self.loading: dict[Key, Future] = {}

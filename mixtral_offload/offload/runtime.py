@@ -11,6 +11,7 @@ import torch
 from ..config import ModelArgs
 from ..errors import MixtralOffloadError
 from .checkpoint import Checkpoint, parse_dtype
+from ..quant.kernels import kernel_threads
 from .generate import GenerationRecord, SamplingParams, generate_tokens
 from .model import ExpertBackend, LayerWeights, Mixtral, TorchExperts
 from .tokenizer import Message, StreamDecoder, Tokenizer
@@ -65,7 +66,8 @@ class Runtime:
 
     # -- feeding tokens -------------------------------------------------------------------------
     def _forward(self, ids: list[int], last_only: bool = False) -> torch.Tensor:
-        logits = self.model.forward(torch.tensor(ids, dtype=torch.long), last_only)
+        with kernel_threads(getattr(self.model.experts, "kernel_threads", None)):
+            logits = self.model.forward(torch.tensor(ids, dtype=torch.long), last_only)
         self.cached_ids += ids
         return logits
 

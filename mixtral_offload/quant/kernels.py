@@ -19,6 +19,9 @@ negative-index wraparound selects, which turn loads into gathers) so the check i
 
 from __future__ import annotations
 
+import contextlib
+
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -377,6 +380,20 @@ def _check_activations(x: np.ndarray, cols: int, what: str) -> np.ndarray:
 
 def _group_sums(x: np.ndarray, group_size: int) -> np.ndarray:
     return x.reshape(x.shape[0], -1, group_size).sum(axis=2, dtype=np.float32)
+
+
+@contextlib.contextmanager
+def kernel_threads(count: int | None):
+    """Run this thread's parallel kernels on `count` threads for a block (None: leave them as they are)."""
+    if count is None:
+        yield
+        return
+    saved = numba.get_num_threads()
+    numba.set_num_threads(max(1, min(count, numba.config.NUMBA_NUM_THREADS)))
+    try:
+        yield
+    finally:
+        numba.set_num_threads(saved)
 
 
 def check_activations_mode(activations: str) -> None:
