@@ -41,8 +41,8 @@ class HostSlots:
 
     `compute_threads`: the CPU kernels should run on one core fewer than Numba has, because the cache's
     reader thread copies the next experts into slots meanwhile and a parallel kernel waits for its
-    slowest thread (the runtime applies it to whole forward passes: the dense kernels meet the reader
-    too). Mixtral-mini on 2 cores with a cache of 50% of the experts, `generate -n 384`, farm-bench,
+    slowest thread (the runtime applies it to whole decode steps, whose dense kernels meet the reader
+    too; a prefill is compute-bound and keeps every core). Mixtral-mini on 2 cores with a cache of 50% of the experts, `generate -n 384`, farm-bench,
     5 paired runs: whole-process wall 0.965x and CPU time 0.84x of running the kernels on both cores
     (decode printed 48-54 tok/s before, 52-60 after). Resident, with no reader, both cores stay faster.
     """
