@@ -201,12 +201,11 @@ def _disk_read_bytes() -> int:
 def _active_bytes(args, pool, itemsize: int, dense_format: str = "stored") -> int:
     """Bytes one decode step must read: every dense weight but the embedding table (int8 where
     `--dense int8` holds it so), plus top_k experts per layer."""
-    from .offload.checkpoint import dense_shapes
-    from .offload.quant_dense import is_quantized_dense, quantized_dense_bytes
+    from .offload.loading import dense_nbytes
 
-    dense = sum(quantized_dense_bytes(shape) if dense_format == "int8" and is_quantized_dense(name, shape)
-                else itemsize * math.prod(shape)
-                for name, shape in dense_shapes(args).items() if name != "embed" or args.tie_word_embeddings)
+    dense = dense_nbytes(args, itemsize, quantized=dense_format == "int8")
+    if not args.tie_word_embeddings:  # a step gathers one row of the table, not the table
+        dense -= itemsize * args.vocab_size * args.hidden_size
     return dense + args.num_hidden_layers * args.num_experts_per_tok * pool.block_nbytes
 
 

@@ -8,7 +8,7 @@ from numba import njit
 from mixtral_offload.offload.loading import load
 from mixtral_offload.quant import int8x, kernels
 from mixtral_offload.quant.bench import random_quantized
-from mixtral_offload.quant.format import QuantSpec
+from mixtral_offload.quant.format import QuantSpec, kernel_parts
 from mixtral_offload.quant.quantize import dequantize, quantize
 
 HOST_FEATURES = {name for name, on in __import__("llvmlite.binding").binding.get_host_cpu_features().items() if on}
@@ -73,7 +73,7 @@ def test_other_instruction_sets_equal_this_one(bits, isa):
     x = np.random.default_rng(3).standard_normal((5, 384)).astype(np.float32)  # a tile of 4 and one more
     xperm, dx, xqsum = int8x.quantize_activations(x, 64, bits)
     out = np.empty((5, 9), np.float32)
-    codes, scales, zeros = (part.reshape(-1) for part in int8x._parts(qm))
+    codes, scales, zeros = (part.reshape(-1) for part in kernel_parts(qm))
     all_rows(codes, scales, zeros, xperm, dx, xqsum, out)
     assert relative(out, int8x.reference_matmul(qm, x)) < 1e-5
     assert relative(out, int8x.matmul(qm, x)) < 1e-5

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..quant.format import QuantizedMatrix, QuantSpec, part_layout
+from ..quant.format import QuantizedMatrix, QuantSpec, packed_nbytes, part_layout
 from ..quant.kernels import matmul
 from ..quant.quantize import dequantize, quantize
 
@@ -68,5 +68,4 @@ def quantize_dense(tensor: torch.Tensor, activations: str = "int8") -> Quantized
 
 def quantized_dense_bytes(shape: tuple[int, int]) -> int:
     """Bytes of one [out, in] weight in DENSE_SPEC: int8 codes and a float16 scale per group."""
-    rows, cols = shape
-    return rows * cols + 2 * rows * (cols // DENSE_SPEC.group_size)
+    return packed_nbytes(DENSE_SPEC, shape)

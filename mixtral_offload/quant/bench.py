@@ -31,7 +31,7 @@ import torch
 from numba import njit, prange
 
 from mixtral_offload.quant import int8x, kernels
-from mixtral_offload.quant.format import QuantizedMatrix, QuantSpec, part_layout
+from mixtral_offload.quant.format import QuantizedMatrix, QuantSpec, packed_nbytes, part_layout
 
 MIXTRAL_SHAPES = ((14336, 4096), (4096, 14336))  # w1/w3 and w2
 MIXTRAL_MINI_EXPERT = (1024, 3584)  # (hidden D, intermediate I)
@@ -103,7 +103,7 @@ def run_kernel_bench(
         x_all = np.random.default_rng(1).standard_normal((max(tokens), cols)).astype(np.float32)
         for b in bits:
             spec = QuantSpec(b, group_size)
-            copies = [random_quantized(spec, shape, seed) for seed in range(_copies(packed_size(spec, shape)))]
+            copies = [random_quantized(spec, shape, seed) for seed in range(_copies(packed_nbytes(spec, shape)))]
             for activations in _activation_modes(b, cols):
                 for t in threads:
                     for n in tokens:
@@ -131,7 +131,7 @@ def run_kernel_bench(
         x_all = np.random.default_rng(2).standard_normal((max(tokens), hidden)).astype(np.float32)
         for b in bits:
             spec = QuantSpec(b, group_size)
-            expert_bytes = 2 * packed_size(spec, (inter, hidden)) + packed_size(spec, (hidden, inter))
+            expert_bytes = 2 * packed_nbytes(spec, (inter, hidden)) + packed_nbytes(spec, (hidden, inter))
             experts = [(random_quantized(spec, (inter, hidden), 3 * i + 1), random_quantized(spec, (inter, hidden), 3 * i + 2),
                         random_quantized(spec, (hidden, inter), 3 * i + 3)) for i in range(_copies(expert_bytes))]
             nbytes = sum(m.nbytes for m in experts[0])
@@ -178,11 +178,6 @@ def _row(kernel, bits, shape, threads, tokens, seconds, nbytes, bandwidth, activ
         "activations": activations, "ms": round(seconds * 1e3, 3), "gbs": round(gbs, 2),
         "ratio": round(gbs / bandwidth, 3),
     }
-
-
-def packed_size(spec: QuantSpec, shape: tuple[int, int]) -> int:
-    """Bytes of a quantized matrix's parts (codes, scales, zeros)."""
-    return sum(np.dtype(dtype).itemsize * math.prod(part_shape) for dtype, part_shape in part_layout(spec, shape).values())
 
 
 def _copies(nbytes: int) -> int:

@@ -150,3 +150,12 @@ def _check_part(name: str, array: object, dtype: np.dtype, shape: tuple[int, int
         raise MixtralOffloadError(f"quantized part {name!r} must have shape {shape}, got {array.shape}")
     if not array.flags.c_contiguous:
         raise MixtralOffloadError(f"quantized part {name!r} must be C-contiguous")
+
+
+_NO_ZEROS = np.zeros((1, 1), np.uint16)  # int8 has no zero points; the kernels never read this
+
+
+def kernel_parts(qm: QuantizedMatrix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(codes, scales as uint16, zeros as uint16) in the form the Numba kernels take (no float16 there)."""
+    zeros = qm.zeros.view(np.uint16) if qm.spec.bits == 4 else _NO_ZEROS
+    return qm.codes, qm.scales.view(np.uint16), zeros

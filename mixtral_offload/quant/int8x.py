@@ -40,6 +40,8 @@ from numba.core import cgutils
 from numba.core import config as numba_config
 from numba.extending import intrinsic
 
+from mixtral_offload.quant.format import kernel_parts
+
 BLOCK_BYTES = 64  # codes per block: one zmm load, 128 int4 or 64 int8 weights
 BLOCK_COLS = {4: 2 * BLOCK_BYTES, 8: BLOCK_BYTES}  # weights (columns) per block, by bit width
 ROWS_PER_TASK = 64
@@ -410,7 +412,8 @@ def _matvec_kernel(bits, codes, scales, zeros, xperm, dx, xqsum, group_size, out
 
 
 @njit(cache=True, fastmath=True, nogil=True)
-def _silu(a):
+def silu(a):
+    """a * sigmoid(a), for the SwiGLU experts of both kernel families."""
     return a / (np.float32(1.0) + np.exp(-a))
 
 
@@ -434,22 +437,14 @@ def _gate_up_kernel(bits, codes1, scales1, zeros1, codes3, scales3, zeros3, xper
         _rows(bits, c3, s3, z3, xperm, dx, xqsum, group_size, up, first, end, 0)
         for t in range(tokens):
             for i in range(end - first):
-                h[t, first + i] = _silu(gate[t, i]) * up[t, i]
-
-
-_NO_ZEROS = np.zeros(1, np.uint16)  # int8 has no zero points; the kernels never read this
-
-
-def _parts(qm):
-    zeros = qm.zeros.view(np.uint16) if qm.spec.bits == 4 else _NO_ZEROS
-    return qm.codes, qm.scales.view(np.uint16), zeros
+                h[t, first + i] = silu(gate[t, i]) * up[t, i]
 
 
 def matmul(qm, x: np.ndarray) -> np.ndarray:
     """y [T, rows] = x [T, cols] @ W.T with x quantized to int8 per group (supports(...) must hold)."""
     xperm, dx, xqsum = quantize_activations(x, qm.spec.group_size, qm.spec.bits)
     y = np.empty((x.shape[0], qm.rows), np.float32)
-    _matvec_kernel(qm.spec.bits, *_parts(qm), xperm, dx, xqsum, qm.spec.group_size, y)
+    _matvec_kernel(qm.spec.bits, *kernel_parts(qm), xperm, dx, xqsum, qm.spec.group_size, y)
     return y
 
 
@@ -457,7 +452,7 @@ def gate_up(w1, w3, x: np.ndarray) -> np.ndarray:
     """h [T, I] = silu(x @ w1.T) * (x @ w3.T) with x quantized to int8 per group."""
     xperm, dx, xqsum = quantize_activations(x, w1.spec.group_size, w1.spec.bits)
     h = np.empty((x.shape[0], w1.rows), np.float32)
-    _gate_up_kernel(w1.spec.bits, *_parts(w1), *_parts(w3), xperm, dx, xqsum, w1.spec.group_size, h)
+    _gate_up_kernel(w1.spec.bits, *kernel_parts(w1), *kernel_parts(w3), xperm, dx, xqsum, w1.spec.group_size, h)
     return h
 
 

@@ -27,7 +27,8 @@ from numba import njit, prange
 
 from mixtral_offload.errors import MixtralOffloadError
 from mixtral_offload.quant import int8x
-from mixtral_offload.quant.format import QuantizedMatrix
+from mixtral_offload.quant.format import QuantizedMatrix, kernel_parts
+from mixtral_offload.quant.int8x import silu as _silu
 
 ROW_BLOCK = 4  # rows decoded together: they share every load of x
 ROWS_PER_TASK = 64  # rows per parallel task (scratch is allocated once per task)
@@ -47,7 +48,6 @@ ACTIVATIONS = ("float32", "int8")
 
 # float16 bits -> float32 value: Numba has no float16, so scales/zeros are read as uint16 through this
 F16_TABLE = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
-_NO_ZEROS = np.zeros((1, 1), np.uint16)
 
 
 # --- inner loops, one per format: four rows against one x ---
@@ -296,11 +296,6 @@ def _matmul_batched_kernel(bits, codes, scales, zeros, f16, x, group_size, out):
                 _store_rows(out[t], r0, acc[t, 0], acc[t, 1], acc[t, 2], acc[t, 3])
 
 
-@njit(cache=True, fastmath=True, nogil=True)
-def _silu(a):
-    return a / (np.float32(1.0) + np.exp(-a))
-
-
 @njit(cache=True, fastmath=True, nogil=True, parallel=True)
 def _gate_up_kernel(bits, codes1, scales1, zeros1, codes3, scales3, zeros3, f16, x, xsum, group_size, h):
     """h[T, I] = silu(x @ w1.T) * (x @ w3.T), w1 and w3 rows read in the same pass."""
@@ -364,12 +359,6 @@ def _dequantize_rows_kernel(bits, codes, scales, zeros, f16, group_size, r_start
 # --- public API ---
 
 
-def _kernel_parts(qm: QuantizedMatrix):
-    """(codes, scales as uint16, zeros as uint16) in the form the kernels take."""
-    zeros = qm.zeros.view(np.uint16) if qm.spec.bits == 4 else _NO_ZEROS
-    return qm.codes, qm.scales.view(np.uint16), zeros
-
-
 def _check_activations(x: np.ndarray, cols: int, what: str) -> np.ndarray:
     if not isinstance(x, np.ndarray):
         raise MixtralOffloadError(f"{what} must be a numpy float32 array, got {type(x).__name__}")
@@ -419,7 +408,7 @@ def matmul(qm: QuantizedMatrix, x: np.ndarray, method: str = "fused", activation
         y = _matmul_blas(qm, x2)
     else:
         y = np.empty((x2.shape[0], qm.rows), np.float32)
-        codes, scales, zeros = _kernel_parts(qm)
+        codes, scales, zeros = kernel_parts(qm)
         if x2.shape[0] >= BATCH_MIN_TOKENS:
             _matmul_batched_kernel(qm.spec.bits, codes, scales, zeros, F16_TABLE, x2, qm.spec.group_size, y)
         else:
@@ -436,7 +425,7 @@ def _matmul_blas(qm: QuantizedMatrix, x: np.ndarray) -> np.ndarray:
     x_t = np.ascontiguousarray(x.T)
     tile_rows = max(ROW_BLOCK, _BLAS_TILE_ELEMENTS // qm.cols)
     tile = np.empty((min(tile_rows, qm.rows), qm.cols), np.float32)
-    codes, scales, zeros = _kernel_parts(qm)
+    codes, scales, zeros = kernel_parts(qm)
     for r0 in range(0, qm.rows, tile_rows):
         n = min(tile_rows, qm.rows - r0)
         _dequantize_rows_kernel(qm.spec.bits, codes, scales, zeros, F16_TABLE, qm.spec.group_size, r0, tile[:n])
@@ -447,7 +436,7 @@ def _matmul_blas(qm: QuantizedMatrix, x: np.ndarray) -> np.ndarray:
 def dequantize_fast(qm: QuantizedMatrix) -> np.ndarray:
     """The float32 [rows, cols] weights, by the parallel kernel (same values as quantize.dequantize)."""
     out = np.empty(qm.shape, np.float32)
-    codes, scales, zeros = _kernel_parts(qm)
+    codes, scales, zeros = kernel_parts(qm)
     _dequantize_rows_kernel(qm.spec.bits, codes, scales, zeros, F16_TABLE, qm.spec.group_size, 0, out)
     return out
 
@@ -473,8 +462,8 @@ def expert_forward(w1: QuantizedMatrix, w3: QuantizedMatrix, w2: QuantizedMatrix
         y = matmul(w2, h, activations=activations)
         return y[0] if squeeze else y
     h = np.empty((x2.shape[0], inter), np.float32)
-    c1, s1, z1 = _kernel_parts(w1)
-    c3, s3, z3 = _kernel_parts(w3)
+    c1, s1, z1 = kernel_parts(w1)
+    c3, s3, z3 = kernel_parts(w3)
     if x2.shape[0] >= BATCH_MIN_TOKENS:
         _gate_up_batched_kernel(w1.spec.bits, c1, s1, z1, c3, s3, z3, F16_TABLE, x2, w1.spec.group_size, h)
     else:
