@@ -6,7 +6,7 @@ from click.testing import CliRunner
 
 from mixtral_offload import benchmark
 from mixtral_offload.cli.main import cli
-from mixtral_offload.offload.convert import convert
+from mixtral_offload.offload.store.convert import convert
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from mixtral_offload.config import ModelArgs
 from mixtral_offload.errors import MixtralOffloadError
 from mixtral_offload.offload.loading import dense_nbytes, load
 from mixtral_offload.offload.runtime import PREFILL_CHUNK
-from mixtral_offload.offload.quant_dense import QuantizedLinear, is_quantized_dense, quantize_dense
+from mixtral_offload.quant.linear import QuantizedLinear, is_quantized_dense, quantize_dense
 
 IDS = [1, 415, 5565, 302, 4843, 349, 5465, 28723, 330, 1215, 264, 1215]
 TEXT = "Quantized attention weights should leave the next-token distribution almost where it was. " * 3
@@ -110,7 +110,7 @@ def wide_model(tmp_path_factory):
     """A synthetic model with ~150 MB of float16 dense weights (the expert pool is small)."""
     from checkpoints import mixtral_tokenizer_path
 
-    from mixtral_offload.offload.synthetic import write_synthetic
+    from mixtral_offload.offload.store.synthetic import write_synthetic
 
     out = tmp_path_factory.mktemp("wide") / "model"
     args = ModelArgs(hidden_size=1024, intermediate_size=256, num_hidden_layers=12, num_attention_heads=16,
@@ -128,7 +128,7 @@ from pathlib import Path
 from mixtral_offload.config import ModelArgs
 from mixtral_offload.offload.loading import read_dense
 from mixtral_offload.offload.memory_plan import current_rss
-from mixtral_offload.offload.quant_dense import QuantizedLinear, quantize_dense
+from mixtral_offload.quant.linear import QuantizedLinear, quantize_dense
 path = Path({str(wide_model)!r})
 args = ModelArgs.from_file(path / "config.json")
 quantize_dense(torch.ones(8, 64))  # the quantizer's kernel loaded (or compiled) before the baseline

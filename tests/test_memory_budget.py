@@ -14,9 +14,9 @@ from mixtral_offload.cache.simulate import prefetch_recall
 from mixtral_offload.config import ModelArgs
 from mixtral_offload.errors import MixtralOffloadError
 from mixtral_offload.offload.loading import load, warm_up_kernels
-from mixtral_offload.offload.pool import ExpertPool
+from mixtral_offload.offload.store.pool import ExpertPool
 from mixtral_offload.offload.quant_experts import expert_forward
-from mixtral_offload.offload.synthetic import write_synthetic
+from mixtral_offload.offload.store.synthetic import write_synthetic
 
 PROMPT = "The cache keeps the experts it will need again, and reads the rest from disk."
 

@@ -16,7 +16,7 @@ from mixtral_offload.cache.nf4_slots import NF4DeviceSlots, nf4_slot_bytes
 from mixtral_offload.cli.main import cli
 from mixtral_offload.errors import MixtralOffloadError
 from mixtral_offload.offload.loading import load
-from mixtral_offload.offload.pool import MATRICES
+from mixtral_offload.offload.store.pool import MATRICES
 from mixtral_offload.offload.quant_experts import expert_forward
 from mixtral_offload.quant.quantize import dequantize_parts_torch
 

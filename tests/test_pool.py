@@ -21,8 +21,8 @@ from mixtral_offload.cli.main import cli
 from mixtral_offload.config import ModelArgs
 from mixtral_offload.errors import MixtralOffloadError
 from mixtral_offload.offload.loading import load
-from mixtral_offload.offload.pool import PAGE, ExpertPool, pack_header
-from mixtral_offload.offload.synthetic import write_synthetic
+from mixtral_offload.offload.store.pool import PAGE, ExpertPool, pack_header
+from mixtral_offload.offload.store.synthetic import write_synthetic
 from mixtral_offload.quant.quantize import dequantize
 
 SMALL = ModelArgs(vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

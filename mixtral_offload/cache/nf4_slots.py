@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from ..errors import MixtralOffloadError
-from ..offload.pool import MATRICES
+from ..offload.store.pool import MATRICES
 from .slots import DeviceSlots, page_rounded_block_bytes
 
 NF4_BLOCKSIZE = 64

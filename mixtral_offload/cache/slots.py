@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..offload.pool import MATRICES
+from ..offload.store.pool import MATRICES
 
 PAGE = 4096
 Key = tuple[int, int]

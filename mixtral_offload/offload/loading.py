@@ -16,13 +16,13 @@ from ..cache.nf4_slots import NF4DeviceSlots, import_bitsandbytes, nf4_slot_byte
 from ..cache.slots import DeviceSlots
 from ..config import ModelArgs, format_size, parse_size
 from ..errors import MixtralOffloadError
-from .checkpoint import dense_shapes, parse_dtype
-from .pool import CONFIG_NAME, DENSE_NAME, POOL_NAME, TOKENIZER_NAME, ExpertPool
+from .store.checkpoint import dense_shapes, parse_dtype
+from .store.pool import CONFIG_NAME, DENSE_NAME, POOL_NAME, TOKENIZER_NAME, ExpertPool
 from ..quant.kernels import check_activations_mode
 from ..quant.quantize import dequantize_parts_torch
 from .memory_plan import SLACK_BYTES, current_rss, plan_memory, return_freed_memory
 from .mapped_embedding import FAULT_AROUND_BYTES, MappedEmbedding
-from .quant_dense import is_quantized_dense, quantize_dense, quantized_dense_bytes
+from ..quant.linear import is_quantized_dense, quantize_dense, quantized_dense_bytes
 from .quant_experts import PoolExperts, expert_forward
 from .runtime import PREFILL_CHUNK, SCORE_CHUNK, Runtime, build_model, default_context, load_checkpoint
 from .tokenizer import Tokenizer

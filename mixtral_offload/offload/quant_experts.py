@@ -9,7 +9,7 @@ import torch
 
 from ..quant.format import QuantizedMatrix
 from .model import tokens_by_expert
-from .pool import ExpertPool
+from .store.pool import ExpertPool
 
 from ..quant.kernels import expert_forward as _kernel_expert_forward
 

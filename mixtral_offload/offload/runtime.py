@@ -10,7 +10,7 @@ import torch
 
 from ..config import ModelArgs
 from ..errors import MixtralOffloadError
-from .checkpoint import Checkpoint, parse_dtype
+from .store.checkpoint import Checkpoint, parse_dtype
 from ..quant.kernels import kernel_threads
 from .generate import GenerationRecord, SamplingParams, generate_tokens
 from .model import ExpertBackend, LayerWeights, Mixtral, TorchExperts

@@ -22,10 +22,10 @@ import psutil
 import torch
 from tqdm import tqdm
 
-from ..config import ModelArgs
-from ..errors import MixtralOffloadError
-from ..quant.format import QuantizedMatrix, QuantSpec
-from ..quant.quantize import quantize
+from ...config import ModelArgs
+from ...errors import MixtralOffloadError
+from ...quant.format import QuantizedMatrix, QuantSpec
+from ...quant.quantize import quantize
 from .checkpoint import EXPERT_PARTS, Checkpoint, dense_shapes, parse_dtype
 from .pool import (CONFIG_NAME, DENSE_NAME, FORMAT_VERSION, MANIFEST_NAME, PAGE, POOL_NAME, TOKENIZER_NAME,
                    BlockEntry, align, block_layout, expert_matrix_shapes, manifest_dict, pack_header)

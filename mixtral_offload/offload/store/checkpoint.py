@@ -12,8 +12,8 @@ from typing import Iterator
 import torch
 from safetensors import safe_open
 
-from ..config import ModelArgs, read_json
-from ..errors import MixtralOffloadError
+from ...config import ModelArgs, read_json
+from ...errors import MixtralOffloadError
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"

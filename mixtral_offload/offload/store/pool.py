@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import ModelArgs, read_json
-from ..errors import MixtralOffloadError
-from ..quant.format import QuantizedMatrix, QuantSpec, part_layout
+from ...config import ModelArgs, read_json
+from ...errors import MixtralOffloadError
+from ...quant.format import QuantizedMatrix, QuantSpec, part_layout
 
 FORMAT_VERSION = 1
 POOL_NAME, MANIFEST_NAME, CONFIG_NAME, DENSE_NAME = "experts.pool", "manifest.json", "config.json", "dense.safetensors"
@@ -374,7 +374,7 @@ def verify_model_dir(model_dir: str | Path, progress: bool | None = None) -> str
 
     from tqdm import tqdm
 
-    from ..config import format_size
+    from ...config import format_size
 
     with ExpertPool.open(model_dir) as pool:
         total = sum(b.size for b in pool.blocks.values())

@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..quant.format import QuantizedMatrix, QuantSpec, packed_nbytes, part_layout
-from ..quant.kernels import matmul
-from ..quant.quantize import dequantize, quantize
+from .format import QuantizedMatrix, QuantSpec, packed_nbytes, part_layout
+from .kernels import matmul
+from .quantize import dequantize, quantize
 
 DENSE_SPEC = QuantSpec(bits=8, group_size=64)
 QUANTIZED_DENSE = ("wq", "wk", "wv", "wo", "lm_head")  # runtime names (last part); embed and router stay
