@@ -103,7 +103,7 @@ class ExpertCache:
         self.resident_per_layer = [0] * num_layers
         self.prefetched: dict[int, set[Key]] = {}    # layer -> keys read ahead for it, not yet used
         self.hints: dict[int, list[int]] = {}        # layer -> experts guessed for it
-        self.token_guesses: dict[int, np.ndarray] = {}  # layer -> [T, k] guesses per token (for traces)
+        self.token_guesses: dict[int, np.ndarray] = {}  # layer -> [T, E] hint per token (for traces)
         self.reader = ThreadPoolExecutor(max_workers=read_threads, thread_name_prefix="expert-read")
         self.stats = CacheStats(num_layers)
         self.recorder = recorder
@@ -165,8 +165,9 @@ class ExpertCache:
         """Remember the experts guessed for `layer` (top by summed probability); read them during the layer before."""
         if layer >= self.num_layers:
             return
-        if self.recorder is not None:  # each token's own top-k guess, for prefetch recall on the trace
-            self.token_guesses[layer] = torch.topk(probs, self.top_k, dim=-1).indices.cpu().numpy()
+        guess = probs.float().cpu().numpy()  # [T, E]
+        if self.recorder is not None:  # each token's own guess, for the trace
+            self.token_guesses[layer] = guess
         if self.prefetch:
             mass = probs.float().sum(dim=0)
             self.hints[layer] = torch.topk(mass, min(self.prefetch, mass.shape[0])).indices.tolist()
@@ -178,7 +179,7 @@ class ExpertCache:
         w_cpu = w.cpu().numpy()
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         if self.recorder is not None:
-            self.recorder.record(layer, ids, w_cpu, predicted_next=self.token_guesses.pop(layer + 1, None))
+            self.recorder.record(layer, ids, w_cpu, hint_probs=self.token_guesses.pop(layer + 1, None))
         experts, inverse = np.unique(ids, return_inverse=True)
         inverse = inverse.reshape(ids.shape)
         keys = [(layer, int(e)) for e in experts]
