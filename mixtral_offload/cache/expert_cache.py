@@ -166,6 +166,7 @@ class ExpertCache:
         if layer >= self.num_layers:
             return
         guess = probs.float().cpu().numpy()  # [T, E]
+        self._policy(layer).observe_hint(layer, guess)
         if self.recorder is not None:  # each token's own guess, for the trace
             self.token_guesses[layer] = guess
         if self.prefetch:

@@ -34,8 +34,10 @@ def load_options(command):
                           "working set the command says what the minimum is. [env: MIXTRAL_OFFLOAD_MEMORY_BUDGET]"),
         click.option("--ram-budget", default=None,
                      help="With --device cuda: ceiling of host memory (the budget then bounds VRAM)."),
-        click.option("--policy", type=click.Choice(["gate", "lru", "lfu"]), default="gate", show_default=True,
-                     help="Expert cache eviction: gate-weighted recency/frequency, LRU or LFU."),
+        click.option("--policy", type=click.Choice(["gate", "lru", "lfu", "predictive"]), default="gate",
+                     show_default=True,
+                     help="Expert cache eviction: gate-weighted recency/frequency, LRU, LFU, or predictive "
+                          "(expected next use from the next layer's router hint and learned transitions)."),
         click.option("--prefetch/--no-prefetch", default=True, show_default=True,
                      help="Read the next layer's likely experts while this layer computes."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
