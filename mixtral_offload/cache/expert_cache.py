@@ -162,7 +162,8 @@ class ExpertCache:
 
     # -- ExpertBackend --------------------------------------------------------------------------
     def hint(self, layer: int, probs: torch.Tensor) -> None:
-        """Remember the experts guessed for `layer` (top by summed probability); read them during the layer before."""
+        """Pass the router probabilities guessed for `layer` to its policy; remember the experts to read
+        during the layer before (top by summed probability)."""
         if layer >= self.num_layers:
             return
         guess = probs.float().cpu().numpy()  # [T, E]

@@ -269,7 +269,7 @@ def format_table(rows: Sequence[TableRow]) -> str:
     cell = {(row.partition, row.policy, row.capacity): row for row in rows}
     lines_order = list(dict.fromkeys((row.partition, row.policy) for row in rows))
     width = 15
-    head = f"{'partition':<10}{'policy':<8}" + "".join(
+    head = f"{'partition':<10}{'policy':<12}" + "".join(
         f"{f'{c} ({fractions[c]:.1%})':>{width}}" for c in capacities
     )
     lines = ["hit rate (fraction of shared-cache OPT) by cache size in experts", head]
@@ -282,5 +282,5 @@ def format_table(rows: Sequence[TableRow]) -> str:
             else:
                 ratio = f"{row.vs_opt:.2f}" if row.vs_opt is not None else "-"
                 cells.append(f"{f'{row.hit_rate:.3f} ({ratio})':>{width}}")
-        lines.append(f"{partition:<10}{policy:<8}" + "".join(cells))
+        lines.append(f"{partition:<10}{policy:<12}" + "".join(cells))
     return "\n".join(lines)
