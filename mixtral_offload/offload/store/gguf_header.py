@@ -59,6 +59,11 @@ class GuardedReader(gguf.GGUFReader):
             if length > MAX_ARRAY_ENTRIES:
                 raise ValueError(f"a metadata array of {length} entries at byte {orig_offs} "
                                  f"(more than {MAX_ARRAY_ENTRIES})")
+            scalar = self.gguf_scalar_to_np.get(item_type)
+            least_bytes = length * (8 if item_type == VType.STRING or scalar is None else np.dtype(scalar).itemsize)
+            if orig_offs + 12 + least_bytes > len(self.data):
+                raise ValueError(f"a metadata array of {length} entries at byte {orig_offs} "
+                                 f"runs past the end of the file ({len(self.data)} bytes)")
         return super()._get_field_parts(orig_offs, raw_type)
 
     def _build_tensors(self, start_offs, fields):
