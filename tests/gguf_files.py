@@ -18,7 +18,6 @@ QTYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType
           "q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}
 FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
               "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}
-LAYOUTS = ("merged", "per-expert")
 
 
 def permute_rope(weight: np.ndarray, heads: int) -> np.ndarray:
@@ -79,7 +78,7 @@ def _expert(t: dict, layer: int, expert: int, part: str) -> np.ndarray:
 
 
 def write_gguf(hf_dir: Path, out: Path, qtype: str = "f32", layout: str = "merged", name: str = "mixtral-test") -> Path:
-    """Write the checkpoint in hf_dir as a GGUF at out; qtype in QTYPES, layout in LAYOUTS."""
+    """Write the checkpoint in hf_dir as a GGUF at out; qtype in QTYPES, layout 'merged' or 'per-expert'."""
     config = json.loads((hf_dir / "config.json").read_text())
     D, L, E = config["hidden_size"], config["num_hidden_layers"], config["num_local_experts"]
     H, KV = config["num_attention_heads"], config["num_key_value_heads"]

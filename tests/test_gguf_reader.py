@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from checkpoints import write_checkpoint
-from gguf_files import LAYOUTS, QTYPES, permute_rope, rewrite_gguf, write_gguf
+from gguf_files import QTYPES, permute_rope, rewrite_gguf, write_gguf
 
 from mixtral_offload.config import ModelArgs
 from mixtral_offload.errors import MixtralOffloadError
@@ -150,6 +150,7 @@ BAD_FIELDS = [
     ({"llama.vocab_size": (301, VType.UINT32)}, "llama.vocab_size is 301"),
     ({"tokenizer.ggml.tokens": (["a", "b"], VType.ARRAY, VType.STRING)}, "llama.vocab_size is 300, outside [2, 2]"),
     ({"tokenizer.ggml.bos_token_id": (500, VType.UINT32)}, "tokenizer.ggml.bos_token_id is 500"),
+    ({"split.count": (3, VType.UINT16)}, "split.count is 3: one part of a split GGUF"),
 ]
 
 

@@ -87,6 +87,10 @@ class GGUFModel:
         tensors = {tensor.name: tensor for tensor in reader.tensors}
         _check_extents(path, reader)
         meta = Metadata(reader, path)
+        parts = meta.integer("split.count", 0, 1 << 16, default=1)
+        if parts > 1:
+            raise meta.fail("split.count", f"is {parts}: one part of a split GGUF; join the parts first "
+                                           "(llama-gguf-split --merge)")
         vocab_size = len(meta.strings("tokenizer.ggml.tokens"))
         if "token_embd.weight" not in tensors:
             raise MixtralOffloadError(f"{path}: tensor token_embd.weight is missing")

@@ -27,6 +27,7 @@ READABLE_TYPES = frozenset((
     QType.F32, QType.F16, QType.BF16, QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0,
     QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K, QType.IQ1_S, QType.IQ1_M, QType.IQ2_XXS,
     QType.IQ2_XS, QType.IQ2_S, QType.IQ3_XXS, QType.IQ3_S, QType.IQ4_NL, QType.IQ4_XS))
+_READABLE_NUMBERS = frozenset(int(t) for t in READABLE_TYPES)
 
 _INT_TYPES = frozenset((VType.UINT8, VType.INT8, VType.UINT16, VType.INT16, VType.UINT32, VType.INT32,
                         VType.UINT64, VType.INT64))
@@ -71,7 +72,7 @@ class GuardedReader(gguf.GGUFReader):
             n_dims, raw_type = int(field.parts[2][0]), int(field.parts[4][0])
             if not 1 <= n_dims <= MAX_TENSOR_DIMS:
                 raise ValueError(f"tensor {field.name} has {n_dims} dimensions")
-            if raw_type not in {int(t) for t in READABLE_TYPES}:
+            if raw_type not in _READABLE_NUMBERS:
                 raise ValueError(f"tensor {field.name} has type {_qtype_name(raw_type)}, which this reader does not know")
         super()._build_tensors(start_offs, fields)
 
