@@ -11,6 +11,7 @@ from gguf_files import QTYPES, permute_rope, rewrite_gguf, write_gguf
 from mixtral_offload.config import ModelArgs
 from mixtral_offload.errors import MixtralOffloadError
 from mixtral_offload.offload.store.checkpoint import Checkpoint, hf_expert_name
+from mixtral_offload.offload.store import gguf as gguf_store
 from mixtral_offload.offload.store.gguf import GGUFModel, deinterleave_rope, gguf_dense_name, verify_gguf
 from mixtral_offload.offload.store.gguf_header import READABLE_TYPES
 
@@ -44,7 +45,8 @@ def test_model_args_equal_the_checkpoint_config(files):
 
 
 @pytest.mark.parametrize("qtype", list(QTYPES))
-def test_dense_tensors(files, qtype):
+def test_dense_tensors(files, qtype, monkeypatch):
+    monkeypatch.setattr(gguf_store, "DEQUANTIZE_CHUNK", 200)   # 3 rows of 64 at a time: chunk edges
     model = GGUFModel.open(files.gguf(qtype))
     checkpoint = Checkpoint.open(files.hf)
     heads = {"wq": model.args.num_attention_heads, "wk": model.args.num_key_value_heads}

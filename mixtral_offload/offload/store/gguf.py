@@ -42,6 +42,7 @@ _DENSE_NAMES = {
 _EXPERT_NAMES = {"w1": "gate", "w3": "up", "w2": "down"}
 MERGED_EXPERTS = "blk.{layer}.ffn_{part}_exps.weight"       # [E, rows, cols], all experts of a layer
 PER_EXPERT = "blk.{layer}.ffn_{part}.{expert}.weight"       # [rows, cols], older files
+DEQUANTIZE_CHUNK = 4 << 20   # values dequantized at a time (16 MB of float32)
 
 
 def gguf_dense_name(name: str) -> str:
@@ -52,8 +53,11 @@ def gguf_dense_name(name: str) -> str:
     return _DENSE_NAMES[name]
 
 
-def deinterleave_rope(weight: np.ndarray, heads: int) -> np.ndarray:
-    """GGUF q/k rows (per head: rotation pairs interleaved) -> HF rows (per head: first halves, second halves)."""
+def deinterleave_rope(weight, heads: int):
+    """GGUF q/k rows (per head: rotation pairs interleaved) -> HF rows (per head: first halves, second halves).
+
+    weight is a numpy array or a torch tensor, [rows, ...]; the result is a contiguous copy.
+    """
     rows = weight.shape[0]
     return weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
@@ -107,9 +111,25 @@ class GGUFModel:
     def dense_tensor(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """One dense tensor by runtime name, dequantized by gguf.quants; q and k rows in HF's RoPE order.
 
-        The bytes are read with pread, not through the mapping, so the file's pages never count in RSS.
+        The bytes are read with pread, not through the mapping, so the file's pages never count in RSS;
+        they are dequantized in chunks of rows straight into a tensor of the asked dtype.
         """
         tensor = self.tensors[gguf_dense_name(name)]
+        shape = tuple(reversed([int(d) for d in tensor.shape]))
+        blocks = self._read(tensor).reshape(-1, gguf.quant_shape_to_byte_shape(shape, tensor.tensor_type)[-1])
+        result = torch.empty(shape, dtype=dtype)
+        rows = result.view(-1, shape[-1])
+        step = max(1, DEQUANTIZE_CHUNK // shape[-1])
+        for start in range(0, len(blocks), step):
+            rows[start:start + step] = torch.from_numpy(gguf.quants.dequantize(blocks[start:start + step],
+                                                                               tensor.tensor_type))
+        if name.endswith(".wq"):
+            return deinterleave_rope(result, self.args.num_attention_heads)
+        if name.endswith(".wk"):
+            return deinterleave_rope(result, self.args.num_key_value_heads)
+        return result
+
+    def _read(self, tensor: gguf.ReaderTensor) -> np.ndarray:
         raw = np.empty(tensor.n_bytes, np.uint8)
         with open(self.path, "rb") as file:
             done = 0
@@ -118,14 +138,7 @@ class GGUFModel:
                 if got == 0:
                     raise MixtralOffloadError(f"{self.path}: file shrank while reading tensor {tensor.name}")
                 done += got
-        shape = tuple(reversed([int(d) for d in tensor.shape]))
-        values = gguf.quants.dequantize(raw.reshape(gguf.quant_shape_to_byte_shape(shape, tensor.tensor_type)),
-                                        tensor.tensor_type)
-        if name.endswith(".wq"):
-            values = deinterleave_rope(values, self.args.num_attention_heads)
-        elif name.endswith(".wk"):
-            values = deinterleave_rope(values, self.args.num_key_value_heads)
-        return torch.from_numpy(np.ascontiguousarray(values)).to(dtype)
+        return raw
 
     def dense_tensors(self, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
         """Every dense tensor, one at a time, as (runtime name, tensor)."""
