@@ -113,9 +113,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """One query per head q [H, 1, hd] against the cached keys/values [G, S, hd]: [H, 1, hd].
 
-    Query heads h of a group share key head h // (H / G). Computed in float32 with two batched
-    matmuls: torch's scaled_dot_product_attention took 143 us at S=100 and 20 ms at S=4000 for this
-    one-query case on the CPU (fp16, 2 threads), this 105 us and 0.34 ms.
+    Query heads h of a group share key head h // (H / G). Two batched float32 matmuls: torch's
+    scaled_dot_product_attention is much slower for one query on the CPU (docs/architecture.md).
     """
     H, _, hd = q.shape
     G = keys.shape[0]
