@@ -12,6 +12,7 @@ from mixtral_offload.cache.expert_cache import ExpertCache
 from mixtral_offload.cache.policies import Predictive, make_policy
 from mixtral_offload.cache.traces import synthetic_trace
 from mixtral_offload.errors import MixtralOffloadError
+from mixtral_offload.offload.model import group_tokens
 
 
 def visit(policy, layer, experts, now):
@@ -114,6 +115,11 @@ class NullStore:
     """Slots that hold nothing: the cache's bookkeeping runs, experts compute zeros."""
 
     device = torch.device("cpu")
+    direct_choice = False
+    decode_threads = None
+
+    def __init__(self, num_slots):
+        self.num_slots = num_slots
 
     def fill(self, slot, key):
         return 1
@@ -126,16 +132,18 @@ class NullStore:
 
 
 def runtime_replay(trace, policy, capacity, partition, prefetch, log):
-    cache = ExpertCache(SimpleNamespace(block_nbytes=1), trace.num_layers, trace.top_k, capacity,
-                        policy=policy, prefetch=prefetch, partition=partition, store=NullStore())
+    cache = ExpertCache(SimpleNamespace(block_nbytes=1), trace.num_layers, trace.top_k, NullStore(capacity),
+                        policy=policy, prefetch=prefetch, partition=partition)
     cache.policies = [Recording(p, log) for p in cache.policies]
     x = torch.zeros(1, 2)
     for t in range(trace.num_tokens):
         for layer in range(trace.num_layers):
             if layer + 1 < trace.num_layers:
                 cache.hint(layer + 1, torch.from_numpy(trace.hint_probs[t, layer][None, :]))
-            ids = torch.from_numpy(trace.expert_ids[t, layer][None, :].astype(np.int64))
-            cache.forward(layer, x, ids, torch.from_numpy(trace.gates[t, layer][None, :]))
+            routing = group_tokens(torch.from_numpy(trace.expert_ids[t, layer][None, :].astype(np.int64)),
+                                   torch.from_numpy(trace.gates[t, layer][None, :]))
+            for _ in cache.run(layer, x, routing):
+                pass
     cache.close()
     return cache.stats
 
