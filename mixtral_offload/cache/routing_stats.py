@@ -50,7 +50,7 @@ class LayerRouting:
         latest = self.current or self.last
         if not latest:
             return self.recent.copy()
-        follows = (self.pair[latest] / self.pair_from[latest, None]).mean(axis=0)
+        follows = (self.pair[latest] / self.pair_from[latest, None]).sum(axis=0) / len(latest)
         return 0.5 * follows + 0.5 * self.recent
 
     def fresh_chance(self) -> np.ndarray:
@@ -72,11 +72,9 @@ class HintCalibration:
 
     def observe(self, hint: np.ndarray, chosen: list[int]) -> None:
         """A layer ran: `hint` [E] had guessed it, `chosen` are the experts it used."""
-        was_chosen = np.zeros(len(hint))
-        was_chosen[chosen] = 1.0
         bins = self._bins(hint)
-        np.add.at(self.chosen, bins, was_chosen)
-        np.add.at(self.seen, bins, 1.0)
+        self.chosen += np.bincount(bins[chosen], minlength=HINT_BINS)
+        self.seen += np.bincount(bins, minlength=HINT_BINS)
 
     def chance(self, hint: np.ndarray) -> np.ndarray:
         """[E] calibrated probability that each expert is chosen, given the hint [E]."""
