@@ -47,6 +47,22 @@ def test_hint_decides_between_two_equally_used_experts():
     assert policy.victim(resident, {(0, 0), (0, 1)}, now) == (1, 2)
 
 
+def test_a_prefill_hint_counts_every_token():
+    policy, now = Predictive(), 0
+    for token in range(12):  # the hint has always been right
+        chosen = (2, 3) if token % 2 == 0 else (4, 5)
+        now = visit(policy, 0, (0, 1), now)
+        policy.observe_hint(1, one_hot_hint(chosen))
+        now = visit(policy, 1, chosen, now)
+    now = visit(policy, 0, (0, 1), now)
+    # two tokens in one forward: the first wants 2 and 6, the second 4 and 6; nobody wants 3
+    policy.observe_hint(1, np.concatenate([one_hot_hint((2, 6)), one_hot_hint((4, 6))]))
+    resident = {(0, 0), (0, 1), (1, 2), (1, 3), (1, 4)}
+    assert policy.victim(resident, {(0, 0), (0, 1)}, now) == (1, 3)
+    # 2 and 4 equally hinted: then the one chosen less lately (4 ran at the last token)
+    assert policy.victim(resident - {(1, 3)}, {(0, 0), (0, 1)}, now) == (1, 2)
+
+
 def test_layer_furthest_ahead_goes_first():
     # Every layer always picks the same experts: all equally likely, so the layer distance decides.
     policy, now = Predictive(), 0
