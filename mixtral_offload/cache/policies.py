@@ -5,7 +5,7 @@ what happens; the policy only keeps scores and, when asked, names a victim. Keys
 hashable: (layer, expert) here. `now` is a logical clock that increases with each request; Belady's
 OPT needs it to be the request's position in the sequence it was given.
 
-Call order the cache follows (ExpertCache.forward, and the simulator after it), per layer: observe_hint
+Call order the cache follows (ExpertCache.run, and the simulator after it), per layer: observe_hint
 for the next layer (when the model computes one), then on_access for each expert the layer uses, then
 for each miss victim (when full), on_evict(victim), on_insert(key); then the same for each prefetch.
 """

@@ -113,7 +113,7 @@ class _Replay:
         return self.resident[0 if self.shared else key[0]]
 
     def forward(self, layer: int, requests: dict, guess: list[int] | None) -> None:
-        """One layer of one token, as ExpertCache.forward with T = 1: accesses, misses, prefetch, compute."""
+        """One layer of one token, as ExpertCache.run with T = 1: accesses, misses, prefetch, compute."""
         keys = sorted(requests)
         for key in keys:
             self.policy(layer).on_access(key, requests[key], self.now)

@@ -202,7 +202,7 @@ def _concat(chunks: list[np.ndarray]) -> np.ndarray:
 @dataclass
 class RequestSequence:
     """Cache requests in the order a runtime makes them: token-major, layer-minor, and within a layer
-    the k experts in ascending id (the order ExpertCache.forward touches its policy in)."""
+    the k experts in ascending id (the order ExpertCache.run touches its policy in)."""
 
     layer: np.ndarray  # [R] int
     expert: np.ndarray  # [R] int
