@@ -76,11 +76,13 @@ class HostSlots:
         self.decode_threads = decode_threads or max(1, numba.get_num_threads() - 1)
         self.slot_bytes = page_rounded(source.block_nbytes)
         self.buffers = np.empty((num_slots, self.slot_bytes), dtype=np.uint8)  # pages touched on first fill
-        self.views = [source.views(buffer) for buffer in self.buffers]  # fixed: contents change
+        self.views: list[tuple | None] = [None] * num_slots  # the kernel inputs of each slot's expert
 
     def fill(self, slot: int, key: Key) -> int:
         """Read one expert into a slot; bytes read."""
-        return read_extents(self.source, key, self.buffers[slot])
+        got = read_extents(self.source, key, self.buffers[slot])
+        self.views[slot] = self.source.views(self.buffers[slot], key)
+        return got
 
     def run(self, slot: int, x: torch.Tensor) -> torch.Tensor:
         """The expert in `slot` on x [T, D] -> [T, D] float32."""

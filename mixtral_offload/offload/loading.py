@@ -207,7 +207,7 @@ def warm_up_kernels(pool: ExpertPool, kernel: ExpertKernel, dense_activations: s
     hidden = pool.args.hidden_size
     buffer = np.empty(page_rounded(pool.block_nbytes), np.uint8)
     read_extents(pool, (0, 0), buffer)
-    for matrices in (pool.views(buffer), pool.mapped((0, 0))):
+    for matrices in (pool.views(buffer, (0, 0)), pool.mapped((0, 0))):
         for tokens in (1, 64):
             kernel(*matrices, np.zeros((tokens, hidden), np.float32))
     pool.release((0, 0))
