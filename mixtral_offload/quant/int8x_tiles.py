@@ -10,7 +10,7 @@ zero-point terms sum_g s_g z_g xqsum_g are a separate short dot product per row 
 block loop (16 groups per vector), and int8 weights under VNNI start their accumulator at
 -128 sum xq (once per token and block), so a block costs one `vpdpbusd` per row and token.
 
-Rows and tokens past a tile's end repeat the last one and are not stored. Results equal int8x's
+Tokens past the last whole tile go one at a time; rows past the end repeat the last one, not stored. Results equal int8x's
 (and `int8x.reference_matmul`) within float32 rounding of a reassociated sum.
 """
 
@@ -130,32 +130,32 @@ def make_tiles_kernel(bits: int, isa: str = ISA, prefetch: int = PREFETCH_BYTES,
         def codegen(context, builder, sig, args):
             ops = _Operands(context, builder, sig, args)
             tokens, first_row, end_row = ops.tokens, ops.first_row, ops.end_row
-            one = ir.Constant(_I64, 1)
+            row_tiles = builder.udiv(builder.add(builder.sub(end_row, first_row), ir.Constant(_I64, tile_rows - 1)),
+                                     ir.Constant(_I64, tile_rows))
+            full = builder.udiv(tokens, ir.Constant(_I64, tile_tokens))
+            rest_start = builder.mul(full, ir.Constant(_I64, tile_tokens))
 
-            def ceil_div(n, d):
-                return builder.udiv(builder.add(n, ir.Constant(_I64, d - 1)), ir.Constant(_I64, d))
-
-            def clamped(start, count, end):  # start + k for k < count, the last one repeated past end
-                last = builder.sub(end, one)
-                ids = [builder.add(start, ir.Constant(_I64, k)) for k in range(count)]
-                return ids, [builder.select(builder.icmp_unsigned("<", k, end), k, last) for k in ids]
+            def tile(group_size, rows, row_ids, t0, count):  # rows x tokens t0..t0+count, stored where r < end
+                token_ids = [builder.add(t0, ir.Constant(_I64, k)) for k in range(count)]
+                values = _emit_tile(builder, ops, bits, group_size, isa, row_ids, token_ids, prefetch)
+                for r, row_values in zip(rows, values):
+                    column = builder.add(ops.out_first, builder.sub(r, first_row))
+                    with builder.if_then(builder.icmp_unsigned("<", r, end_row)):
+                        for t, value in zip(token_ids, row_values):
+                            at = builder.add(builder.mul(t, ops.out_cols), column)
+                            builder.store(value, builder.gep(ops.out, [at]))
 
             def emit(group_size):
-                with cgutils.for_range(builder, ceil_div(builder.sub(end_row, first_row), tile_rows)) as row_loop:
+                with cgutils.for_range(builder, row_tiles) as row_loop:
                     r0 = builder.add(first_row, builder.mul(row_loop.index, ir.Constant(_I64, tile_rows)))
-                    rows, row_ids = clamped(r0, tile_rows, end_row)
-                    with cgutils.for_range(builder, ceil_div(tokens, tile_tokens)) as token_loop:
-                        t0 = builder.mul(token_loop.index, ir.Constant(_I64, tile_tokens))
-                        toks, token_ids = clamped(t0, tile_tokens, tokens)
-                        values = _emit_tile(builder, ops, bits, group_size, isa, row_ids, token_ids, prefetch)
-                        for r, row_values in zip(rows, values):
-                            column = builder.add(ops.out_first, builder.sub(r, first_row))
-                            for t, value in zip(toks, row_values):
-                                inside = builder.and_(builder.icmp_unsigned("<", r, end_row),
-                                                      builder.icmp_unsigned("<", t, tokens))
-                                with builder.if_then(inside):
-                                    at = builder.add(builder.mul(t, ops.out_cols), column)
-                                    builder.store(value, builder.gep(ops.out, [at]))
+                    rows = [builder.add(r0, ir.Constant(_I64, k)) for k in range(tile_rows)]
+                    last = builder.sub(end_row, ir.Constant(_I64, 1))
+                    row_ids = [builder.select(builder.icmp_unsigned("<", r, end_row), r, last) for r in rows]
+                    with cgutils.for_range(builder, full) as token_loop:
+                        tile(group_size, rows, row_ids, builder.mul(token_loop.index, ir.Constant(_I64, tile_tokens)),
+                             tile_tokens)
+                    with cgutils.for_range(builder, builder.sub(tokens, rest_start)) as rest_loop:
+                        tile(group_size, rows, row_ids, builder.add(rest_start, rest_loop.index), 1)
 
             emit_per_group_size(builder, ops.group_size, emit)
             return context.get_dummy_value()
