@@ -64,6 +64,16 @@ def test_decode_json_from_a_real_child(tiny_converted):
     assert row["slots"] == row["total_experts"] // 2  # 2 layers x 4 experts: 4 slots
     assert 0 <= row["hit_rate"] <= 1 and row["cache_bytes_per_token"] >= 0
     assert row["floor_tps"] == pytest.approx(10e9 / row["active_bytes_per_token"])
+    assert report["int8_peak_gmacs"] > 0
+    assert row["prompt_ceiling_tps"] == pytest.approx(report["int8_peak_gmacs"] * 1e9 / row["prompt_macs_per_token"])
+
+
+def test_prompt_macs_per_token_counts_mixtral_8x7b():
+    from mixtral_offload.config import ModelArgs
+
+    # per layer: q and o 4096x4096, k and v 1024x4096, router 8x4096, two experts of three 14336x4096
+    per_layer = 2 * 4096 * 4096 + 2 * 1024 * 4096 + 8 * 4096 + 2 * 3 * 14336 * 4096
+    assert benchmark.prompt_macs_per_token(ModelArgs()) == 32 * per_layer
 
 
 def test_kernel_bench_result_has_the_documented_shape(monkeypatch):
