@@ -171,12 +171,12 @@ def format_kernel_bench(result: dict) -> str:
         + ", ".join(f"{g:.0f} G/s at {t} thread(s)" for t, g in result["int8_peak_gmacs_by_threads"].items()),
         "first call (compile or cache load): "
         + ", ".join(f"{name} {s:.2f} s" for name, s in result["compile_s"].items()),
-        f"{'kernel':<24} {'shape':>12} {'T':>3} {'thr':>3} {'ms':>8} {'GB/s':>7} {'of bw':>6} {'GMAC/s':>7} {'of peak':>7}",
+        f"{'kernel':<28} {'shape':>12} {'T':>3} {'thr':>3} {'ms':>8} {'GB/s':>7} {'of bw':>6} {'GMAC/s':>7} {'of peak':>7}",
     ]
     for r in result["results"]:
         shape = f"{r['shape'][0]}x{r['shape'][1]}"
         lines.append(
-            f"{r['kernel']:<24} {shape:>12} {r['tokens']:>3} {r['threads']:>3} {r['ms']:>8.2f} "
+            f"{r['kernel']:<28} {shape:>12} {r['tokens']:>3} {r['threads']:>3} {r['ms']:>8.2f} "
             f"{r['gbs']:>7.1f} {r['ratio']:>6.0%} {r['gmacs']:>7.1f} {r['of_peak']:>7.0%}"
         )
     return "\n".join(lines)
