@@ -197,8 +197,8 @@ def format_decode_report(report: dict) -> str:
             continue
         slots = f"{r['slots']}/{r['total_experts']}" if r.get("slots") is not None else "all"
         lines.append(
-            f"{r['label']:<18} {r['decode_tps']:>12.2f} {r['prompt_tps']:>12.1f} {r.get('prompt_ceiling_tps', 0):>8.1f} "
-            f"{r.get('floor_tps', 0):>11.1f} "
+            f"{r['label']:<18} {r['decode_tps']:>12.2f} {r['prompt_tps']:>12.1f} "
+            f"{r.get('prompt_ceiling_tps', 0):>8.1f} {r.get('floor_tps', 0):>11.1f} "
             f"{format_size(r['peak_rss']):>10} {format_size(r['budget']) if r['budget'] else '-':>10} {slots:>9} "
             f"{'-' if r['hit_rate'] is None else format(r['hit_rate'], '.2f'):>8} "
             f"{'-' if r['cache_bytes_per_token'] is None else format_size(r['cache_bytes_per_token']):>10}")

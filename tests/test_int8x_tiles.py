@@ -41,7 +41,8 @@ def test_every_instruction_set_equals_the_reference(bits, isa):
 
     @njit
     def some_rows(codes, scales, zeros, xperm, dx, xqsum, out, first, end):
-        tiles(codes, scales, zeros, xperm, dx, xqsum, out, np.uint64(first), np.uint64(end), np.uint64(0), np.uint64(64))
+        tiles(codes, scales, zeros, xperm, dx, xqsum, out, np.uint64(first), np.uint64(end), np.uint64(0),
+              np.uint64(64))
 
     qm = random_quantized(QuantSpec(bits, 64), (9, 384), seed=3)
     codes, scales, zeros = (part.reshape(-1) for part in kernel_parts(qm))
@@ -57,7 +58,7 @@ def test_int8x_dispatches_many_tokens_to_the_tiles(bits, monkeypatch):
     qm = random_quantized(QuantSpec(bits, 64), (70, 256), seed=5)
     rng = np.random.default_rng(5)
     calls, tiles_matmul = [], int8x_tiles.matmul
-    monkeypatch.setattr(int8x_tiles, "matmul", lambda qm, x, quantized=None: calls.append(len(x)) or tiles_matmul(qm, x))
+    monkeypatch.setattr(int8x_tiles, "matmul", lambda qm, x: calls.append(len(x)) or tiles_matmul(qm, x))
     for tokens in (int8x.TILES_MIN_TOKENS[bits] - 1, int8x.TILES_MIN_TOKENS[bits]):
         x = rng.standard_normal((tokens, 256)).astype(np.float32)
         assert relative(int8x.matmul(qm, x), int8x.reference_matmul(qm, x)) < 1e-5

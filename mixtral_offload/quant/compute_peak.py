@@ -33,7 +33,8 @@ def make_mac_loop(isa: str = ISA):
         def codegen(context, builder, sig, args):
             base = _data_pointer(context, builder, sig.args[0], args[0])
             codes = [_load(builder, base, ir.Constant(_I64, k * BLOCK_BYTES), _V64I8) for k in range(2)]
-            x_slot = cgutils.alloca_once_value(builder, _load(builder, base, ir.Constant(_I64, 2 * BLOCK_BYTES), _V64I8))
+            x0 = _load(builder, base, ir.Constant(_I64, 2 * BLOCK_BYTES), _V64I8)
+            x_slot = cgutils.alloca_once_value(builder, x0)
             accs = [cgutils.alloca_once_value(builder, ir.Constant(_V16I32, None)) for _ in range(ACCUMULATORS)]
             with cgutils.for_range(builder, args[1]):
                 x = builder.load(x_slot)

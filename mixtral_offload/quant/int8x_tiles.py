@@ -10,8 +10,9 @@ zero-point terms sum_g s_g z_g xqsum_g are a separate short dot product per row 
 block loop (16 groups per vector), and int8 weights under VNNI start their accumulator at
 -128 sum xq (once per token and block), so a block costs one `vpdpbusd` per row and token.
 
-Tokens past the last whole tile go one at a time; rows past the end repeat the last one, not stored. Results equal int8x's
-(and `int8x.reference_matmul`) within float32 rounding of a reassociated sum.
+Tokens past the last whole tile go one at a time; rows past the end repeat the last row and are not
+stored. Results equal int8x's (and `int8x.reference_matmul`) within float32 rounding of a
+reassociated sum.
 """
 
 from __future__ import annotations
