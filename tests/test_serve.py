@@ -212,29 +212,31 @@ def test_disconnect_mid_stream_then_a_normal_request(server):
 
 
 def test_two_clients_at_once_are_answered_in_arrival_order(server):
-    events = {"a": [], "b": []}
+    chunks = {"a": [], "b": []}
     a_queued = threading.Event()
 
     def run(name):
         for chunk in server.client().chat.completions.create(
-                model="demo", messages=MESSAGES, max_tokens=16, temperature=0, stream=True,
+                model="demo", messages=MESSAGES, max_tokens=48, temperature=0, stream=True,
                 stream_options={"include_usage": True}):
-            events[name].append((time.monotonic(), chunk))
-            a_queued.set()  # a's role chunk arrives once a is in the queue
+            chunks[name].append(chunk)
+            a_queued.set()  # a's role chunk is sent once a is in the queue
 
-    threads = [threading.Thread(target=run, args=("a",)), threading.Thread(target=run, args=("b",))]
+    threads = [threading.Thread(target=run, args=(name,)) for name in "ab"]
     threads[0].start()
     assert a_queued.wait(60)
     threads[1].start()
     for thread in threads:
         thread.join(120)
     for name in "ab":
-        assert events[name][-1][1].usage.completion_tokens == 16
-        assert events[name][-2][1].choices[0].finish_reason == "length"
-    b_first_text = next(t for t, chunk in events["b"] if chunk.choices and chunk.choices[0].delta.content)
-    assert events["a"][-1][0] <= b_first_text  # b's tokens came after all of a's
-    texts_of = {name: "".join(c.choices[0].delta.content or "" for _, c in events[name] if c.choices) for name in "ab"}
-    assert texts_of["a"] == texts_of["b"]
+        assert chunks[name][-1].usage.completion_tokens == 48, chunks[name][-3:]
+        assert chunks[name][-2].choices[0].finish_reason == "length"
+    text = {name: "".join(chunk.choices[0].delta.content or "" for chunk in chunks[name] if chunk.choices)
+            for name in "ab"}
+    assert text["a"] == text["b"]
+    log = server.log()  # the worker logs each generation as it ends, and runs one at a time
+    assert 0 <= log.index(chunks["a"][0].id + ":") < log.index(chunks["b"][0].id + ":")
+    assert float(re.search(chunks["b"][0].id + r":.* queued ([\d.]+) s", log).group(1)) > 0  # b waited for a
 
 
 def test_api_key(server):
