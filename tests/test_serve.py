@@ -251,9 +251,14 @@ def test_api_key(server):
     assert server.client().completions.create(model="demo", prompt="A", max_tokens=5).usage.completion_tokens == 5
 
 
-def test_profile_records_the_served_requests(server):
-    """Last: stops the module's server (Ctrl-C), which writes the profile; one sampling span per token out."""
-    assert server.stop() == 130, server.log()
+def test_ctrl_c_cuts_a_stream_and_writes_the_profile(server):
+    """Last: stops the module's server with a stream in flight; the profile has a sampling span per token out."""
+    stream = server.client().completions.create(model="demo", prompt="The", max_tokens=1000, temperature=0,
+                                                stream=True)
+    next(iter(stream))
+    assert server.stop() == 130, server.log()  # the CLI's exit code after Ctrl-C
+    with pytest.raises(openai.APIError, match="the server is stopping"):
+        list(stream)
     profile = read_profile(server.log_path.parent / "serve.json")
     assert profile["command"] == "serve"
     tokens_out = sum(int(count) for count in re.findall(r" (\d+) out, ", server.log()))

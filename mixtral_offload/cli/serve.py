@@ -55,8 +55,6 @@ def serve(model, host, port, api_key, **load_kwargs):
       curl -N http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' \\
         -d '{"model": "x", "stream": true, "messages": [{"role": "user", "content": "Hi"}]}'
     """
-    import uvicorn
-
     from ..offload.loading import load
     from ..serve.app import Server
 
@@ -71,5 +69,4 @@ def serve(model, host, port, api_key, **load_kwargs):
     url_host = f"[{host}]" if ":" in host else host
     click.echo(f"Serving {name} (context {runtime.max_context} tokens) on http://{url_host}:{address[1]}/v1 "
                f"(Ctrl-C stops)", err=True)
-    config = uvicorn.Config(server.app(), log_level="warning", access_log=False)
-    uvicorn.Server(config).run(sockets=[sock])
+    server.run(sock)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import socket
 import time
 from contextlib import AbstractContextManager, asynccontextmanager, nullcontext
 from datetime import datetime
@@ -37,11 +38,27 @@ class Server:
         self.session = session  # entered while serving: the --profile recording
         self.created = int(time.time())
         self.worker: Worker | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None  # uvicorn's, once serving
+
+    def run(self, sock: socket.socket) -> None:
+        """Serve on a listening socket until Ctrl-C or SIGTERM, which first cut the generations short."""
+        import uvicorn
+
+        server = self
+
+        class Uvicorn(uvicorn.Server):
+            def handle_exit(self, sig, frame) -> None:
+                if server.loop is not None:  # a signal handler must not take the jobs' locks itself
+                    server.loop.call_soon_threadsafe(server.worker.cancel_all)
+                super().handle_exit(sig, frame)
+
+        Uvicorn(uvicorn.Config(self.app(), log_level="warning", access_log=False)).run(sockets=[sock])
 
     @asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
         with self.session:
             self.worker = Worker(self.runtime, self.log)
+            self.loop = asyncio.get_running_loop()
             try:
                 yield
             finally:

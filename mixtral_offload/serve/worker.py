@@ -72,11 +72,15 @@ class Worker:
     def submit(self, job: Job) -> None:
         self.jobs.put(job)
 
-    def stop(self) -> None:
-        """Cancel the running and queued jobs and wait for the thread to end."""
+    def cancel_all(self) -> None:
+        """Stop the running job at its next token, and every job queued or submitted from now on at once."""
         self.stopping.set()
-        if self.current is not None:
-            self.current.cancel()
+        if (job := self.current) is not None:
+            job.cancel()
+
+    def stop(self) -> None:
+        """Cancel every job and wait for the thread to end."""
+        self.cancel_all()
         self.jobs.put(None)
         self.thread.join()
 
