@@ -62,6 +62,7 @@ class Server:
             try:
                 yield
             finally:
+                self.loop = None
                 self.worker.stop()
 
     def app(self) -> Starlette:
