@@ -97,8 +97,8 @@ class Worker:
                 traceback.print_exc()
                 end = Failure(f"internal error: {type(exc).__name__}: {exc}")
             self.current = None
+            self.log(log_line(job.label, end, self.runtime.cache_stats()))  # logged before the client hears
             job.emit(end)
-            self.log(log_line(job.label, end, self.runtime.cache_stats()))
 
     def _run(self, job: Job) -> Finish:
         queued = time.perf_counter() - job.submitted
