@@ -1,6 +1,6 @@
 """The server's pure parts: stop strings on streamed text, and request parsing into OpenAI errors."""
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 from mixtral_offload.offload.tokenizer import Message
 from mixtral_offload.serve.schemas import RequestError, parse_chat, parse_completion
@@ -11,11 +11,15 @@ STOPS = st.lists(st.text(alphabet="ab\n", min_size=1, max_size=3), max_size=3)
 
 
 def reference_cut(text: str, stops: list[str]) -> tuple[str, bool]:
-    """The text up to the earliest occurrence of any stop string, and whether one occurred."""
-    found = [text.find(stop) for stop in stops if stop and stop in text]
-    return (text[:min(found)], True) if found else (text, False)
+    """Read char by char: the text before the first stop string to complete, and whether one did."""
+    for end in range(1, len(text) + 1):
+        ending = [stop for stop in stops if stop and text[:end].endswith(stop)]
+        if ending:
+            return text[:end - max(map(len, ending))], True
+    return text, False
 
 
+@settings(max_examples=400)
 @given(PIECES, STOPS)
 def test_stop_matcher_equals_cutting_the_whole_text(pieces, stops):
     matcher, released = StopMatcher(stops), []
@@ -26,6 +30,16 @@ def test_stop_matcher_equals_cutting_the_whole_text(pieces, stops):
     else:
         released.append(matcher.flush())
     assert ("".join(released), matcher.stopped) == reference_cut("".join(pieces), stops)
+
+
+@pytest.mark.parametrize("pieces, stops, released", [
+    (["a\n", "a"], ["\n", "a\na"], "a"),     # "\n" completes before "a\na" could
+    (["abcd"], ["bc", "abcd"], "a"),          # within one piece too: the first to complete
+    (["abcd"], ["cd", "bcd"], "a"),           # two complete together: the longer one
+])
+def test_stop_matcher_cuts_at_the_first_stop_to_complete(pieces, stops, released):
+    matcher = StopMatcher(stops)
+    assert "".join(matcher.push(piece) for piece in pieces) == released and matcher.stopped
 
 
 def test_stop_matcher_holds_back_a_possible_start_only():

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 
 class StopMatcher:
-    """Passes streamed text through until the first stop string, which is cut with all that follows.
+    """Passes streamed text through until a stop string completes; it is cut with all that follows.
 
     Text that could be the start of a stop string is held back until the next piece settles it, so
     no part of a stop string is ever released.
@@ -17,9 +17,9 @@ class StopMatcher:
     def push(self, piece: str) -> str:
         """Add a piece of text; return what can be released now (everything before a stop string)."""
         self.pending += piece
-        found = [index for index in (self.pending.find(stop) for stop in self.stops) if index >= 0]
-        if found:
-            released, self.pending, self.stopped = self.pending[:min(found)], "", True
+        found = [(index + len(stop), index) for stop in self.stops if (index := self.pending.find(stop)) >= 0]
+        if found:  # the stop string completed first (the longer one when two end together), as if char by char
+            released, self.pending, self.stopped = self.pending[:min(found)[1]], "", True
             return released
         hold = max((length for stop in self.stops for length in range(1, len(stop))
                     if self.pending.endswith(stop[:length])), default=0)
