@@ -1,0 +1,113 @@
+"""int8 activations for the GGUF kernels: x quantized as llama.cpp does, and the integer chunk dot in LLVM IR.
+
+x is quantized per BlockType.act_cols columns, symmetric: d = max|x| / 127, q = round(x / d) (half
+away from zero), as llama.cpp's Q8_0 for Q4_0/Q8_0 weights (32 columns, d stored as float16, so
+these bytes equal gguf.quants.quantize(x, Q8_0)) and as its Q8_K for K-quants (256, d float32).
+
+A row chunk decoded to codes u (gguf_decode.py) then takes, per 64 bytes, one u8 x s8 integer dot
+from int8x.py's IR helpers (AVX-512 VNNI vpdpbusd, AVX2 pmaddubsw/pmaddwd, or plain vector IR):
+16 int32 lanes of 4 products each, converted once and multiplied by each lane's scale(sub-block)
+x d(x block). Codes stay <= 63 except Q8_0's signed bytes, which take int8x's signed dot, so no
+AVX2 pair sum saturates. The offsets are summed apart: sum_s offset_s d_s sum(xq in s).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from mixtral_offload.quant.gguf_blocks import BlockType
+from mixtral_offload.quant.int8x import (
+    _F32, _I64, _V16F, _V16I32, _V64I8, ISA, BLOCK_BYTES, _data_pointer, _horizontal_sum, _int_dot, _load,
+    _signed_int_dot,
+)
+
+
+def padded_cols(cols: int) -> int:
+    """Columns of quantized x: whole 64-byte vectors, zeros past cols (a Q4_0/Q8_0 row may end mid-vector)."""
+    return -(-cols // BLOCK_BYTES) * BLOCK_BYTES
+
+
+def _round_half_away(v: np.ndarray) -> np.ndarray:
+    # exact for every float32 (no v + 0.5 rounding): the integer part plus 1 where the fraction is >= 1/2
+    a = np.abs(v)
+    whole = np.floor(a)
+    return np.sign(v) * (whole + np.floor(2 * (a - whole)))
+
+
+def quantize_x(x: np.ndarray, act_cols: int) -> tuple[np.ndarray, np.ndarray]:
+    """(xq int8 [T, cols], d float32 [T, cols / act_cols]) for float32 x [T, cols]: x ~ d * xq per block."""
+    tokens, cols = x.shape
+    blocks = x.reshape(tokens, cols // act_cols, act_cols)
+    d = np.abs(blocks).max(axis=2) / np.float32(127)
+    with np.errstate(divide="ignore"):
+        inverse = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
+    xq = _round_half_away(blocks * inverse[:, :, None]).astype(np.int8).reshape(tokens, cols)
+    if act_cols == 32:  # Q8_0 stores d as float16
+        d = d.astype(np.float16).astype(np.float32)
+    return xq, d
+
+
+def dequantized_x(x: np.ndarray, act_cols: int) -> np.ndarray:
+    """The float32 x [T, cols] that the int8 path computes with (for references and error reports)."""
+    xq, d = quantize_x(x, act_cols)
+    return (xq.reshape(d.shape[0], d.shape[1], act_cols) * d[:, :, None]).reshape(xq.shape)
+
+
+def kernel_activations(x: np.ndarray, bt: BlockType) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(xq int8 [T, P], dsub float32 [T, P / S], xoff float32 [T, P / S]): P = padded_cols, S = sub_cols.
+
+    dsub is each sub-block's x scale, xoff = dsub * sum(xq in the sub-block) (the offsets' factor).
+    """
+    tokens, cols = x.shape
+    xq, d = quantize_x(x, bt.act_cols)
+    padded = padded_cols(cols)
+    xq_padded = np.zeros((tokens, padded), np.int8)
+    xq_padded[:, :cols] = xq
+    per_block = bt.act_cols // bt.sub_cols
+    dsub = np.zeros((tokens, padded // bt.sub_cols), np.float32)
+    dsub[:, : cols // bt.sub_cols] = np.repeat(d, per_block, axis=1)
+    sums = xq.reshape(tokens, cols // bt.sub_cols, bt.sub_cols).sum(axis=2, dtype=np.int32)
+    xoff = dsub * np.pad(sums, ((0, 0), (0, dsub.shape[1] - sums.shape[1]))).astype(np.float32)
+    return xq_padded, dsub, xoff
+
+
+def make_chunk_dot(sub_cols: int, signed: bool, isa: str = ISA):
+    """An intrinsic: chunk_dot(u, xq, scale, dsub, nbytes) -> float32.
+
+    sum over sub-blocks s of scale[s] dsub[s] sum_j u[j] xq[j] (j in s), for the first nbytes
+    (a multiple of 64) of u (uint8 codes, or int8 if signed) and xq (int8); sub_cols is 16 or 32.
+    """
+    per_vector = BLOCK_BYTES // sub_cols
+    small = ir.VectorType(_F32, per_vector)
+    # int32 lane l of a 64-byte dot sums codes 4l..4l+3, which lie in sub-block (4l) // sub_cols
+    expand = ir.Constant(ir.VectorType(ir.IntType(32), 16), [(4 * lane) // sub_cols for lane in range(16)])
+
+    @intrinsic
+    def chunk_dot(typingctx, codes, xq, scale, dsub, nbytes):
+        signature = types.float32(codes, xq, scale, dsub, nbytes)
+
+        def codegen(context, builder, sig, args):
+            c, x, s, d = (_data_pointer(context, builder, t, a) for t, a in zip(sig.args[:4], args[:4]))
+            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16F, [_V16F] * 3), "llvm.fma.v16f32")
+            acc = cgutils.alloca_once_value(builder, ir.Constant(_V16F, None))
+            count = builder.udiv(args[4], ir.Constant(_I64, BLOCK_BYTES))
+            with cgutils.for_range(builder, count) as loop:
+                at = builder.mul(loop.index, ir.Constant(_I64, BLOCK_BYTES))
+                codes_v, x_v = _load(builder, c, at, _V64I8), _load(builder, x, at, _V64I8)
+                if signed:
+                    ints = _signed_int_dot(builder, codes_v, x_v, isa)
+                else:
+                    ints = _int_dot(builder, ir.Constant(_V16I32, None), codes_v, x_v, isa)
+                g0 = builder.mul(loop.index, ir.Constant(_I64, per_vector))
+                scales = builder.fmul(_load(builder, s, g0, small), _load(builder, d, g0, small))
+                lanes = builder.shuffle_vector(scales, ir.Constant(small, ir.Undefined), expand)
+                builder.store(builder.call(fma, [builder.sitofp(ints, _V16F), lanes, builder.load(acc)]), acc)
+            return _horizontal_sum(builder, builder.load(acc))
+
+        return signature, codegen
+
+    return chunk_dot

@@ -1,0 +1,197 @@
+"""Numba CPU kernels on GGUF blocks as they lie in the file: matmul and a fused SwiGLU expert.
+
+Shapes: T = tokens, R = rows (out features), C = cols (in features). Weights are GGUFMatrix [R, C];
+activations are [T, C] float32. Each row is decoded CHUNK_COLS columns at a time into L1 scratch
+(gguf_decode.py) and the chunk serves every token, so several tokens (prefill) read the weights once.
+
+activations "float32": the chunk becomes float32 weights equal to gguf.quants.dequantize's, dotted
+with x in float32 (exact up to summation order). "int8": x is quantized per block as llama.cpp's
+Q8_0 / Q8_K and the chunk's codes take integer dot products (gguf_int8.py); float types (F32, F16,
+BF16) compute on float x in both modes, as llama.cpp does for them.
+
+The variant (type x activations) is chosen once, in the table VARIANTS built at import.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numba import njit, prange
+
+from mixtral_offload.errors import MixtralOffloadError
+from mixtral_offload.quant.gguf_blocks import BLOCK_TYPES, BlockType, GGUFMatrix
+from mixtral_offload.quant.gguf_decode import decode_codes, decode_floats
+from mixtral_offload.quant.gguf_int8 import kernel_activations, make_chunk_dot
+from mixtral_offload.quant.int8x import silu
+from mixtral_offload.quant.kernels import ACTIVATIONS, F16_TABLE, _check_activations, check_activations_mode
+
+CHUNK_COLS = 1024  # columns decoded at once: 1 KiB of codes, 4 KiB of float32, in L1
+ROWS_PER_TASK = 32  # rows per parallel task (scratch is allocated once per task)
+
+_dot_u32 = make_chunk_dot(32, signed=False)  # Q4_0, Q4_K, Q5_K
+_dot_u16 = make_chunk_dot(16, signed=False)  # Q6_K
+_dot_s32 = make_chunk_dot(32, signed=True)  # Q8_0
+
+
+@njit(cache=True, fastmath=True, nogil=True)
+def _float_chunk_dots(w, x, c0, n, acc):
+    """acc[t] += w[:n] . x[t, c0 : c0 + n] for every token, 4 tokens per pass over w."""
+    tokens = x.shape[0]
+    t = 0
+    while t + 3 < tokens:
+        xa = x[t, c0:c0 + n]; xb = x[t + 1, c0:c0 + n]; xc = x[t + 2, c0:c0 + n]; xd = x[t + 3, c0:c0 + n]
+        a = np.float32(0.0); b = np.float32(0.0); c = np.float32(0.0); d = np.float32(0.0)
+        for k in range(n):
+            v = w[k]
+            a += v * xa[k]; b += v * xb[k]; c += v * xc[k]; d += v * xd[k]
+        acc[t] += a; acc[t + 1] += b; acc[t + 2] += c; acc[t + 3] += d
+        t += 4
+    while t < tokens:
+        xa = x[t, c0:c0 + n]
+        a = np.float32(0.0)
+        for k in range(n):
+            a += w[k] * xa[k]
+        acc[t] += a
+        t += 1
+
+
+@njit(cache=True, fastmath=True, nogil=True)
+def _int8_chunk_dots(kind_signed, sub_cols, u, scale, offset, xq, dsub, xoff, c0, n, acc):
+    """acc[t] += the chunk's codes (u, scale, offset over n columns from c0) . quantized x[t]."""
+    s0 = c0 // sub_cols
+    nbytes = (n + 63) // 64 * 64
+    for t in range(xq.shape[0]):
+        if kind_signed:
+            dot = _dot_s32(u, xq[t, c0:], scale, dsub[t, s0:], nbytes)
+        elif sub_cols == 16:
+            dot = _dot_u16(u, xq[t, c0:], scale, dsub[t, s0:], nbytes)
+        else:
+            dot = _dot_u32(u, xq[t, c0:], scale, dsub[t, s0:], nbytes)
+        shift = np.float32(0.0)
+        for i in range(n // sub_cols):
+            shift += offset[i] * xoff[t, s0 + i]
+        acc[t] += dot - shift
+
+
+@njit(cache=True, fastmath=True, nogil=True)
+def _row_dots(spec, int8_x, raw, off, cols, f16, x, xq, dsub, xoff, scratch, acc):
+    """acc[t] = (the row whose bytes start at raw[off]) . x[t] for every token t."""
+    kind, block_cols, block_bytes, sub_cols, signed = spec
+    u, scale, offset, w = scratch
+    wbits = w.view(np.uint32)
+    acc[:] = 0.0
+    chunk = CHUNK_COLS // block_cols * block_cols
+    for c0 in range(0, cols, chunk):
+        n = min(chunk, cols - c0)
+        at = off + c0 // block_cols * block_bytes
+        if int8_x:
+            decode_codes(kind, raw, at, n // block_cols, f16, u, scale, offset)
+            _int8_chunk_dots(signed, sub_cols, u, scale, offset, xq, dsub, xoff, c0, n, acc)
+        else:
+            decode_floats(kind, raw, at, n, sub_cols, f16, u, scale, offset, w, wbits)
+            _float_chunk_dots(w, x, c0, n, acc)
+
+
+@njit(cache=True, nogil=True)
+def _scratch():
+    # zeroed: the int8 dot reads a Q4_0/Q8_0 row's last chunk up to whole 64-byte vectors (x is 0 there)
+    return (np.zeros(CHUNK_COLS, np.uint8), np.zeros(CHUNK_COLS // 16, np.float32),
+            np.zeros(CHUNK_COLS // 16, np.float32), np.zeros(CHUNK_COLS, np.float32))
+
+
+@njit(cache=True, fastmath=True, nogil=True, parallel=True)
+def _matmul_kernel(spec, int8_x, raw, row_bytes, cols, f16, x, xq, dsub, xoff, out):
+    """out[T, R] = x @ W.T for the matrix whose rows of row_bytes lie in raw."""
+    tokens, rows = out.shape
+    for task in prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        scratch = _scratch()
+        acc = np.empty(tokens, np.float32)
+        for r in range(task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK)):
+            _row_dots(spec, int8_x, raw, r * row_bytes, cols, f16, x, xq, dsub, xoff, scratch, acc)
+            for t in range(tokens):
+                out[t, r] = acc[t]
+
+
+@njit(cache=True, fastmath=True, nogil=True, parallel=True)
+def _gate_up_kernel(spec, int8_x, raw1, raw3, row_bytes, cols, f16, x, xq, dsub, xoff, h):
+    """h[T, I] = silu(x @ w1.T) * (x @ w3.T), each row of w1 read beside the same row of w3."""
+    tokens, rows = h.shape
+    for task in prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        scratch = _scratch()
+        gate = np.empty(tokens, np.float32)
+        up = np.empty(tokens, np.float32)
+        for r in range(task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK)):
+            _row_dots(spec, int8_x, raw1, r * row_bytes, cols, f16, x, xq, dsub, xoff, scratch, gate)
+            _row_dots(spec, int8_x, raw3, r * row_bytes, cols, f16, x, xq, dsub, xoff, scratch, up)
+            for t in range(tokens):
+                h[t, r] = silu(gate[t]) * up[t]
+
+
+_NO_X = np.zeros((1, 1), np.float32)
+_NO_XQ = np.zeros((1, 1), np.int8)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """The kernel variant for one GGUF type and activations mode: its kernel arguments, fixed once."""
+
+    block_type: BlockType
+    int8_x: bool
+
+    @property
+    def spec(self) -> tuple[int, int, int, int, bool]:
+        bt = self.block_type
+        return (bt.kind, bt.block_cols, bt.block_bytes, max(bt.sub_cols, 1), bt.signed_codes)
+
+    def _operands(self, x: np.ndarray) -> tuple:
+        if self.int8_x:
+            return (_NO_X, *kernel_activations(x, self.block_type))
+        return (x, _NO_XQ, _NO_X, _NO_X)
+
+    def matmul(self, m: GGUFMatrix, x: np.ndarray) -> np.ndarray:
+        """y [T, R] = x [T, C] @ W.T."""
+        y = np.empty((x.shape[0], m.rows), np.float32)
+        _matmul_kernel(self.spec, self.int8_x, m.data, m.row_bytes, m.cols, F16_TABLE, *self._operands(x), y)
+        return y
+
+    def gate_up(self, w1: GGUFMatrix, w3: GGUFMatrix, x: np.ndarray) -> np.ndarray:
+        """h [T, I] = silu(x @ w1.T) * (x @ w3.T)."""
+        h = np.empty((x.shape[0], w1.rows), np.float32)
+        _gate_up_kernel(self.spec, self.int8_x, w1.data, w3.data, w1.row_bytes, w1.cols, F16_TABLE,
+                        *self._operands(x), h)
+        return h
+
+
+VARIANTS: dict[tuple, Variant] = {
+    (qtype, mode): Variant(bt, int8_x=mode == "int8" and bt.quantized)
+    for qtype, bt in BLOCK_TYPES.items()
+    for mode in ACTIVATIONS
+}
+
+
+def gguf_matmul(m: GGUFMatrix, x: np.ndarray, activations: str = "float32") -> np.ndarray:
+    """y = x @ W.T for x [T, cols] (-> [T, rows]) or [cols] (-> [rows]), float32."""
+    check_activations_mode(activations)
+    squeeze = getattr(x, "ndim", None) == 1
+    x2 = _check_activations(x[None, :] if squeeze else x, m.cols, "x")
+    y = VARIANTS[m.qtype, activations].matmul(m, x2)
+    return y[0] if squeeze else y
+
+
+def gguf_expert_forward(w1: GGUFMatrix, w3: GGUFMatrix, w2: GGUFMatrix, x: np.ndarray,
+                        activations: str = "float32") -> np.ndarray:
+    """SwiGLU expert: y[T, D] = (silu(x @ w1.T) * (x @ w3.T)) @ w2.T, w1 and w3 [I, D] of one type, w2 [D, I]."""
+    check_activations_mode(activations)
+    inter, hidden = w1.shape
+    if w3.shape != (inter, hidden) or w2.shape != (hidden, inter):
+        raise MixtralOffloadError(
+            f"expert shapes must be w1, w3 [I, D] and w2 [D, I]; got {w1.shape}, {w3.shape}, {w2.shape}"
+        )
+    if w1.qtype != w3.qtype:
+        raise MixtralOffloadError(f"w1 and w3 must share a GGUF type, got {w1.qtype.name} and {w3.qtype.name}")
+    squeeze = getattr(x, "ndim", None) == 1
+    x2 = _check_activations(x[None, :] if squeeze else x, hidden, "x")
+    h = VARIANTS[w1.qtype, activations].gate_up(w1, w3, x2)
+    y = VARIANTS[w2.qtype, activations].matmul(w2, h)
+    return y[0] if squeeze else y
