@@ -121,17 +121,19 @@ def test_every_instruction_set_gives_the_integer_sums(sub_cols, signed, isa):
     chunk_dot = gguf_int8.make_chunk_dot(sub_cols, signed, isa)
 
     @njit
-    def run(u, xq, scale, dsub):
-        return chunk_dot(u, xq, scale, dsub, u.shape[0])
+    def run(u, scale, offset, xq, dsub, xoff):
+        return chunk_dot(u, scale, offset, xq, dsub, xoff, 64, 64 // sub_cols, u.shape[0])
 
     rng = np.random.default_rng(sub_cols)
     u = rng.integers(-128, 128, 512).astype(np.int8).view(np.uint8) if signed else rng.integers(0, 64, 512, np.uint8)
-    xq = rng.integers(-127, 128, 512).astype(np.int8)
-    scale, dsub = rng.random(512 // sub_cols, np.float32), rng.random(512 // sub_cols, np.float32)
+    xq = rng.integers(-127, 128, 64 + 512).astype(np.int8)  # read from element 64 on
+    scale, offset = rng.random(512 // sub_cols, np.float32), rng.random(512 // sub_cols, np.float32)
+    dsub, xoff = rng.random((2, (64 + 512) // sub_cols), np.float32)
     codes = (u.view(np.int8) if signed else u).astype(np.int64)
-    sums = (codes * xq).reshape(-1, sub_cols).sum(axis=1)
-    expected = float((sums * scale.astype(np.float64) * dsub).sum())
-    assert abs(run(u, xq, scale, dsub) - expected) <= 1e-5 * np.abs(sums * scale * dsub).sum()
+    sums = (codes * xq[64:]).reshape(-1, sub_cols).sum(axis=1)
+    terms = np.concatenate([sums * scale.astype(np.float64) * dsub[64 // sub_cols:],
+                            -offset.astype(np.float64) * xoff[64 // sub_cols:]])
+    assert abs(run(u, scale, offset, xq, dsub, xoff) - terms.sum()) <= 1e-5 * np.abs(terms).sum()
 
 
 def test_unknown_and_unsupported_types_are_one_line_errors():

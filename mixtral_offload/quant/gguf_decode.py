@@ -8,6 +8,7 @@ offsets are exact in float32, so `decode_floats` equals gguf.quants.dequantize b
 
 `raw` is a tensor's flat uint8 bytes and `off` a block's first byte; float16 fields are read byte
 by byte through `f16` (float16 bits -> float32, kernels.F16_TABLE) since Numba has no float16.
+The byte-wide steps are vector IR (gguf_vectors.py); scales are unpacked here, per block.
 """
 
 from __future__ import annotations
@@ -15,8 +16,15 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from mixtral_offload.quant.gguf_vectors import (
+    copy32, five_bits32, make_expand, make_float_convert, nibbles16, nibbles32, six_bits32,
+)
+
 # BlockType.kind values (gguf_blocks.BLOCK_TYPES)
 Q4_0, Q8_0, Q4_K, Q5_K, Q6_K, F32, F16, BF16 = range(8)
+
+_expand_u32, _expand_u16, _expand_s32 = make_expand(32, False), make_expand(16, False), make_expand(32, True)
+_from_f32, _from_f16, _from_bf16 = make_float_convert("F32"), make_float_convert("F16"), make_float_convert("BF16")
 
 
 @njit(cache=True, fastmath=True, nogil=True)
@@ -42,11 +50,7 @@ def _q4_0(raw, off, nblocks, f16, u, scale, offset):
         d = _half(raw, o, f16)
         scale[b] = d
         offset[b] = np.float32(8.0) * d
-        ub = b * 32
-        for j in range(16):
-            q = raw[o + 2 + j]
-            u[ub + j] = q & 15
-            u[ub + 16 + j] = q >> 4
+        nibbles16(raw, u, (o + 2, b * 32, b * 32 + 16), 0)
 
 
 @njit(cache=True, fastmath=True, nogil=True)
@@ -56,44 +60,29 @@ def _q8_0(raw, off, nblocks, f16, u, scale, offset):
         o = off + b * 34
         scale[b] = _half(raw, o, f16)
         offset[b] = np.float32(0.0)
-        ub = b * 32
-        for j in range(32):
-            u[ub + j] = raw[o + 2 + j]
-
-
-@njit(cache=True, fastmath=True, nogil=True)
-def _k4_scales(raw, o, f16, b, scale, offset):
-    # d f16 | dmin f16 | 12 bytes of 6-bit (scale, min) for 8 sub-blocks of 32: w = d sc q - dmin m
-    d = _half(raw, o, f16)
-    dmin = _half(raw, o + 2, f16)
-    for j in range(8):
-        sc, m = _scale_min_k4(raw, o + 4, j)
-        scale[8 * b + j] = d * np.float32(sc)
-        offset[8 * b + j] = dmin * np.float32(m)
+        copy32(raw, u, (o + 2, b * 32), 0)
 
 
 @njit(cache=True, fastmath=True, nogil=True)
 def _q45_k(raw, off, nblocks, f16, u, scale, offset, five_bits):
-    # Q4_K, 144 bytes: 16 of scales | qs[128]: bytes 32c..32c+31 hold sub-block 2c (low nibbles) and
-    # 2c+1 (high). Q5_K, 176 bytes: 16 of scales | qh[32]: bit s of byte j is bit 4 of sub-block s's
-    # element j | qs[128] as Q4_K.
+    # d f16 | dmin f16 | 12 bytes of 6-bit (scale, min) for 8 sub-blocks of 32: w = d sc q - dmin m.
+    # Q4_K, 144 bytes: then qs[128]: bytes 32c..32c+31 hold sub-block 2c (low nibbles) and 2c+1
+    # (high). Q5_K, 176 bytes: then qh[32]: bit s of byte j is bit 4 of sub-block s's element j; qs.
     block_bytes = 176 if five_bits else 144
-    qs = 48 if five_bits else 16
     for b in range(nblocks):
         o = off + b * block_bytes
-        _k4_scales(raw, o, f16, b, scale, offset)
+        d = _half(raw, o, f16)
+        dmin = _half(raw, o + 2, f16)
+        for j in range(8):
+            sc, m = _scale_min_k4(raw, o + 4, j)
+            scale[8 * b + j] = d * np.float32(sc)
+            offset[8 * b + j] = dmin * np.float32(m)
         for c in range(4):
-            qo = o + qs + 32 * c
-            ub = b * 256 + 64 * c
-            for j in range(32):
-                q = raw[qo + j]
-                u[ub + j] = q & 15
-                u[ub + 32 + j] = q >> 4
+            lo = b * 256 + 64 * c
             if five_bits:
-                for j in range(32):
-                    h = raw[o + 16 + j] >> (2 * c)
-                    u[ub + j] |= (h & 1) << 4
-                    u[ub + 32 + j] |= (h & 2) << 3
+                five_bits32(raw, u, (o + 48 + 32 * c, o + 16, lo, lo + 32), 2 * c)
+            else:
+                nibbles32(raw, u, (o + 16 + 32 * c, lo, lo + 32), 0)
 
 
 @njit(cache=True, fastmath=True, nogil=True)
@@ -109,17 +98,8 @@ def _q6_k(raw, off, nblocks, f16, u, scale, offset):
             scale[16 * b + s] = dsc
             offset[16 * b + s] = np.float32(32.0) * dsc
         for n in range(2):
-            lo = o + 64 * n
-            hi = o + 128 + 32 * n
-            ub = b * 256 + 128 * n
-            for j in range(32):
-                a = raw[lo + j]
-                c = raw[lo + 32 + j]
-                h = raw[hi + j]
-                u[ub + j] = (a & 15) | ((h & 3) << 4)
-                u[ub + 32 + j] = (c & 15) | ((h & 12) << 2)
-                u[ub + 64 + j] = (a >> 4) | (h & 48)
-                u[ub + 96 + j] = (c >> 4) | ((h & 192) >> 2)
+            ql, out = o + 64 * n, b * 256 + 128 * n
+            six_bits32(raw, u, (ql, ql + 32, o + 128 + 32 * n, out, out + 32, out + 64, out + 96), 0)
 
 
 @njit(cache=True, fastmath=True, nogil=True)
@@ -138,29 +118,28 @@ def decode_codes(kind, raw, off, nblocks, f16, u, scale, offset):
 @njit(cache=True, fastmath=True, nogil=True)
 def decode_floats(kind, raw, off, ncols, sub_cols, f16, u, scale, offset, w, wbits):
     """w[:ncols] = the float32 weights of `ncols` columns from raw[off] (wbits: w's uint32 view)."""
-    if kind == F32:
-        for j in range(ncols):
-            o = off + 4 * j
-            wbits[j] = (np.uint32(raw[o]) | (np.uint32(raw[o + 1]) << 8) | (np.uint32(raw[o + 2]) << 16)
-                        | (np.uint32(raw[o + 3]) << 24))
-    elif kind == F16:
-        for j in range(ncols):
-            w[j] = _half(raw, off + 2 * j, f16)
-    elif kind == BF16:
-        for j in range(ncols):
-            o = off + 2 * j
-            wbits[j] = (np.uint32(raw[o]) << 16) | (np.uint32(raw[o + 1]) << 24)
-    else:
-        block_cols = 32 if kind <= Q8_0 else 256
-        decode_codes(kind, raw, off, ncols // block_cols, f16, u, scale, offset)
-        signed = u.view(np.int8)
-        for s in range(ncols // sub_cols):
-            sc = scale[s]
-            of = offset[s]
-            base = s * sub_cols
-            if kind == Q8_0:
-                for j in range(sub_cols):
-                    w[base + j] = sc * np.float32(signed[base + j]) - of
+    if kind >= F32:
+        whole = ncols // 16 * 16
+        if kind == F32:
+            _from_f32(raw, off, w, whole)
+        elif kind == F16:
+            _from_f16(raw, off, w, whole)
+        else:
+            _from_bf16(raw, off, w, whole)
+        for j in range(whole, ncols):  # a row's last few elements
+            if kind == F32:
+                o = off + 4 * j
+                wbits[j] = (np.uint32(raw[o]) | (np.uint32(raw[o + 1]) << 8) | (np.uint32(raw[o + 2]) << 16)
+                            | (np.uint32(raw[o + 3]) << 24))
+            elif kind == F16:
+                w[j] = _half(raw, off + 2 * j, f16)
             else:
-                for j in range(sub_cols):
-                    w[base + j] = sc * np.float32(u[base + j]) - of
+                wbits[j] = (np.uint32(raw[off + 2 * j]) << 16) | (np.uint32(raw[off + 2 * j + 1]) << 24)
+        return
+    decode_codes(kind, raw, off, ncols // (32 if kind <= Q8_0 else 256), f16, u, scale, offset)
+    if kind == Q8_0:
+        _expand_s32(u, scale, offset, w, ncols // 32)
+    elif kind == Q6_K:
+        _expand_u16(u, scale, offset, w, ncols // 16)
+    else:
+        _expand_u32(u, scale, offset, w, ncols // 32)

@@ -76,10 +76,11 @@ def kernel_activations(x: np.ndarray, bt: BlockType) -> tuple[np.ndarray, np.nda
 
 
 def make_chunk_dot(sub_cols: int, signed: bool, isa: str = ISA):
-    """An intrinsic: chunk_dot(u, xq, scale, dsub, nbytes) -> float32.
+    """An intrinsic: chunk_dot(u, scale, offset, xq, dsub, xoff, x_at, s_at, nbytes) -> float32.
 
-    sum over sub-blocks s of scale[s] dsub[s] sum_j u[j] xq[j] (j in s), for the first nbytes
-    (a multiple of 64) of u (uint8 codes, or int8 if signed) and xq (int8); sub_cols is 16 or 32.
+    sum over sub-blocks s of scale[s] dsub[s_at + s] (sum_j u[j] xq[x_at + j], j in s) - offset[s]
+    xoff[s_at + s], over the first nbytes (a multiple of 64) of u (uint8 codes, or int8 if signed);
+    xq, dsub and xoff are flat (every token's row after the other), sub_cols is 16 or 32.
     """
     per_vector = BLOCK_BYTES // sub_cols
     small = ir.VectorType(_F32, per_vector)
@@ -87,14 +88,17 @@ def make_chunk_dot(sub_cols: int, signed: bool, isa: str = ISA):
     expand = ir.Constant(ir.VectorType(ir.IntType(32), 16), [(4 * lane) // sub_cols for lane in range(16)])
 
     @intrinsic
-    def chunk_dot(typingctx, codes, xq, scale, dsub, nbytes):
-        signature = types.float32(codes, xq, scale, dsub, nbytes)
+    def chunk_dot(typingctx, codes, scale, offset, xq, dsub, xoff, x_at, s_at, nbytes):
+        signature = types.float32(codes, scale, offset, xq, dsub, xoff, x_at, s_at, nbytes)
 
         def codegen(context, builder, sig, args):
-            c, x, s, d = (_data_pointer(context, builder, t, a) for t, a in zip(sig.args[:4], args[:4]))
+            c, s, o, x, d, xo = (_data_pointer(context, builder, t, a) for t, a in zip(sig.args[:6], args[:6]))
+            x = builder.gep(x, [args[6]])
+            d, xo = builder.gep(d, [args[7]]), builder.gep(xo, [args[7]])
             fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16F, [_V16F] * 3), "llvm.fma.v16f32")
             acc = cgutils.alloca_once_value(builder, ir.Constant(_V16F, None))
-            count = builder.udiv(args[4], ir.Constant(_I64, BLOCK_BYTES))
+            shifts = cgutils.alloca_once_value(builder, ir.Constant(small, None))
+            count = builder.udiv(args[8], ir.Constant(_I64, BLOCK_BYTES))
             with cgutils.for_range(builder, count) as loop:
                 at = builder.mul(loop.index, ir.Constant(_I64, BLOCK_BYTES))
                 codes_v, x_v = _load(builder, c, at, _V64I8), _load(builder, x, at, _V64I8)
@@ -106,7 +110,9 @@ def make_chunk_dot(sub_cols: int, signed: bool, isa: str = ISA):
                 scales = builder.fmul(_load(builder, s, g0, small), _load(builder, d, g0, small))
                 lanes = builder.shuffle_vector(scales, ir.Constant(small, ir.Undefined), expand)
                 builder.store(builder.call(fma, [builder.sitofp(ints, _V16F), lanes, builder.load(acc)]), acc)
-            return _horizontal_sum(builder, builder.load(acc))
+                shift = builder.fmul(_load(builder, o, g0, small), _load(builder, xo, g0, small))
+                builder.store(builder.fadd(builder.load(shifts), shift), shifts)
+            return builder.fsub(_horizontal_sum(builder, builder.load(acc)), _horizontal_sum(builder, builder.load(shifts)))
 
         return signature, codegen
 

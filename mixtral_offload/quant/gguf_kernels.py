@@ -1,12 +1,12 @@
 """Numba CPU kernels on GGUF blocks as they lie in the file: matmul and a fused SwiGLU expert.
 
 Shapes: T = tokens, R = rows (out features), C = cols (in features). Weights are GGUFMatrix [R, C];
-activations are [T, C] float32. Each row is decoded CHUNK_COLS columns at a time into L1 scratch
-(gguf_decode.py) and the chunk serves every token, so several tokens (prefill) read the weights once.
+activations are [T, C] float32. Each row is decoded once into per-task scratch (gguf_decode.py) and
+serves every token, so several tokens (prefill) read the weights once.
 
-activations "float32": the chunk becomes float32 weights equal to gguf.quants.dequantize's, dotted
+activations "float32": the row becomes float32 weights equal to gguf.quants.dequantize's, dotted
 with x in float32 (exact up to summation order). "int8": x is quantized per block as llama.cpp's
-Q8_0 / Q8_K and the chunk's codes take integer dot products (gguf_int8.py); float types (F32, F16,
+Q8_0 / Q8_K and the row's codes take integer dot products (gguf_int8.py); float types (F32, F16,
 BF16) compute on float x in both modes, as llama.cpp does for them.
 
 The variant (type x activations) is chosen once, in the table VARIANTS built at import.
@@ -26,7 +26,6 @@ from mixtral_offload.quant.gguf_int8 import kernel_activations, make_chunk_dot
 from mixtral_offload.quant.int8x import silu
 from mixtral_offload.quant.kernels import ACTIVATIONS, F16_TABLE, _check_activations, check_activations_mode
 
-CHUNK_COLS = 1024  # columns decoded at once: 1 KiB of codes, 4 KiB of float32, in L1
 ROWS_PER_TASK = 32  # rows per parallel task (scratch is allocated once per task)
 
 _dot_u32 = make_chunk_dot(32, signed=False)  # Q4_0, Q4_K, Q5_K
@@ -35,69 +34,66 @@ _dot_s32 = make_chunk_dot(32, signed=True)  # Q8_0
 
 
 @njit(cache=True, fastmath=True, nogil=True)
-def _float_chunk_dots(w, x, c0, n, acc):
-    """acc[t] += w[:n] . x[t, c0 : c0 + n] for every token, 4 tokens per pass over w."""
-    tokens = x.shape[0]
+def _float_dots(w, x, cols, acc):
+    """acc[t] = w . x[t] for every token (x flat, rows of cols), 4 tokens per pass over w."""
+    tokens = acc.shape[0]
     t = 0
     while t + 3 < tokens:
-        xa = x[t, c0:c0 + n]; xb = x[t + 1, c0:c0 + n]; xc = x[t + 2, c0:c0 + n]; xd = x[t + 3, c0:c0 + n]
+        xa = np.uint64(t * cols)
+        xb, xc, xd = xa + np.uint64(cols), xa + np.uint64(2 * cols), xa + np.uint64(3 * cols)
         a = np.float32(0.0); b = np.float32(0.0); c = np.float32(0.0); d = np.float32(0.0)
-        for k in range(n):
-            v = w[k]
-            a += v * xa[k]; b += v * xb[k]; c += v * xc[k]; d += v * xd[k]
-        acc[t] += a; acc[t + 1] += b; acc[t + 2] += c; acc[t + 3] += d
+        for k in range(cols):
+            j = np.uint64(k)
+            v = w[j]
+            a += v * x[xa + j]; b += v * x[xb + j]; c += v * x[xc + j]; d += v * x[xd + j]
+        acc[t] = a; acc[t + 1] = b; acc[t + 2] = c; acc[t + 3] = d
         t += 4
     while t < tokens:
-        xa = x[t, c0:c0 + n]
+        xa = np.uint64(t * cols)
         a = np.float32(0.0)
-        for k in range(n):
-            a += w[k] * xa[k]
-        acc[t] += a
+        for k in range(cols):
+            j = np.uint64(k)
+            a += w[j] * x[xa + j]
+        acc[t] = a
         t += 1
 
 
 @njit(cache=True, fastmath=True, nogil=True)
-def _int8_chunk_dots(kind_signed, sub_cols, u, scale, offset, xq, dsub, xoff, c0, n, acc):
-    """acc[t] += the chunk's codes (u, scale, offset over n columns from c0) . quantized x[t]."""
-    s0 = c0 // sub_cols
-    nbytes = (n + 63) // 64 * 64
-    for t in range(xq.shape[0]):
-        if kind_signed:
-            dot = _dot_s32(u, xq[t, c0:], scale, dsub[t, s0:], nbytes)
+def _int8_dots(signed, sub_cols, u, scale, offset, xq, dsub, xoff, cols, acc):
+    """acc[t] = the row's codes (u, scale, offset) . quantized x[t] (xq, dsub, xoff flat) for every token."""
+    tokens = acc.shape[0]
+    padded, nsub = xq.shape[0] // tokens, dsub.shape[0] // tokens
+    nbytes = (cols + 63) // 64 * 64
+    for t in range(tokens):
+        x_at, s_at = t * padded, t * nsub
+        if signed:
+            acc[t] = _dot_s32(u, scale, offset, xq, dsub, xoff, x_at, s_at, nbytes)
         elif sub_cols == 16:
-            dot = _dot_u16(u, xq[t, c0:], scale, dsub[t, s0:], nbytes)
+            acc[t] = _dot_u16(u, scale, offset, xq, dsub, xoff, x_at, s_at, nbytes)
         else:
-            dot = _dot_u32(u, xq[t, c0:], scale, dsub[t, s0:], nbytes)
-        shift = np.float32(0.0)
-        for i in range(n // sub_cols):
-            shift += offset[i] * xoff[t, s0 + i]
-        acc[t] += dot - shift
+            acc[t] = _dot_u32(u, scale, offset, xq, dsub, xoff, x_at, s_at, nbytes)
 
 
 @njit(cache=True, fastmath=True, nogil=True)
 def _row_dots(spec, int8_x, raw, off, cols, f16, x, xq, dsub, xoff, scratch, acc):
-    """acc[t] = (the row whose bytes start at raw[off]) . x[t] for every token t."""
+    """acc[t] = (the row whose bytes start at raw[off]) . x[t] for every token t (activations flat)."""
     kind, block_cols, block_bytes, sub_cols, signed = spec
-    u, scale, offset, w = scratch
-    wbits = w.view(np.uint32)
-    acc[:] = 0.0
-    chunk = CHUNK_COLS // block_cols * block_cols
-    for c0 in range(0, cols, chunk):
-        n = min(chunk, cols - c0)
-        at = off + c0 // block_cols * block_bytes
-        if int8_x:
-            decode_codes(kind, raw, at, n // block_cols, f16, u, scale, offset)
-            _int8_chunk_dots(signed, sub_cols, u, scale, offset, xq, dsub, xoff, c0, n, acc)
-        else:
-            decode_floats(kind, raw, at, n, sub_cols, f16, u, scale, offset, w, wbits)
-            _float_chunk_dots(w, x, c0, n, acc)
+    u, scale, offset, w, wbits = scratch
+    if int8_x:
+        decode_codes(kind, raw, off, cols // block_cols, f16, u, scale, offset)
+        _int8_dots(signed, sub_cols, u, scale, offset, xq, dsub, xoff, cols, acc)
+    else:
+        decode_floats(kind, raw, off, cols, sub_cols, f16, u, scale, offset, w, wbits)
+        _float_dots(w, x, cols, acc)
 
 
 @njit(cache=True, nogil=True)
-def _scratch():
-    # zeroed: the int8 dot reads a Q4_0/Q8_0 row's last chunk up to whole 64-byte vectors (x is 0 there)
-    return (np.zeros(CHUNK_COLS, np.uint8), np.zeros(CHUNK_COLS // 16, np.float32),
-            np.zeros(CHUNK_COLS // 16, np.float32), np.zeros(CHUNK_COLS, np.float32))
+def _scratch(cols):
+    # zeroed: the int8 dot reads a Q4_0/Q8_0 row up to whole 64-byte vectors (x is 0 past the row)
+    padded = (cols + 63) // 64 * 64
+    w = np.zeros(cols, np.float32)
+    return (np.zeros(padded, np.uint8), np.zeros(padded // 16, np.float32),
+            np.zeros(padded // 16, np.float32), w, w.view(np.uint32))
 
 
 @njit(cache=True, fastmath=True, nogil=True, parallel=True)
@@ -105,7 +101,7 @@ def _matmul_kernel(spec, int8_x, raw, row_bytes, cols, f16, x, xq, dsub, xoff, o
     """out[T, R] = x @ W.T for the matrix whose rows of row_bytes lie in raw."""
     tokens, rows = out.shape
     for task in prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        scratch = _scratch()
+        scratch = _scratch(cols)
         acc = np.empty(tokens, np.float32)
         for r in range(task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK)):
             _row_dots(spec, int8_x, raw, r * row_bytes, cols, f16, x, xq, dsub, xoff, scratch, acc)
@@ -118,7 +114,7 @@ def _gate_up_kernel(spec, int8_x, raw1, raw3, row_bytes, cols, f16, x, xq, dsub,
     """h[T, I] = silu(x @ w1.T) * (x @ w3.T), each row of w1 read beside the same row of w3."""
     tokens, rows = h.shape
     for task in prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        scratch = _scratch()
+        scratch = _scratch(cols)
         gate = np.empty(tokens, np.float32)
         up = np.empty(tokens, np.float32)
         for r in range(task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK)):
@@ -128,8 +124,8 @@ def _gate_up_kernel(spec, int8_x, raw1, raw3, row_bytes, cols, f16, x, xq, dsub,
                 h[t, r] = silu(gate[t]) * up[t]
 
 
-_NO_X = np.zeros((1, 1), np.float32)
-_NO_XQ = np.zeros((1, 1), np.int8)
+_NO_X = np.zeros(1, np.float32)
+_NO_XQ = np.zeros(1, np.int8)
 
 
 @dataclass(frozen=True)
@@ -145,9 +141,10 @@ class Variant:
         return (bt.kind, bt.block_cols, bt.block_bytes, max(bt.sub_cols, 1), bt.signed_codes)
 
     def _operands(self, x: np.ndarray) -> tuple:
+        """The kernels' activation arguments, flat: (x, xq, dsub, xoff), those of the other path unused."""
         if self.int8_x:
-            return (_NO_X, *kernel_activations(x, self.block_type))
-        return (x, _NO_XQ, _NO_X, _NO_X)
+            return (_NO_X, *(a.reshape(-1) for a in kernel_activations(x, self.block_type)))
+        return (x.reshape(-1), _NO_XQ, _NO_X, _NO_X)
 
     def matmul(self, m: GGUFMatrix, x: np.ndarray) -> np.ndarray:
         """y [T, R] = x [T, C] @ W.T."""
