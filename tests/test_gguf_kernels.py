@@ -166,3 +166,30 @@ def test_bad_shapes_and_activations_are_refused():
     w3 = make_matrix(Q.Q8_0, 8, 256, seed=1)
     with pytest.raises(MixtralOffloadError, match="share a GGUF type"):
         gguf_expert_forward(m, w3, make_matrix(Q.F32, 256, 8, 2), np.zeros(256, np.float32))
+
+
+def test_gguf_bench_rows_cover_every_type(monkeypatch):
+    from mixtral_offload.quant import bench as quant_bench
+    from mixtral_offload.quant.gguf_bench import run_gguf_bench
+
+    monkeypatch.setattr(quant_bench, "ROTATION_BYTES", 1 << 20)
+    rows = run_gguf_bench((1,), (1, 3), repeats=2, bandwidth={1: 10.0}, shapes=((64, 256),))
+    quantized = [bt for bt in BLOCK_TYPES.values() if bt.quantized]
+    assert len(rows) == 2 * (2 * len(quantized) + len(BLOCK_TYPES) - len(quantized))
+    assert {r["kernel"] for r in rows} >= {"gguf Q4_K matvec", "gguf Q6_K matmul T=3 int8-x", "gguf BF16 matvec"}
+    q4_k = next(r for r in rows if r["kernel"] == "gguf Q4_K matvec")
+    # gbs counts the matrix bytes: 64 rows of one 144-byte block (ms is rounded to 1 us, hence rel)
+    assert q4_k["bits"] == 4.5 and q4_k["gbs"] == pytest.approx(64 * 144 / (q4_k["ms"] / 1e3) / 1e9, rel=0.1)
+
+
+def test_bench_kernels_gguf_flag_adds_the_rows(monkeypatch):
+    from click.testing import CliRunner
+
+    from mixtral_offload.cli.main import cli
+    from mixtral_offload.quant import bench as quant_bench
+
+    calls = []
+    monkeypatch.setattr(quant_bench, "run_kernel_bench", lambda **kw: calls.append(kw) or {"results": []})
+    result = CliRunner().invoke(cli, ["bench", "kernels", "--gguf", "--json"])
+    assert result.exit_code == 0, result.output
+    assert calls[0]["gguf"] is True
