@@ -118,11 +118,11 @@ def test_every_instruction_set_gives_the_integer_sums(sub_cols, signed, isa):
     """The chunk dot for each CPU family (run here where this CPU can) equals NumPy's integer sums."""
     if isa != "generic" and {"vnni": "avx512vnni", "avx2": "avx2"}[isa] not in HOST_FEATURES:
         pytest.skip(f"this CPU cannot run the {isa} form")
-    chunk_dot = gguf_int8.make_chunk_dot(sub_cols, signed, isa)
+    chunk_dot = gguf_int8.make_chunk_dot(sub_cols, signed, isa=isa)
 
     @njit
     def run(u, scale, offset, xq, dsub, xoff):
-        return chunk_dot(u, scale, offset, xq, dsub, xoff, 64, 64 // sub_cols, u.shape[0])
+        return chunk_dot(u, 0, scale, offset, xq, dsub, xoff, 64, 64 // sub_cols, u.shape[0] // 64)
 
     rng = np.random.default_rng(sub_cols)
     u = rng.integers(-128, 128, 512).astype(np.int8).view(np.uint8) if signed else rng.integers(0, 64, 512, np.uint8)

@@ -6,9 +6,8 @@ quantized type fits that form with u >= 0 except Q8_0 (Q4_0: u = q, offset 8 d; 
 offset 32 d sc), so one integer dot (u8 x s8) serves all of them. The products scale * u and the
 offsets are exact in float32, so `decode_floats` equals gguf.quants.dequantize bit for bit.
 
-`raw` is a tensor's flat uint8 bytes and `off` a block's first byte; float16 fields are read byte
-by byte through `f16` (float16 bits -> float32, kernels.F16_TABLE) since Numba has no float16.
-The byte-wide steps are vector IR (gguf_vectors.py); scales are unpacked here, per block.
+`raw` is a tensor's flat uint8 bytes and `off` a block's first byte. The byte-wide steps and the
+float16 reads are IR (gguf_vectors.py); scales are unpacked here, per block.
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ import numpy as np
 from numba import njit
 
 from mixtral_offload.quant.gguf_vectors import (
-    copy32, five_bits32, make_expand, make_float_convert, nibbles16, nibbles32, six_bits32,
+    copy32, five_bits32, half_at, make_expand, make_float_convert, nibbles16, nibbles32, six_bits32,
 )
 
 # BlockType.kind values (gguf_blocks.BLOCK_TYPES)
@@ -25,11 +24,6 @@ Q4_0, Q8_0, Q4_K, Q5_K, Q6_K, F32, F16, BF16 = range(8)
 
 _expand_u32, _expand_u16, _expand_s32 = make_expand(32, False), make_expand(16, False), make_expand(32, True)
 _from_f32, _from_f16, _from_bf16 = make_float_convert("F32"), make_float_convert("F16"), make_float_convert("BF16")
-
-
-@njit(cache=True, fastmath=True, nogil=True)
-def _half(raw, o, f16):
-    return f16[np.int64(raw[o]) | (np.int64(raw[o + 1]) << 8)]
 
 
 @njit(cache=True, fastmath=True, nogil=True)
@@ -43,41 +37,43 @@ def _scale_min_k4(raw, o, j):
 
 
 @njit(cache=True, fastmath=True, nogil=True)
-def _q4_0(raw, off, nblocks, f16, u, scale, offset):
+def _q4_0(raw, off, nblocks, u, scale, offset, codes):
     # 18 bytes: d f16 | qs[16]: byte j holds element j (low nibble) and j + 16 (high); w = d (q - 8)
     for b in range(nblocks):
         o = off + b * 18
-        d = _half(raw, o, f16)
+        d = half_at(raw, o)
         scale[b] = d
         offset[b] = np.float32(8.0) * d
-        nibbles16(raw, u, (o + 2, b * 32, b * 32 + 16), 0)
+        if codes:
+            nibbles16(raw, u, (o + 2, b * 32, b * 32 + 16), 0)
 
 
 @njit(cache=True, fastmath=True, nogil=True)
-def _q8_0(raw, off, nblocks, f16, u, scale, offset):
+def _q8_0(raw, off, nblocks, u, scale, offset, codes):
     # 34 bytes: d f16 | qs int8[32]; w = d q
     for b in range(nblocks):
         o = off + b * 34
-        scale[b] = _half(raw, o, f16)
+        scale[b] = half_at(raw, o)
         offset[b] = np.float32(0.0)
-        copy32(raw, u, (o + 2, b * 32), 0)
+        if codes:
+            copy32(raw, u, (o + 2, b * 32), 0)
 
 
 @njit(cache=True, fastmath=True, nogil=True)
-def _q45_k(raw, off, nblocks, f16, u, scale, offset, five_bits):
+def _q45_k(raw, off, nblocks, u, scale, offset, codes, five_bits):
     # d f16 | dmin f16 | 12 bytes of 6-bit (scale, min) for 8 sub-blocks of 32: w = d sc q - dmin m.
     # Q4_K, 144 bytes: then qs[128]: bytes 32c..32c+31 hold sub-block 2c (low nibbles) and 2c+1
     # (high). Q5_K, 176 bytes: then qh[32]: bit s of byte j is bit 4 of sub-block s's element j; qs.
     block_bytes = 176 if five_bits else 144
     for b in range(nblocks):
         o = off + b * block_bytes
-        d = _half(raw, o, f16)
-        dmin = _half(raw, o + 2, f16)
+        d = half_at(raw, o)
+        dmin = half_at(raw, o + 2)
         for j in range(8):
             sc, m = _scale_min_k4(raw, o + 4, j)
             scale[8 * b + j] = d * np.float32(sc)
             offset[8 * b + j] = dmin * np.float32(m)
-        for c in range(4):
+        for c in range(4 if codes else 0):
             lo = b * 256 + 64 * c
             if five_bits:
                 five_bits32(raw, u, (o + 48 + 32 * c, o + 16, lo, lo + 32), 2 * c)
@@ -86,37 +82,37 @@ def _q45_k(raw, off, nblocks, f16, u, scale, offset, five_bits):
 
 
 @njit(cache=True, fastmath=True, nogil=True)
-def _q6_k(raw, off, nblocks, f16, u, scale, offset):
+def _q6_k(raw, off, nblocks, u, scale, offset, codes):
     # 210 bytes: ql[128] | qh[64] | int8 scales[16] (sub-blocks of 16) | d f16; w = d sc (q - 32).
     # Half n (128 weights): ql[64n + j] low/high nibbles are elements j / j + 64, ql[64n + 32 + j]
     # elements j + 32 / j + 96; qh[32n + j] bits 0-1, 2-3, 4-5, 6-7 are their top 2 bits in that order.
     for b in range(nblocks):
         o = off + b * 210
-        d = _half(raw, o + 208, f16)
+        d = half_at(raw, o + 208)
         for s in range(16):
             dsc = d * np.float32(np.int8(raw[o + 192 + s]))
             scale[16 * b + s] = dsc
             offset[16 * b + s] = np.float32(32.0) * dsc
-        for n in range(2):
+        for n in range(2 if codes else 0):
             ql, out = o + 64 * n, b * 256 + 128 * n
             six_bits32(raw, u, (ql, ql + 32, o + 128 + 32 * n, out, out + 32, out + 64, out + 96), 0)
 
 
 @njit(cache=True, fastmath=True, nogil=True)
-def decode_codes(kind, raw, off, nblocks, f16, u, scale, offset):
-    """u[: nblocks * block_cols] and scale/offset per sub-block for `nblocks` quantized blocks at raw[off]."""
+def decode_codes(kind, raw, off, nblocks, u, scale, offset, codes):
+    """Scale/offset per sub-block, and with `codes` u[: nblocks * block_cols], of nblocks quantized blocks at raw[off]."""
     if kind == Q4_0:
-        _q4_0(raw, off, nblocks, f16, u, scale, offset)
+        _q4_0(raw, off, nblocks, u, scale, offset, codes)
     elif kind == Q8_0:
-        _q8_0(raw, off, nblocks, f16, u, scale, offset)
+        _q8_0(raw, off, nblocks, u, scale, offset, codes)
     elif kind == Q4_K or kind == Q5_K:
-        _q45_k(raw, off, nblocks, f16, u, scale, offset, kind == Q5_K)
+        _q45_k(raw, off, nblocks, u, scale, offset, codes, kind == Q5_K)
     else:
-        _q6_k(raw, off, nblocks, f16, u, scale, offset)
+        _q6_k(raw, off, nblocks, u, scale, offset, codes)
 
 
 @njit(cache=True, fastmath=True, nogil=True)
-def decode_floats(kind, raw, off, ncols, sub_cols, f16, u, scale, offset, w, wbits):
+def decode_floats(kind, raw, off, ncols, sub_cols, u, scale, offset, w, wbits):
     """w[:ncols] = the float32 weights of `ncols` columns from raw[off] (wbits: w's uint32 view)."""
     if kind >= F32:
         whole = ncols // 16 * 16
@@ -132,11 +128,11 @@ def decode_floats(kind, raw, off, ncols, sub_cols, f16, u, scale, offset, w, wbi
                 wbits[j] = (np.uint32(raw[o]) | (np.uint32(raw[o + 1]) << 8) | (np.uint32(raw[o + 2]) << 16)
                             | (np.uint32(raw[o + 3]) << 24))
             elif kind == F16:
-                w[j] = _half(raw, off + 2 * j, f16)
+                w[j] = half_at(raw, off + 2 * j)
             else:
                 wbits[j] = (np.uint32(raw[off + 2 * j]) << 16) | (np.uint32(raw[off + 2 * j + 1]) << 24)
         return
-    decode_codes(kind, raw, off, ncols // (32 if kind <= Q8_0 else 256), f16, u, scale, offset)
+    decode_codes(kind, raw, off, ncols // (32 if kind <= Q8_0 else 256), u, scale, offset, True)
     if kind == Q8_0:
         _expand_s32(u, scale, offset, w, ncols // 32)
     elif kind == Q6_K:

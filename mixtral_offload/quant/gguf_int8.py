@@ -4,9 +4,9 @@ x is quantized per BlockType.act_cols columns, symmetric: d = max|x| / 127, q = 
 away from zero), as llama.cpp's Q8_0 for Q4_0/Q8_0 weights (32 columns, d stored as float16, so
 these bytes equal gguf.quants.quantize(x, Q8_0)) and as its Q8_K for K-quants (256, d float32).
 
-A row chunk decoded to codes u (gguf_decode.py) then takes, per 64 bytes, one u8 x s8 integer dot
-from int8x.py's IR helpers (AVX-512 VNNI vpdpbusd, AVX2 pmaddubsw/pmaddwd, or plain vector IR):
-16 int32 lanes of 4 products each, converted once and multiplied by each lane's scale(sub-block)
+A row's codes u (gguf_decode.py's form), built in registers from its blocks (gguf_vectors.py),
+take per 64 one u8 x s8 integer dot from int8x.py's IR helpers (AVX-512 VNNI vpdpbusd, AVX2
+pmaddubsw/pmaddwd, or plain vector IR): 16 int32 lanes of 4 products each, converted once and multiplied by each lane's scale(sub-block)
 x d(x block). Codes stay <= 63 except Q8_0's signed bytes, which take int8x's signed dot, so no
 AVX2 pair sum saturates. The offsets are summed apart: sum_s offset_s d_s sum(xq in s).
 """
@@ -20,6 +20,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from mixtral_offload.quant.gguf_blocks import BlockType
+from mixtral_offload.quant.gguf_vectors import BUFFERED, CodeUnit
 from mixtral_offload.quant.int8x import (
     _F32, _I64, _V16F, _V16I32, _V64I8, ISA, BLOCK_BYTES, _data_pointer, _horizontal_sum, _int_dot, _load,
     _signed_int_dot,
@@ -75,43 +76,48 @@ def kernel_activations(x: np.ndarray, bt: BlockType) -> tuple[np.ndarray, np.nda
     return xq_padded, dsub, xoff
 
 
-def make_chunk_dot(sub_cols: int, signed: bool, isa: str = ISA):
-    """An intrinsic: chunk_dot(u, scale, offset, xq, dsub, xoff, x_at, s_at, nbytes) -> float32.
+def make_chunk_dot(sub_cols: int, signed: bool, unit: CodeUnit = BUFFERED, isa: str = ISA):
+    """An intrinsic: chunk_dot(codes, code_at, scale, offset, xq, dsub, xoff, x_at, s_at, units) -> float32.
 
     sum over sub-blocks s of scale[s] dsub[s_at + s] (sum_j u[j] xq[x_at + j], j in s) - offset[s]
-    xoff[s_at + s], over the first nbytes (a multiple of 64) of u (uint8 codes, or int8 if signed);
-    xq, dsub and xoff are flat (every token's row after the other), sub_cols is 16 or 32.
+    xoff[s_at + s], for the u of `units` units of codes from codes[code_at] (unit: BUFFERED reads
+    decoded u, 64 at a time; a type's unit reads its blocks); u8 codes, or int8 if signed. xq, dsub
+    and xoff are flat (every token's row after the other); sub_cols is 16 or 32.
     """
     per_vector = BLOCK_BYTES // sub_cols
     small = ir.VectorType(_F32, per_vector)
     # int32 lane l of a 64-byte dot sums codes 4l..4l+3, which lie in sub-block (4l) // sub_cols
     expand = ir.Constant(ir.VectorType(ir.IntType(32), 16), [(4 * lane) // sub_cols for lane in range(16)])
+    vectors = unit.cols // BLOCK_BYTES
 
     @intrinsic
-    def chunk_dot(typingctx, codes, scale, offset, xq, dsub, xoff, x_at, s_at, nbytes):
-        signature = types.float32(codes, scale, offset, xq, dsub, xoff, x_at, s_at, nbytes)
+    def chunk_dot(typingctx, codes, code_at, scale, offset, xq, dsub, xoff, x_at, s_at, units):
+        signature = types.float32(codes, code_at, scale, offset, xq, dsub, xoff, x_at, s_at, units)
 
         def codegen(context, builder, sig, args):
-            c, s, o, x, d, xo = (_data_pointer(context, builder, t, a) for t, a in zip(sig.args[:6], args[:6]))
-            x = builder.gep(x, [args[6]])
-            d, xo = builder.gep(d, [args[7]]), builder.gep(xo, [args[7]])
+            arrays = (sig.args[0], *sig.args[2:7]), (args[0], *args[2:7])
+            c, s, o, x, d, xo = (_data_pointer(context, builder, t, a) for t, a in zip(*arrays))
+            x = builder.gep(x, [args[7]])
+            d, xo = builder.gep(d, [args[8]]), builder.gep(xo, [args[8]])
             fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16F, [_V16F] * 3), "llvm.fma.v16f32")
             acc = cgutils.alloca_once_value(builder, ir.Constant(_V16F, None))
             shifts = cgutils.alloca_once_value(builder, ir.Constant(small, None))
-            count = builder.udiv(args[8], ir.Constant(_I64, BLOCK_BYTES))
-            with cgutils.for_range(builder, count) as loop:
-                at = builder.mul(loop.index, ir.Constant(_I64, BLOCK_BYTES))
-                codes_v, x_v = _load(builder, c, at, _V64I8), _load(builder, x, at, _V64I8)
-                if signed:
-                    ints = _signed_int_dot(builder, codes_v, x_v, isa)
-                else:
-                    ints = _int_dot(builder, ir.Constant(_V16I32, None), codes_v, x_v, isa)
-                g0 = builder.mul(loop.index, ir.Constant(_I64, per_vector))
-                scales = builder.fmul(_load(builder, s, g0, small), _load(builder, d, g0, small))
-                lanes = builder.shuffle_vector(scales, ir.Constant(small, ir.Undefined), expand)
-                builder.store(builder.call(fma, [builder.sitofp(ints, _V16F), lanes, builder.load(acc)]), acc)
-                shift = builder.fmul(_load(builder, o, g0, small), _load(builder, xo, g0, small))
-                builder.store(builder.fadd(builder.load(shifts), shift), shifts)
+            with cgutils.for_range(builder, args[9]) as loop:
+                first = builder.mul(loop.index, ir.Constant(_I64, vectors))
+                at = builder.add(args[1], builder.mul(loop.index, ir.Constant(_I64, unit.nbytes)))
+                for i, codes_v in enumerate(unit.emit(builder, c, at)):
+                    vector = builder.add(first, ir.Constant(_I64, i))
+                    x_v = _load(builder, x, builder.mul(vector, ir.Constant(_I64, BLOCK_BYTES)), _V64I8)
+                    if signed:
+                        ints = _signed_int_dot(builder, codes_v, x_v, isa)
+                    else:
+                        ints = _int_dot(builder, ir.Constant(_V16I32, None), codes_v, x_v, isa)
+                    g0 = builder.mul(vector, ir.Constant(_I64, per_vector))
+                    scales = builder.fmul(_load(builder, s, g0, small), _load(builder, d, g0, small))
+                    lanes = builder.shuffle_vector(scales, ir.Constant(small, ir.Undefined), expand)
+                    builder.store(builder.call(fma, [builder.sitofp(ints, _V16F), lanes, builder.load(acc)]), acc)
+                    shift = builder.fmul(_load(builder, o, g0, small), _load(builder, xo, g0, small))
+                    builder.store(builder.fadd(builder.load(shifts), shift), shifts)
             return builder.fsub(_horizontal_sum(builder, builder.load(acc)), _horizontal_sum(builder, builder.load(shifts)))
 
         return signature, codegen

@@ -21,16 +21,20 @@ from numba import njit, prange
 
 from mixtral_offload.errors import MixtralOffloadError
 from mixtral_offload.quant.gguf_blocks import BLOCK_TYPES, BlockType, GGUFMatrix
-from mixtral_offload.quant.gguf_decode import decode_codes, decode_floats
+from mixtral_offload.quant.gguf_decode import Q4_0, Q4_K, Q5_K, Q8_0, decode_codes, decode_floats
 from mixtral_offload.quant.gguf_int8 import kernel_activations, make_chunk_dot
+from mixtral_offload.quant.gguf_vectors import prefetch, Q4_0_UNIT, Q4_K_UNIT, Q5_K_UNIT, Q6_K_UNIT, Q8_0_UNIT
 from mixtral_offload.quant.int8x import silu
-from mixtral_offload.quant.kernels import ACTIVATIONS, F16_TABLE, _check_activations, check_activations_mode
+from mixtral_offload.quant.kernels import ACTIVATIONS, _check_activations, check_activations_mode
 
 ROWS_PER_TASK = 32  # rows per parallel task (scratch is allocated once per task)
+PREFETCH_ROWS = 2  # a row's bytes are prefetched into L2 this many rows ahead
 
-_dot_u32 = make_chunk_dot(32, signed=False)  # Q4_0, Q4_K, Q5_K
-_dot_u16 = make_chunk_dot(16, signed=False)  # Q6_K
-_dot_s32 = make_chunk_dot(32, signed=True)  # Q8_0
+# integer dots reading each type's blocks, and over decoded codes for a Q4_0/Q8_0 row's odd last block
+_dot_q4_0, _dot_q8_0 = make_chunk_dot(32, False, Q4_0_UNIT), make_chunk_dot(32, True, Q8_0_UNIT)
+_dot_q4_k, _dot_q5_k = make_chunk_dot(32, False, Q4_K_UNIT), make_chunk_dot(32, False, Q5_K_UNIT)
+_dot_q6_k = make_chunk_dot(16, False, Q6_K_UNIT)
+_dot_u32, _dot_s32 = make_chunk_dot(32, False), make_chunk_dot(32, True)
 
 
 @njit(cache=True, fastmath=True, nogil=True)
@@ -59,31 +63,47 @@ def _float_dots(w, x, cols, acc):
 
 
 @njit(cache=True, fastmath=True, nogil=True)
-def _int8_dots(signed, sub_cols, u, scale, offset, xq, dsub, xoff, cols, acc):
-    """acc[t] = the row's codes (u, scale, offset) . quantized x[t] (xq, dsub, xoff flat) for every token."""
+def _int8_dots(spec, raw, off, cols, u, scale, offset, xq, dsub, xoff, acc):
+    """acc[t] = the row at raw[off] . quantized x[t] (xq, dsub, xoff flat) for every token."""
+    kind, block_cols, block_bytes, sub_cols, signed = spec
+    decode_codes(kind, raw, off, cols // block_cols, u, scale, offset, False)  # the sub-block scales
     tokens = acc.shape[0]
     padded, nsub = xq.shape[0] // tokens, dsub.shape[0] // tokens
-    nbytes = (cols + 63) // 64 * 64
+    units = cols // 64 if kind <= Q8_0 else cols // 256  # two blocks or one
     for t in range(tokens):
         x_at, s_at = t * padded, t * nsub
-        if signed:
-            acc[t] = _dot_s32(u, scale, offset, xq, dsub, xoff, x_at, s_at, nbytes)
-        elif sub_cols == 16:
-            acc[t] = _dot_u16(u, scale, offset, xq, dsub, xoff, x_at, s_at, nbytes)
+        if kind == Q4_0:
+            acc[t] = _dot_q4_0(raw, off, scale, offset, xq, dsub, xoff, x_at, s_at, units)
+        elif kind == Q8_0:
+            acc[t] = _dot_q8_0(raw, off, scale, offset, xq, dsub, xoff, x_at, s_at, units)
+        elif kind == Q4_K:
+            acc[t] = _dot_q4_k(raw, off, scale, offset, xq, dsub, xoff, x_at, s_at, units)
+        elif kind == Q5_K:
+            acc[t] = _dot_q5_k(raw, off, scale, offset, xq, dsub, xoff, x_at, s_at, units)
         else:
-            acc[t] = _dot_u32(u, scale, offset, xq, dsub, xoff, x_at, s_at, nbytes)
+            acc[t] = _dot_q6_k(raw, off, scale, offset, xq, dsub, xoff, x_at, s_at, units)
+    if kind <= Q8_0 and cols % 64:  # an odd block count: the last block decoded, against zero-padded x
+        last = cols // 32 - 1
+        decode_codes(kind, raw, off + last * block_bytes, 1, u, scale[last:], offset[last:], True)
+        for t in range(tokens):
+            x_at, s_at = t * padded + 32 * last, t * nsub + last
+            if signed:
+                acc[t] += _dot_s32(u, 0, scale[last:], offset[last:], xq, dsub, xoff, x_at, s_at, 1)
+            else:
+                acc[t] += _dot_u32(u, 0, scale[last:], offset[last:], xq, dsub, xoff, x_at, s_at, 1)
 
 
 @njit(cache=True, fastmath=True, nogil=True)
-def _row_dots(spec, int8_x, raw, off, cols, f16, x, xq, dsub, xoff, scratch, acc):
+def _row_dots(spec, int8_x, raw, off, cols, x, xq, dsub, xoff, scratch, acc):
     """acc[t] = (the row whose bytes start at raw[off]) . x[t] for every token t (activations flat)."""
-    kind, block_cols, block_bytes, sub_cols, signed = spec
     u, scale, offset, w, wbits = scratch
+    row_bytes = cols // spec[1] * spec[2]
+    prefetch(raw, off + PREFETCH_ROWS * row_bytes, row_bytes)
     if int8_x:
-        decode_codes(kind, raw, off, cols // block_cols, f16, u, scale, offset)
-        _int8_dots(signed, sub_cols, u, scale, offset, xq, dsub, xoff, cols, acc)
+        _int8_dots(spec, raw, off, cols, u, scale, offset, xq, dsub, xoff, acc)
     else:
-        decode_floats(kind, raw, off, cols, sub_cols, f16, u, scale, offset, w, wbits)
+        kind, sub_cols = spec[0], spec[3]
+        decode_floats(kind, raw, off, cols, sub_cols, u, scale, offset, w, wbits)
         _float_dots(w, x, cols, acc)
 
 
@@ -97,20 +117,20 @@ def _scratch(cols):
 
 
 @njit(cache=True, fastmath=True, nogil=True, parallel=True)
-def _matmul_kernel(spec, int8_x, raw, row_bytes, cols, f16, x, xq, dsub, xoff, out):
+def _matmul_kernel(spec, int8_x, raw, row_bytes, cols, x, xq, dsub, xoff, out):
     """out[T, R] = x @ W.T for the matrix whose rows of row_bytes lie in raw."""
     tokens, rows = out.shape
     for task in prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
         scratch = _scratch(cols)
         acc = np.empty(tokens, np.float32)
         for r in range(task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK)):
-            _row_dots(spec, int8_x, raw, r * row_bytes, cols, f16, x, xq, dsub, xoff, scratch, acc)
+            _row_dots(spec, int8_x, raw, r * row_bytes, cols, x, xq, dsub, xoff, scratch, acc)
             for t in range(tokens):
                 out[t, r] = acc[t]
 
 
 @njit(cache=True, fastmath=True, nogil=True, parallel=True)
-def _gate_up_kernel(spec, int8_x, raw1, raw3, row_bytes, cols, f16, x, xq, dsub, xoff, h):
+def _gate_up_kernel(spec, int8_x, raw1, raw3, row_bytes, cols, x, xq, dsub, xoff, h):
     """h[T, I] = silu(x @ w1.T) * (x @ w3.T), each row of w1 read beside the same row of w3."""
     tokens, rows = h.shape
     for task in prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
@@ -118,8 +138,8 @@ def _gate_up_kernel(spec, int8_x, raw1, raw3, row_bytes, cols, f16, x, xq, dsub,
         gate = np.empty(tokens, np.float32)
         up = np.empty(tokens, np.float32)
         for r in range(task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK)):
-            _row_dots(spec, int8_x, raw1, r * row_bytes, cols, f16, x, xq, dsub, xoff, scratch, gate)
-            _row_dots(spec, int8_x, raw3, r * row_bytes, cols, f16, x, xq, dsub, xoff, scratch, up)
+            _row_dots(spec, int8_x, raw1, r * row_bytes, cols, x, xq, dsub, xoff, scratch, gate)
+            _row_dots(spec, int8_x, raw3, r * row_bytes, cols, x, xq, dsub, xoff, scratch, up)
             for t in range(tokens):
                 h[t, r] = silu(gate[t]) * up[t]
 
@@ -149,13 +169,13 @@ class Variant:
     def matmul(self, m: GGUFMatrix, x: np.ndarray) -> np.ndarray:
         """y [T, R] = x [T, C] @ W.T."""
         y = np.empty((x.shape[0], m.rows), np.float32)
-        _matmul_kernel(self.spec, self.int8_x, m.data, m.row_bytes, m.cols, F16_TABLE, *self._operands(x), y)
+        _matmul_kernel(self.spec, self.int8_x, m.data, m.row_bytes, m.cols, *self._operands(x), y)
         return y
 
     def gate_up(self, w1: GGUFMatrix, w3: GGUFMatrix, x: np.ndarray) -> np.ndarray:
         """h [T, I] = silu(x @ w1.T) * (x @ w3.T)."""
         h = np.empty((x.shape[0], w1.rows), np.float32)
-        _gate_up_kernel(self.spec, self.int8_x, w1.data, w3.data, w1.row_bytes, w1.cols, F16_TABLE,
+        _gate_up_kernel(self.spec, self.int8_x, w1.data, w3.data, w1.row_bytes, w1.cols,
                         *self._operands(x), h)
         return h
 

@@ -1,4 +1,5 @@
-"""LLVM IR vector steps of the GGUF decoders (gguf_decode.py): byte unpacking and float expansion.
+"""LLVM IR vector steps of the GGUF kernels: byte unpacking, float expansion, and code vectors read
+straight from a type's blocks for the int8 dot (gguf_int8.py).
 
 Written as Numba intrinsics because LLVM leaves the same Numba loops scalar: a block's loops run
 16-32 iterations, too few to pay for the runtime check that the codes buffer and the tensor's bytes
@@ -6,6 +7,9 @@ do not overlap, so every byte went through a scalar and/shift/store (measured ~2
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 from llvmlite import ir
 from numba import types
@@ -24,6 +28,35 @@ def _splat(builder, value, vector_type):
 
 def _store(builder, value, base, offset):
     builder.store(value, builder.bitcast(builder.gep(base, [offset]), value.type.as_pointer()), align=1)
+
+
+@intrinsic
+def half_at(typingctx, raw, offset):
+    """The float16 at raw[offset] (any alignment) as float32 (Numba has no float16; a 256 KiB lookup
+    table missed L1 on nearly every block)."""
+
+    def codegen(context, builder, sig, args):
+        at = builder.gep(_data_pointer(context, builder, sig.args[0], args[0]), [args[1]])
+        bits = builder.load(builder.bitcast(at, _I16.as_pointer()), align=1)
+        return builder.fpext(builder.bitcast(bits, ir.HalfType()), _F32)
+
+    return types.float32(raw, offset), codegen
+
+
+@intrinsic
+def prefetch(typingctx, raw, offset, nbytes):
+    """Prefetch raw[offset : offset + nbytes] into L2, a 64-byte line at a time (never faults)."""
+
+    def codegen(context, builder, sig, args):
+        base = _data_pointer(context, builder, sig.args[0], args[0])
+        hint = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32]), "llvm.prefetch.p0i8")
+        with cgutils.for_range(builder, builder.udiv(args[2], ir.Constant(_I64, 64))) as loop:
+            at = builder.add(args[1], builder.mul(loop.index, ir.Constant(_I64, 64)))
+            builder.call(hint, [builder.gep(base, [at]), ir.Constant(_I32, 0), ir.Constant(_I32, 2), ir.Constant(_I32, 1)])
+        return context.get_dummy_value()
+
+    return types.none(raw, offset, nbytes), codegen
 
 
 def make_byte_op(width: int, n_in: int, compute):
@@ -78,6 +111,60 @@ nibbles32 = make_byte_op(32, 1, _nibbles)
 copy32 = make_byte_op(32, 1, lambda b, inputs, param: inputs)  # (src, dst)
 five_bits32 = make_byte_op(32, 2, _five_bits)  # (qs, qh, lo, hi), param = shift of qh
 six_bits32 = make_byte_op(32, 3, _six_bits)  # (ql, ql + 32, qh, out, out + 32, out + 64, out + 96)
+
+
+def _cat(b, lo, hi):
+    """<2n x i8> of two <n x i8>, lo first."""
+    n = lo.type.count
+    return b.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(_I32, 2 * n), list(range(2 * n))))
+
+
+def _bytes(b, base, at, offset, width):
+    return _load(b, base, b.add(at, ir.Constant(_I64, offset)), ir.VectorType(_I8, width))
+
+
+@dataclass(frozen=True)
+class CodeUnit:
+    """How the int8 dot reads codes: `cols` weights stored in `nbytes`, and emit(builder, base, at) ->
+    their <64 x i8> code vectors in column order (u of gguf_decode.py's form, built in registers)."""
+
+    cols: int
+    nbytes: int
+    emit: Callable
+
+
+def _q4_0_codes(b, base, at):  # two blocks
+    return [_cat(b, *[_cat(b, *_nibbles(b, [_bytes(b, base, at, 18 * k + 2, 16)], None)) for k in range(2)])]
+
+
+def _q8_0_codes(b, base, at):  # two blocks
+    return [_cat(b, _bytes(b, base, at, 2, 32), _bytes(b, base, at, 36, 32))]
+
+
+def _q4_k_codes(b, base, at):
+    return [_cat(b, *_nibbles(b, [_bytes(b, base, at, 16 + 32 * c, 32)], None)) for c in range(4)]
+
+
+def _q5_k_codes(b, base, at):
+    high = _bytes(b, base, at, 16, 32)
+    return [_cat(b, *_five_bits(b, [_bytes(b, base, at, 48 + 32 * c, 32), high], ir.Constant(_I64, 2 * c)))
+            for c in range(4)]
+
+
+def _q6_k_codes(b, base, at):
+    vectors = []
+    for n in range(2):
+        ql, ql32, qh = (_bytes(b, base, at, 64 * n, 32), _bytes(b, base, at, 64 * n + 32, 32),
+                        _bytes(b, base, at, 128 + 32 * n, 32))
+        q = _six_bits(b, [ql, ql32, qh], None)
+        vectors += [_cat(b, q[0], q[1]), _cat(b, q[2], q[3])]
+    return vectors
+
+
+BUFFERED = CodeUnit(64, 64, lambda b, base, at: [_load(b, base, at, ir.VectorType(_I8, 64))])  # decoded u
+Q4_0_UNIT, Q8_0_UNIT = CodeUnit(64, 36, _q4_0_codes), CodeUnit(64, 68, _q8_0_codes)
+Q4_K_UNIT, Q5_K_UNIT, Q6_K_UNIT = CodeUnit(256, 144, _q4_k_codes), CodeUnit(256, 176, _q5_k_codes), CodeUnit(
+    256, 210, _q6_k_codes)
 
 
 def make_expand(sub_cols: int, signed: bool):
