@@ -81,8 +81,9 @@ def make_chunk_dot(sub_cols: int, signed: bool, unit: CodeUnit = BUFFERED, isa: 
 
     sum over sub-blocks s of scale[s] dsub[s_at + s] (sum_j u[j] xq[x_at + j], j in s) - offset[s]
     xoff[s_at + s], for the u of `units` units of codes from codes[code_at] (unit: BUFFERED reads
-    decoded u, 64 at a time; a type's unit reads its blocks); u8 codes, or int8 if signed. xq, dsub
-    and xoff are flat (every token's row after the other); sub_cols is 16 or 32.
+    decoded u, 64 at a time; a type's unit reads its blocks, and their scales where unit.scales);
+    u8 codes, or int8 if signed. xq, dsub and xoff are flat (every token's row after the other);
+    sub_cols is 16 or 32.
     """
     per_vector = BLOCK_BYTES // sub_cols
     small = ir.VectorType(_F32, per_vector)
@@ -105,6 +106,7 @@ def make_chunk_dot(sub_cols: int, signed: bool, unit: CodeUnit = BUFFERED, isa: 
             with cgutils.for_range(builder, args[9]) as loop:
                 first = builder.mul(loop.index, ir.Constant(_I64, vectors))
                 at = builder.add(args[1], builder.mul(loop.index, ir.Constant(_I64, unit.nbytes)))
+                in_blocks = unit.scales(builder, c, at) if unit.scales else None
                 for i, codes_v in enumerate(unit.emit(builder, c, at)):
                     vector = builder.add(first, ir.Constant(_I64, i))
                     x_v = _load(builder, x, builder.mul(vector, ir.Constant(_I64, BLOCK_BYTES)), _V64I8)
@@ -113,11 +115,14 @@ def make_chunk_dot(sub_cols: int, signed: bool, unit: CodeUnit = BUFFERED, isa: 
                     else:
                         ints = _int_dot(builder, ir.Constant(_V16I32, None), codes_v, x_v, isa)
                     g0 = builder.mul(vector, ir.Constant(_I64, per_vector))
-                    scales = builder.fmul(_load(builder, s, g0, small), _load(builder, d, g0, small))
+                    w_scale, w_offset = in_blocks[i] if in_blocks else (_load(builder, s, g0, small),
+                                                                        _load(builder, o, g0, small))
+                    scales = builder.fmul(w_scale, _load(builder, d, g0, small))
                     lanes = builder.shuffle_vector(scales, ir.Constant(small, ir.Undefined), expand)
                     builder.store(builder.call(fma, [builder.sitofp(ints, _V16F), lanes, builder.load(acc)]), acc)
-                    shift = builder.fmul(_load(builder, o, g0, small), _load(builder, xo, g0, small))
-                    builder.store(builder.fadd(builder.load(shifts), shift), shifts)
+                    if w_offset is not None:
+                        shift = builder.fmul(w_offset, _load(builder, xo, g0, small))
+                        builder.store(builder.fadd(builder.load(shifts), shift), shifts)
             return builder.fsub(_horizontal_sum(builder, builder.load(acc)), _horizontal_sum(builder, builder.load(shifts)))
 
         return signature, codegen

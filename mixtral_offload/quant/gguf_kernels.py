@@ -23,12 +23,11 @@ from mixtral_offload.errors import MixtralOffloadError
 from mixtral_offload.quant.gguf_blocks import BLOCK_TYPES, BlockType, GGUFMatrix
 from mixtral_offload.quant.gguf_decode import Q4_0, Q4_K, Q5_K, Q8_0, decode_codes, decode_floats
 from mixtral_offload.quant.gguf_int8 import kernel_activations, make_chunk_dot
-from mixtral_offload.quant.gguf_vectors import prefetch, Q4_0_UNIT, Q4_K_UNIT, Q5_K_UNIT, Q6_K_UNIT, Q8_0_UNIT
+from mixtral_offload.quant.gguf_vectors import Q4_0_UNIT, Q4_K_UNIT, Q5_K_UNIT, Q6_K_UNIT, Q8_0_UNIT
 from mixtral_offload.quant.int8x import silu
 from mixtral_offload.quant.kernels import ACTIVATIONS, _check_activations, check_activations_mode
 
 ROWS_PER_TASK = 32  # rows per parallel task (scratch is allocated once per task)
-PREFETCH_ROWS = 2  # a row's bytes are prefetched into L2 this many rows ahead
 
 # integer dots reading each type's blocks, and over decoded codes for a Q4_0/Q8_0 row's odd last block
 _dot_q4_0, _dot_q8_0 = make_chunk_dot(32, False, Q4_0_UNIT), make_chunk_dot(32, True, Q8_0_UNIT)
@@ -66,7 +65,6 @@ def _float_dots(w, x, cols, acc):
 def _int8_dots(spec, raw, off, cols, u, scale, offset, xq, dsub, xoff, acc):
     """acc[t] = the row at raw[off] . quantized x[t] (xq, dsub, xoff flat) for every token."""
     kind, block_cols, block_bytes, sub_cols, signed = spec
-    decode_codes(kind, raw, off, cols // block_cols, u, scale, offset, False)  # the sub-block scales
     tokens = acc.shape[0]
     padded, nsub = xq.shape[0] // tokens, dsub.shape[0] // tokens
     units = cols // 64 if kind <= Q8_0 else cols // 256  # two blocks or one
@@ -97,8 +95,6 @@ def _int8_dots(spec, raw, off, cols, u, scale, offset, xq, dsub, xoff, acc):
 def _row_dots(spec, int8_x, raw, off, cols, x, xq, dsub, xoff, scratch, acc):
     """acc[t] = (the row whose bytes start at raw[off]) . x[t] for every token t (activations flat)."""
     u, scale, offset, w, wbits = scratch
-    row_bytes = cols // spec[1] * spec[2]
-    prefetch(raw, off + PREFETCH_ROWS * row_bytes, row_bytes)
     if int8_x:
         _int8_dots(spec, raw, off, cols, u, scale, offset, xq, dsub, xoff, acc)
     else:

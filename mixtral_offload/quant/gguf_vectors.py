@@ -36,27 +36,14 @@ def half_at(typingctx, raw, offset):
     table missed L1 on nearly every block)."""
 
     def codegen(context, builder, sig, args):
-        at = builder.gep(_data_pointer(context, builder, sig.args[0], args[0]), [args[1]])
-        bits = builder.load(builder.bitcast(at, _I16.as_pointer()), align=1)
-        return builder.fpext(builder.bitcast(bits, ir.HalfType()), _F32)
+        return _half(builder, _data_pointer(context, builder, sig.args[0], args[0]), args[1])
 
     return types.float32(raw, offset), codegen
 
 
-@intrinsic
-def prefetch(typingctx, raw, offset, nbytes):
-    """Prefetch raw[offset : offset + nbytes] into L2, a 64-byte line at a time (never faults)."""
-
-    def codegen(context, builder, sig, args):
-        base = _data_pointer(context, builder, sig.args[0], args[0])
-        hint = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32]), "llvm.prefetch.p0i8")
-        with cgutils.for_range(builder, builder.udiv(args[2], ir.Constant(_I64, 64))) as loop:
-            at = builder.add(args[1], builder.mul(loop.index, ir.Constant(_I64, 64)))
-            builder.call(hint, [builder.gep(base, [at]), ir.Constant(_I32, 0), ir.Constant(_I32, 2), ir.Constant(_I32, 1)])
-        return context.get_dummy_value()
-
-    return types.none(raw, offset, nbytes), codegen
+def _half(b, base, at):
+    bits = b.load(b.bitcast(b.gep(base, [at]), _I16.as_pointer()), align=1)
+    return b.fpext(b.bitcast(bits, ir.HalfType()), _F32)
 
 
 def make_byte_op(width: int, n_in: int, compute):
@@ -126,11 +113,79 @@ def _bytes(b, base, at, offset, width):
 @dataclass(frozen=True)
 class CodeUnit:
     """How the int8 dot reads codes: `cols` weights stored in `nbytes`, and emit(builder, base, at) ->
-    their <64 x i8> code vectors in column order (u of gguf_decode.py's form, built in registers)."""
+    their <64 x i8> code vectors in column order (u of gguf_decode.py's form, built in registers).
+
+    scales(builder, base, at), where given, reads each vector's sub-block scales and offsets from the
+    blocks too (a list of (<64 / sub_cols x float>, the same or None for zero offsets)); BUFFERED
+    reads them from the buffers gguf_decode.decode_codes filled.
+    """
 
     cols: int
     nbytes: int
     emit: Callable
+    scales: Callable | None = None
+
+
+def _floats(b, values):
+    vector = ir.Constant(ir.VectorType(_F32, len(values)), ir.Undefined)
+    for i, value in enumerate(values):
+        vector = b.insert_element(vector, value, ir.Constant(_I32, i))
+    return vector
+
+
+def _times(b, vector, factor):
+    return b.fmul(vector, ir.Constant(vector.type, [factor] * vector.type.count))
+
+
+def _q4_0_scales(b, base, at):  # d of the two blocks; offset 8 d
+    d = _floats(b, [_half(b, base, at), _half(b, base, b.add(at, ir.Constant(_I64, 18)))])
+    return [(d, _times(b, d, 8.0))]
+
+
+def _q8_0_scales(b, base, at):
+    return [(_floats(b, [_half(b, base, at), _half(b, base, b.add(at, ir.Constant(_I64, 34)))]), None)]
+
+
+def _shuffle(b, vector, picks):
+    """<len(picks) x i8> of vector's lanes; a pick of None is 0."""
+    zero = ir.Constant(vector.type, None)
+    return b.shuffle_vector(vector, zero, ir.Constant(ir.VectorType(_I32, len(picks)), [
+        vector.type.count if p is None else p for p in picks]))
+
+
+def _k4_scales(b, base, at):
+    # the 12 packed bytes at 4 (gguf_decode._scale_min_k4) for all 8 sub-blocks at once:
+    # sub-block j < 4: sc = q[j] & 63, m = q[j+4] & 63; j >= 4: sc = (q[j+4] & 15) | (q[j-4] >> 6) << 4,
+    # m = (q[j+4] >> 4) | (q[j] >> 6) << 4
+    q = _bytes(b, base, at, 4, 16)  # 12 bytes of scales and the first 4 of what follows (unused)
+    eight = ir.VectorType(_I8, 8)
+
+    def lanes(values):
+        return ir.Constant(eight, values)
+
+    low = _shuffle(b, q, [0, 1, 2, 3, 8, 9, 10, 11])
+    high_sc = b.shl(b.lshr(_shuffle(b, q, [None] * 4 + [0, 1, 2, 3]), lanes([6] * 8)), lanes([4] * 8))
+    sc = b.or_(b.and_(low, lanes([63] * 4 + [15] * 4)), high_sc)
+    mins = b.lshr(_shuffle(b, q, [4, 5, 6, 7, 8, 9, 10, 11]), lanes([0] * 4 + [4] * 4))
+    high_m = b.shl(b.lshr(_shuffle(b, q, [None] * 4 + [4, 5, 6, 7]), lanes([6] * 8)), lanes([4] * 8))
+    m = b.or_(b.and_(mins, lanes([63] * 8)), high_m)
+    floats = ir.VectorType(_F32, 8)
+    d = _floats(b, [_half(b, base, at)] * 8)
+    dmin = _floats(b, [_half(b, base, b.add(at, ir.Constant(_I64, 2)))] * 8)
+    scales, offsets = b.fmul(d, b.uitofp(sc, floats)), b.fmul(dmin, b.uitofp(m, floats))
+    pair = [ir.Constant(ir.VectorType(_I32, 2), [2 * v, 2 * v + 1]) for v in range(4)]
+    undefined = ir.Constant(floats, ir.Undefined)
+    return [(b.shuffle_vector(scales, undefined, p), b.shuffle_vector(offsets, undefined, p)) for p in pair]
+
+
+def _q6_k_scales(b, base, at):  # d times the int8 scales of the vector's four sub-blocks of 16; offset 32 of that
+    d = _half(b, base, b.add(at, ir.Constant(_I64, 208)))
+    splat = _floats(b, [d] * 4)
+    out = []
+    for v in range(4):
+        sc = b.fmul(b.sitofp(_bytes(b, base, at, 192 + 4 * v, 4), ir.VectorType(_F32, 4)), splat)
+        out.append((sc, _times(b, sc, 32.0)))
+    return out
 
 
 def _q4_0_codes(b, base, at):  # two blocks
@@ -162,9 +217,9 @@ def _q6_k_codes(b, base, at):
 
 
 BUFFERED = CodeUnit(64, 64, lambda b, base, at: [_load(b, base, at, ir.VectorType(_I8, 64))])  # decoded u
-Q4_0_UNIT, Q8_0_UNIT = CodeUnit(64, 36, _q4_0_codes), CodeUnit(64, 68, _q8_0_codes)
-Q4_K_UNIT, Q5_K_UNIT, Q6_K_UNIT = CodeUnit(256, 144, _q4_k_codes), CodeUnit(256, 176, _q5_k_codes), CodeUnit(
-    256, 210, _q6_k_codes)
+Q4_0_UNIT, Q8_0_UNIT = CodeUnit(64, 36, _q4_0_codes, _q4_0_scales), CodeUnit(64, 68, _q8_0_codes, _q8_0_scales)
+Q4_K_UNIT, Q5_K_UNIT = CodeUnit(256, 144, _q4_k_codes, _k4_scales), CodeUnit(256, 176, _q5_k_codes, _k4_scales)
+Q6_K_UNIT = CodeUnit(256, 210, _q6_k_codes, _q6_k_scales)
 
 
 def make_expand(sub_cols: int, signed: bool):
