@@ -37,30 +37,28 @@ def _scale_min_k4(raw, o, j):
 
 
 @njit(cache=True, fastmath=True, nogil=True)
-def _q4_0(raw, off, nblocks, u, scale, offset, codes):
+def _q4_0(raw, off, nblocks, u, scale, offset):
     # 18 bytes: d f16 | qs[16]: byte j holds element j (low nibble) and j + 16 (high); w = d (q - 8)
     for b in range(nblocks):
         o = off + b * 18
         d = half_at(raw, o)
         scale[b] = d
         offset[b] = np.float32(8.0) * d
-        if codes:
-            nibbles16(raw, u, (o + 2, b * 32, b * 32 + 16), 0)
+        nibbles16(raw, u, (o + 2, b * 32, b * 32 + 16), 0)
 
 
 @njit(cache=True, fastmath=True, nogil=True)
-def _q8_0(raw, off, nblocks, u, scale, offset, codes):
+def _q8_0(raw, off, nblocks, u, scale, offset):
     # 34 bytes: d f16 | qs int8[32]; w = d q
     for b in range(nblocks):
         o = off + b * 34
         scale[b] = half_at(raw, o)
         offset[b] = np.float32(0.0)
-        if codes:
-            copy32(raw, u, (o + 2, b * 32), 0)
+        copy32(raw, u, (o + 2, b * 32), 0)
 
 
 @njit(cache=True, fastmath=True, nogil=True)
-def _q45_k(raw, off, nblocks, u, scale, offset, codes, five_bits):
+def _q45_k(raw, off, nblocks, u, scale, offset, five_bits):
     # d f16 | dmin f16 | 12 bytes of 6-bit (scale, min) for 8 sub-blocks of 32: w = d sc q - dmin m.
     # Q4_K, 144 bytes: then qs[128]: bytes 32c..32c+31 hold sub-block 2c (low nibbles) and 2c+1
     # (high). Q5_K, 176 bytes: then qh[32]: bit s of byte j is bit 4 of sub-block s's element j; qs.
@@ -73,7 +71,7 @@ def _q45_k(raw, off, nblocks, u, scale, offset, codes, five_bits):
             sc, m = _scale_min_k4(raw, o + 4, j)
             scale[8 * b + j] = d * np.float32(sc)
             offset[8 * b + j] = dmin * np.float32(m)
-        for c in range(4 if codes else 0):
+        for c in range(4):
             lo = b * 256 + 64 * c
             if five_bits:
                 five_bits32(raw, u, (o + 48 + 32 * c, o + 16, lo, lo + 32), 2 * c)
@@ -82,7 +80,7 @@ def _q45_k(raw, off, nblocks, u, scale, offset, codes, five_bits):
 
 
 @njit(cache=True, fastmath=True, nogil=True)
-def _q6_k(raw, off, nblocks, u, scale, offset, codes):
+def _q6_k(raw, off, nblocks, u, scale, offset):
     # 210 bytes: ql[128] | qh[64] | int8 scales[16] (sub-blocks of 16) | d f16; w = d sc (q - 32).
     # Half n (128 weights): ql[64n + j] low/high nibbles are elements j / j + 64, ql[64n + 32 + j]
     # elements j + 32 / j + 96; qh[32n + j] bits 0-1, 2-3, 4-5, 6-7 are their top 2 bits in that order.
@@ -93,22 +91,22 @@ def _q6_k(raw, off, nblocks, u, scale, offset, codes):
             dsc = d * np.float32(np.int8(raw[o + 192 + s]))
             scale[16 * b + s] = dsc
             offset[16 * b + s] = np.float32(32.0) * dsc
-        for n in range(2 if codes else 0):
+        for n in range(2):
             ql, out = o + 64 * n, b * 256 + 128 * n
             six_bits32(raw, u, (ql, ql + 32, o + 128 + 32 * n, out, out + 32, out + 64, out + 96), 0)
 
 
 @njit(cache=True, fastmath=True, nogil=True)
-def decode_codes(kind, raw, off, nblocks, u, scale, offset, codes):
-    """Scale/offset per sub-block, and with `codes` u[: nblocks * block_cols], of nblocks quantized blocks at raw[off]."""
+def decode_codes(kind, raw, off, nblocks, u, scale, offset):
+    """u[: nblocks * block_cols] and scale/offset per sub-block of nblocks quantized blocks at raw[off]."""
     if kind == Q4_0:
-        _q4_0(raw, off, nblocks, u, scale, offset, codes)
+        _q4_0(raw, off, nblocks, u, scale, offset)
     elif kind == Q8_0:
-        _q8_0(raw, off, nblocks, u, scale, offset, codes)
+        _q8_0(raw, off, nblocks, u, scale, offset)
     elif kind == Q4_K or kind == Q5_K:
-        _q45_k(raw, off, nblocks, u, scale, offset, codes, kind == Q5_K)
+        _q45_k(raw, off, nblocks, u, scale, offset, kind == Q5_K)
     else:
-        _q6_k(raw, off, nblocks, u, scale, offset, codes)
+        _q6_k(raw, off, nblocks, u, scale, offset)
 
 
 @njit(cache=True, fastmath=True, nogil=True)
@@ -132,7 +130,7 @@ def decode_floats(kind, raw, off, ncols, sub_cols, u, scale, offset, w, wbits):
             else:
                 wbits[j] = (np.uint32(raw[off + 2 * j]) << 16) | (np.uint32(raw[off + 2 * j + 1]) << 24)
         return
-    decode_codes(kind, raw, off, ncols // (32 if kind <= Q8_0 else 256), u, scale, offset, True)
+    decode_codes(kind, raw, off, ncols // (32 if kind <= Q8_0 else 256), u, scale, offset)
     if kind == Q8_0:
         _expand_s32(u, scale, offset, w, ncols // 32)
     elif kind == Q6_K:

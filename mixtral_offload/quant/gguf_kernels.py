@@ -1,13 +1,14 @@
 """Numba CPU kernels on GGUF blocks as they lie in the file: matmul and a fused SwiGLU expert.
 
 Shapes: T = tokens, R = rows (out features), C = cols (in features). Weights are GGUFMatrix [R, C];
-activations are [T, C] float32. Each row is decoded once into per-task scratch (gguf_decode.py) and
-serves every token, so several tokens (prefill) read the weights once.
+activations are [T, C] float32. Rows are split among threads; each thread reads a row once for all
+T tokens (prefill reads the weights once).
 
-activations "float32": the row becomes float32 weights equal to gguf.quants.dequantize's, dotted
-with x in float32 (exact up to summation order). "int8": x is quantized per block as llama.cpp's
-Q8_0 / Q8_K and the row's codes take integer dot products (gguf_int8.py); float types (F32, F16,
-BF16) compute on float x in both modes, as llama.cpp does for them.
+activations "float32": the row is decoded into per-task scratch as float32 weights equal to
+gguf.quants.dequantize's (gguf_decode.py), dotted with x in float32 (exact up to summation order).
+"int8": x is quantized per block as llama.cpp's Q8_0 / Q8_K, and the row's codes and scales go
+from its blocks straight into integer dot products (gguf_int8.py, gguf_vectors.py); F32, F16 and
+BF16 compute on float x in both modes, as llama.cpp does for them.
 
 The variant (type x activations) is chosen once, in the table VARIANTS built at import.
 """
@@ -64,7 +65,7 @@ def _float_dots(w, x, cols, acc):
 @njit(cache=True, fastmath=True, nogil=True)
 def _int8_dots(spec, raw, off, cols, u, scale, offset, xq, dsub, xoff, acc):
     """acc[t] = the row at raw[off] . quantized x[t] (xq, dsub, xoff flat) for every token."""
-    kind, block_cols, block_bytes, sub_cols, signed = spec
+    kind, block_bytes, signed = spec[0], spec[2], spec[4]
     tokens = acc.shape[0]
     padded, nsub = xq.shape[0] // tokens, dsub.shape[0] // tokens
     units = cols // 64 if kind <= Q8_0 else cols // 256  # two blocks or one
@@ -82,13 +83,13 @@ def _int8_dots(spec, raw, off, cols, u, scale, offset, xq, dsub, xoff, acc):
             acc[t] = _dot_q6_k(raw, off, scale, offset, xq, dsub, xoff, x_at, s_at, units)
     if kind <= Q8_0 and cols % 64:  # an odd block count: the last block decoded, against zero-padded x
         last = cols // 32 - 1
-        decode_codes(kind, raw, off + last * block_bytes, 1, u, scale[last:], offset[last:], True)
+        decode_codes(kind, raw, off + last * block_bytes, 1, u, scale, offset)
         for t in range(tokens):
             x_at, s_at = t * padded + 32 * last, t * nsub + last
             if signed:
-                acc[t] += _dot_s32(u, 0, scale[last:], offset[last:], xq, dsub, xoff, x_at, s_at, 1)
+                acc[t] += _dot_s32(u, 0, scale, offset, xq, dsub, xoff, x_at, s_at, 1)
             else:
-                acc[t] += _dot_u32(u, 0, scale[last:], offset[last:], xq, dsub, xoff, x_at, s_at, 1)
+                acc[t] += _dot_u32(u, 0, scale, offset, xq, dsub, xoff, x_at, s_at, 1)
 
 
 @njit(cache=True, fastmath=True, nogil=True)
