@@ -67,10 +67,11 @@ def test_matmul_int8_x_equals_dequantize_times_quantized_x(qtype, rows, cols, to
 
 
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q8_0, Q.F16], ids=lambda q: q.name)
-def test_rows_ending_mid_vector(qtype):
+@pytest.mark.parametrize("tokens", [3, 5])
+def test_rows_ending_mid_vector(qtype, tokens):
     """288 columns: the int8 dot's last 64-byte vector is half past the row (x is zero there)."""
     m = make_matrix(qtype, 9, 288, seed=4)
-    x = np.random.default_rng(4).standard_normal((3, 288)).astype(np.float32)
+    x = np.random.default_rng(4).standard_normal((tokens, 288)).astype(np.float32)
     assert relative(gguf_matmul(m, x), x.astype(np.float64) @ weights(m).T) < 1e-5
     assert relative(gguf_matmul(m, x, activations="int8"), int8_reference(m, x)) < 1e-5
 
