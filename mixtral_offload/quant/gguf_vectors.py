@@ -3,7 +3,7 @@ straight from a type's blocks for the int8 dot (gguf_int8.py).
 
 Written as Numba intrinsics because LLVM leaves the same Numba loops scalar: a block's loops run
 16-32 iterations, too few to pay for the runtime check that the codes buffer and the tensor's bytes
-do not overlap, so every byte went through a scalar and/shift/store (measured ~20x slower).
+do not overlap, so every byte went through a scalar and/shift/store (docs/gguf.md).
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ def _store(builder, value, base, offset):
 
 @intrinsic
 def half_at(typingctx, raw, offset):
-    """The float16 at raw[offset] (any alignment) as float32 (Numba has no float16; a 256 KiB lookup
-    table missed L1 on nearly every block)."""
+    """The float16 at raw[offset] (any alignment) as float32, by the CPU's conversion (Numba has no
+    float16; a 256 KiB lookup table per block read was slower)."""
 
     def codegen(context, builder, sig, args):
         return _half(builder, _data_pointer(context, builder, sig.args[0], args[0]), args[1])
