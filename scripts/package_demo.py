@@ -21,7 +21,7 @@ from pathlib import Path
 
 import mixtral_offload  # noqa: F401  (sets the OpenMP wait policy before torch loads)
 from mixtral_offload.cache.simulate import prefetch_recall
-from mixtral_offload.offload.convert import convert
+from mixtral_offload.offload.store.convert import convert
 from mixtral_offload.offload.loading import load
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -19,7 +19,7 @@ def tiny_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="session")
 def converted_int4(tmp_path_factory):
     """A 4-layer, 8-expert random Mixtral converted to int4 g64: the converted model directory."""
-    from mixtral_offload.offload.convert import convert
+    from mixtral_offload.offload.store.convert import convert
 
     root = tmp_path_factory.mktemp("converted")
     write_checkpoint(root / "hf", num_hidden_layers=4, num_local_experts=8, hidden_size=128, intermediate_size=256)

@@ -21,11 +21,11 @@ from safetensors.torch import save_file
 from checkpoints import write_checkpoint
 from mixtral_offload.cli.main import cli
 from mixtral_offload.errors import MixtralOffloadError
-from mixtral_offload.offload import convert as convert_module
-from mixtral_offload.offload.checkpoint import EXPERT_PARTS, Checkpoint, hf_dense_name, hf_expert_name
-from mixtral_offload.offload.convert import convert
+from mixtral_offload.offload.store import convert as convert_module
+from mixtral_offload.offload.store.checkpoint import EXPERT_PARTS, Checkpoint, hf_dense_name, hf_expert_name
+from mixtral_offload.offload.store.convert import convert
 from mixtral_offload.offload.loading import load
-from mixtral_offload.offload.pool import ExpertPool
+from mixtral_offload.offload.store.pool import ExpertPool
 from mixtral_offload.quant.quantize import dequantize, quantize
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,7 +67,7 @@ def transformers_on_dequantized(model_dir: Path, hf_dir: Path, tmp: Path):
     with ExpertPool.open(model_dir) as pool:
         for layer in range(pool.args.num_hidden_layers):
             for expert in range(pool.args.num_local_experts):
-                for part, qm in zip(EXPERT_PARTS, pool.expert(layer, expert)):
+                for part, qm in zip(EXPERT_PARTS, pool.mapped((layer, expert))):
                     state[hf_expert_name(layer, expert, part)] = torch.from_numpy(dequantize(qm))
     ref_dir = tmp / "dequantized-hf"
     ref_dir.mkdir()
@@ -114,7 +114,7 @@ def test_pool_holds_the_quantized_checkpoint(hf_dir, converted):
     checkpoint = Checkpoint.open(hf_dir)
     with ExpertPool.open(converted(4)) as pool:
         for layer, expert in [(0, 0), (1, 3)]:
-            for part, qm in zip(EXPERT_PARTS, pool.expert(layer, expert)):
+            for part, qm in zip(EXPERT_PARTS, pool.mapped((layer, expert))):
                 expected = quantize(checkpoint.expert_tensor(layer, expert, part), qm.spec, refine=True)
                 for name, array in expected.parts().items():
                     np.testing.assert_array_equal(getattr(qm, name), array)
@@ -147,7 +147,7 @@ def test_interrupted_convert_leaves_nothing_and_rerun_succeeds(hf_dir, tmp_path,
 
 def test_killed_convert_leaves_nothing_loadable_and_rerun_cleans_up(hf_dir, tmp_path):
     out = tmp_path / "model"
-    slow = ("import sys, time\nfrom mixtral_offload.offload import convert as c\nq = c.quantize\n"
+    slow = ("import sys, time\nfrom mixtral_offload.offload.store import convert as c\nq = c.quantize\n"
             "c.quantize = lambda *a, **k: (time.sleep(0.1), q(*a, **k))[1]\n"
             "c.convert(sys.argv[1], sys.argv[2], bits=4, progress=False)\n")
     child = subprocess.Popen([sys.executable, "-c", slow, str(hf_dir), str(out)], cwd=REPO)

@@ -12,7 +12,7 @@ from checkpoints import write_checkpoint
 REPO = Path(__file__).resolve().parents[1]
 CHILD = """
 import re, sys
-from mixtral_offload.offload.convert import convert
+from mixtral_offload.offload.store.convert import convert
 convert(sys.argv[1], sys.argv[2], bits=4, group_size=64, progress=False)
 # VmHWM is this address space's peak; ru_maxrss would carry the parent's peak over fork+exec
 print(int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024)

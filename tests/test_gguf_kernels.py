@@ -9,7 +9,7 @@ from mixtral_offload.errors import MixtralOffloadError
 from mixtral_offload.quant import gguf_int8
 from mixtral_offload.quant.gguf_bench import random_gguf_matrix
 from mixtral_offload.quant.gguf_blocks import BLOCK_TYPES, GGUFMatrix, block_type, check_nbytes
-from mixtral_offload.quant.gguf_kernels import gguf_expert_forward, gguf_matmul
+from mixtral_offload.quant.gguf_kernels import gguf_expert_forward, gguf_expert_kernel, gguf_linear_kernel, gguf_matmul
 
 HOST_FEATURES = {name for name, on in __import__("llvmlite.binding").binding.get_host_cpu_features().items() if on}
 TYPES = list(BLOCK_TYPES)
@@ -135,6 +135,17 @@ def test_every_instruction_set_gives_the_integer_sums(sub_cols, signed, isa):
     terms = np.concatenate([sums * scale.astype(np.float64) * dsub[64 // sub_cols:],
                             -offset.astype(np.float64) * xoff[64 // sub_cols:]])
     assert abs(run(u, scale, offset, xq, dsub, xoff) - terms.sum()) <= 1e-5 * np.abs(terms).sum()
+
+
+def test_kernels_chosen_at_load_equal_the_checked_entry_points():
+    w1, w3, w2 = make_matrix(Q.Q4_K, 512, 256, 1), make_matrix(Q.Q4_K, 512, 256, 2), make_matrix(Q.Q6_K, 256, 512, 3)
+    x = np.random.default_rng(0).standard_normal((2, 256)).astype(np.float32)
+    for mode in ("float32", "int8"):
+        assert np.array_equal(gguf_linear_kernel(Q.Q4_K, mode)(w1, x), gguf_matmul(w1, x, mode))
+        expert = gguf_expert_kernel(int(Q.Q4_K), int(Q.Q6_K), mode)
+        assert np.array_equal(expert(w1, w3, w2, x), gguf_expert_forward(w1, w3, w2, x, mode))
+    with pytest.raises(MixtralOffloadError, match="IQ2_XXS has no kernel here"):
+        gguf_linear_kernel(Q.IQ2_XXS, "int8")
 
 
 def test_unknown_and_unsupported_types_are_one_line_errors():

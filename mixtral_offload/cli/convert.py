@@ -25,7 +25,7 @@ def convert(hf_dir, out_dir, bits, group_size, dense_dtype, no_refine, quiet):
     Example:
       mixtral-offload convert ./Mixtral-8x7B-Instruct-v0.1 ./mixtral-int4 --bits 4 --group-size 64
     """
-    from ..offload.convert import convert as run_convert
+    from ..offload.store.convert import convert as run_convert
 
     result = run_convert(hf_dir, out_dir, bits=int(bits), group_size=int(group_size), dense_dtype=dense_dtype,
                          refine=not no_refine, progress=False if quiet else None)
@@ -45,7 +45,7 @@ def verify(model_dir, quiet):
     Example:
       mixtral-offload verify ./mixtral-int4
     """
-    from ..offload.pool import verify_model_dir
+    from ..offload.store.pool import verify_model_dir
 
     click.echo(verify_model_dir(model_dir, progress=False if quiet else None))
 
@@ -78,7 +78,7 @@ def synth(out_dir, layers, hidden, intermediate, experts, top_k, heads, kv_heads
       mixtral-offload synth ./synth-small --layers 4 --hidden 512 --intermediate 1792 --heads 8 --kv-heads 2
     """
     from ..config import ModelArgs
-    from ..offload.synthetic import write_synthetic
+    from ..offload.store.synthetic import write_synthetic
 
     args = ModelArgs(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                      num_attention_heads=heads, num_key_value_heads=kv_heads, num_local_experts=experts,

@@ -10,23 +10,27 @@ gguf.quants.dequantize's (gguf_decode.py), dotted with x in float32 (exact up to
 from its blocks straight into integer dot products (gguf_int8.py, gguf_vectors.py); F32, F16 and
 BF16 compute on float x in both modes, as llama.cpp does for them.
 
-The variant (type x activations) is chosen once, in the table VARIANTS built at import.
+The variant (type x activations) is built once, in the table VARIANTS at import; the hot path takes
+its kernel from gguf_linear_kernel / gguf_expert_kernel at load, as kernels.py's callers do.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 from numba import njit, prange
 
 from mixtral_offload.errors import MixtralOffloadError
-from mixtral_offload.quant.gguf_blocks import BLOCK_TYPES, BlockType, GGUFMatrix
+from mixtral_offload.quant.gguf_blocks import BLOCK_TYPES, BlockType, GGUFMatrix, block_type
 from mixtral_offload.quant.gguf_decode import Q4_0, Q4_K, Q5_K, Q8_0, decode_codes, decode_floats
 from mixtral_offload.quant.gguf_int8 import kernel_activations, make_chunk_dot
 from mixtral_offload.quant.gguf_vectors import Q4_0_UNIT, Q4_K_UNIT, Q5_K_UNIT, Q6_K_UNIT, Q8_0_UNIT
 from mixtral_offload.quant.int8x import silu
-from mixtral_offload.quant.kernels import ACTIVATIONS, _check_activations, check_activations_mode
+from mixtral_offload.quant.format import ACTIVATIONS
+from mixtral_offload.quant.kernels import _check_activations, check_activations_mode
 
 ROWS_PER_TASK = 32  # rows per parallel task (scratch is allocated once per task)
 # int8 x: from this many tokens a row's codes are decoded once into scratch and read by every token
@@ -165,11 +169,11 @@ class Variant:
 
     block_type: BlockType
     int8_x: bool
+    spec: tuple[int, int, int, int, bool] = field(init=False)  # (kind, block cols, block bytes, sub cols, signed)
 
-    @property
-    def spec(self) -> tuple[int, int, int, int, bool]:
+    def __post_init__(self) -> None:
         bt = self.block_type
-        return (bt.kind, bt.block_cols, bt.block_bytes, max(bt.sub_cols, 1), bt.signed_codes)
+        object.__setattr__(self, "spec", (bt.kind, bt.block_cols, bt.block_bytes, max(bt.sub_cols, 1), bt.signed_codes))
 
     def _operands(self, x: np.ndarray) -> tuple:
         """The kernels' activation arguments, flat: (x, xq, dsub, xoff), those of the other path unused."""
@@ -198,12 +202,39 @@ VARIANTS: dict[tuple, Variant] = {
 }
 
 
+# --- kernels chosen once, at load: called with checked, contiguous float32 [T, cols], like kernels.py's ---
+
+GGUFLinearKernel = Callable[[GGUFMatrix, np.ndarray], np.ndarray]  # (W [R, C], x [T, C]) -> [T, R]
+GGUFExpertKernel = Callable[[GGUFMatrix, GGUFMatrix, GGUFMatrix, np.ndarray], np.ndarray]
+
+
+def gguf_linear_kernel(qtype, activations: str) -> GGUFLinearKernel:
+    """The x @ W.T kernel for weights of GGUF type `qtype` (an unknown or unsupported type is an error)."""
+    check_activations_mode(activations)
+    return VARIANTS[block_type(qtype).qtype, activations].matmul
+
+
+def gguf_expert_kernel(w13_type, w2_type, activations: str) -> GGUFExpertKernel:
+    """The SwiGLU expert kernel for w1, w3 of type w13_type and w2 of type w2_type."""
+    check_activations_mode(activations)
+    gate_up = VARIANTS[block_type(w13_type).qtype, activations].gate_up
+    down = VARIANTS[block_type(w2_type).qtype, activations].matmul
+    return functools.partial(_composed_expert, gate_up, down)
+
+
+def _composed_expert(gate_up, down, w1, w3, w2, x):
+    return down(w2, gate_up(w1, w3, x))
+
+
+# --- checked entry points, for callers outside the hot path (tests, benchmarks) ---
+
+
 def gguf_matmul(m: GGUFMatrix, x: np.ndarray, activations: str = "float32") -> np.ndarray:
     """y = x @ W.T for x [T, cols] (-> [T, rows]) or [cols] (-> [rows]), float32."""
     check_activations_mode(activations)
     squeeze = getattr(x, "ndim", None) == 1
     x2 = _check_activations(x[None, :] if squeeze else x, m.cols, "x")
-    y = VARIANTS[m.qtype, activations].matmul(m, x2)
+    y = gguf_linear_kernel(m.qtype, activations)(m, x2)
     return y[0] if squeeze else y
 
 
@@ -220,6 +251,5 @@ def gguf_expert_forward(w1: GGUFMatrix, w3: GGUFMatrix, w2: GGUFMatrix, x: np.nd
         raise MixtralOffloadError(f"w1 and w3 must share a GGUF type, got {w1.qtype.name} and {w3.qtype.name}")
     squeeze = getattr(x, "ndim", None) == 1
     x2 = _check_activations(x[None, :] if squeeze else x, hidden, "x")
-    h = VARIANTS[w1.qtype, activations].gate_up(w1, w3, x2)
-    y = VARIANTS[w2.qtype, activations].matmul(w2, h)
+    y = gguf_expert_kernel(w1.qtype, w2.qtype, activations)(w1, w3, w2, x2)
     return y[0] if squeeze else y

@@ -16,8 +16,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..config import ModelArgs
-from ..quant.format import QuantSpec
+from ...config import ModelArgs
+from ...quant.format import QuantSpec
 from .checkpoint import dense_shapes, parse_dtype
 from .convert import PoolWriter, fsync_file, model_config, progress_bar, staging_dir, write_bytes_synced, write_dense
 from .pool import CONFIG_NAME, DENSE_NAME, MANIFEST_NAME, POOL_NAME, TOKENIZER_NAME
