@@ -2,6 +2,8 @@
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from gguf.quants import dequantize, quantize
 from numba import njit
 
@@ -64,6 +66,18 @@ def test_matmul_int8_x_equals_dequantize_times_quantized_x(qtype, rows, cols, to
         assert 1e-5 < relative(y, exact) < 0.05  # the activation rounding, and no more
     else:
         assert np.array_equal(y, exact)  # float types compute on float x in both modes
+
+
+@settings(max_examples=40, deadline=None)
+@given(qtype=st.sampled_from(TYPES), rows=st.integers(1, 40), blocks=st.integers(1, 5), tokens=st.integers(1, 9),
+       seed=st.integers(0, 2**16), x_scale=st.sampled_from([1e-4, 1.0, 1e3]))
+def test_both_paths_equal_their_references_fuzzed(qtype, rows, blocks, tokens, seed, x_scale):
+    """Any type, shape (whole blocks, odd Q4_0/Q8_0 counts too), token count either side of the prefill route."""
+    cols = blocks * (32 if qtype in (Q.Q4_0, Q.Q8_0) else 256)
+    m = random_gguf_matrix(qtype, (rows, cols), seed)
+    x = np.random.default_rng(seed).standard_normal((tokens, cols)).astype(np.float32) * np.float32(x_scale)
+    assert relative(gguf_matmul(m, x), x.astype(np.float64) @ weights(m).T) < 1e-5
+    assert relative(gguf_matmul(m, x, activations="int8"), int8_reference(m, x)) < 1e-5
 
 
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q8_0, Q.F16], ids=lambda q: q.name)
