@@ -8,7 +8,7 @@ from gguf.quants import dequantize, quantize
 from numba import njit
 
 from mixtral_offload.errors import MixtralOffloadError
-from mixtral_offload.quant import gguf_int8
+from mixtral_offload.quant import gguf_int8, gguf_vectors
 from mixtral_offload.quant.gguf_bench import random_gguf_matrix
 from mixtral_offload.quant.gguf_blocks import BLOCK_TYPES, GGUFMatrix, block_type, check_nbytes
 from mixtral_offload.quant.gguf_kernels import gguf_expert_forward, gguf_expert_kernel, gguf_linear_kernel, gguf_matmul
@@ -149,6 +149,27 @@ def test_every_instruction_set_gives_the_integer_sums(sub_cols, signed, isa):
     terms = np.concatenate([sums * scale.astype(np.float64) * dsub[64 // sub_cols:],
                             -offset.astype(np.float64) * xoff[64 // sub_cols:]])
     assert abs(run(u, scale, offset, xq, dsub, xoff) - terms.sum()) <= 1e-5 * np.abs(terms).sum()
+
+
+@pytest.mark.parametrize("qtype,sub_cols,signed", [(Q.Q8_0, 32, True), (Q.Q6_K, 16, False)], ids=["Q8_0", "Q6_K"])
+@pytest.mark.parametrize("isa", ["avx2", "generic"])
+def test_block_reading_dots_for_other_cpus(qtype, sub_cols, signed, isa):
+    """The dots that read codes and scales straight from the blocks, built for other CPUs, give one row's dot."""
+    if isa != "generic" and "avx2" not in HOST_FEATURES:
+        pytest.skip("this CPU cannot run the avx2 form")
+    unit = {Q.Q8_0: gguf_vectors.Q8_0_UNIT, Q.Q6_K: gguf_vectors.Q6_K_UNIT}[qtype]
+    dot = gguf_int8.make_chunk_dot(sub_cols, signed, unit, isa=isa)
+
+    @njit
+    def run(raw, xq, dsub, xoff, units):
+        unused = np.zeros(1, np.float32)
+        return dot(raw, 0, unused, unused, xq, dsub, xoff, 0, 0, units)
+
+    m = make_matrix(qtype, 1, 512, seed=5)
+    x = np.random.default_rng(5).standard_normal((1, 512)).astype(np.float32)
+    xq, dsub, xoff = gguf_int8.kernel_activations(x, m.block_type)
+    got = run(m.data, xq.reshape(-1), dsub.reshape(-1), xoff.reshape(-1), 512 // unit.cols)
+    assert relative(np.array([got]), int8_reference(m, x)[0]) < 1e-5
 
 
 def test_kernels_chosen_at_load_equal_the_checked_entry_points():
