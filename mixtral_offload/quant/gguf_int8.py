@@ -7,8 +7,9 @@ these bytes equal gguf.quants.quantize(x, Q8_0)) and as its Q8_K for K-quants (2
 A row's codes u (gguf_decode.py's form), built in registers from its blocks (gguf_vectors.py),
 take per 64 one u8 x s8 integer dot from int8x.py's IR helpers (AVX-512 VNNI vpdpbusd, AVX2
 pmaddubsw/pmaddwd, or plain vector IR): 16 int32 lanes of 4 products each, converted once and
-multiplied by each lane's scale(sub-block) x d(x block). Codes stay <= 63 except Q8_0's signed bytes, which take int8x's signed dot, so no
-AVX2 pair sum saturates. The offsets are summed apart: sum_s offset_s d_s sum(xq in s).
+multiplied by each lane's scale(sub-block) x d(x block). Codes stay <= 63 except Q8_0's signed
+bytes, which take int8x's signed dot, so no AVX2 pair sum saturates. The offsets are summed apart:
+sum_s offset_s d_s sum(xq in s).
 """
 
 from __future__ import annotations
