@@ -18,6 +18,7 @@ by default a Mixtral-mini expert (1024, 3584); their `shape` is [D, I] and their
 `tokens` > 1 times the batched path (prefill, or T tokens routed to one expert).
 `activations` is "float32" (x as given, exact) or "int8" (x quantized per group, integer dot
 products: quant/int8x.py; int4 only); the int8 rows include the time to quantize x.
+With `gguf`, rows "gguf TYPE matvec" time the GGUF block kernels on the same shapes (quant/gguf_bench.py).
 
 Every call reads a different copy of its matrices, cycling through at least ROTATION_BYTES of
 them, so the weights come from DRAM as in a real decode, not from the last-level cache (a 33 MB
@@ -95,6 +96,7 @@ def run_kernel_bench(
     json: bool = False,
     expert_shapes: tuple[tuple[int, int], ...] = (MIXTRAL_MINI_EXPERT,),
     matrix_shapes: tuple[tuple[int, int], ...] = MIXTRAL_SHAPES,
+    gguf: bool = False,
 ) -> dict:
     """Time the matvec kernels on Mixtral's expert shapes; see the module docstring for the result.
 
@@ -152,6 +154,10 @@ def run_kernel_bench(
                         results.append(_row(name, b, (hidden, inter), t, n, seconds, nbytes, bandwidth[t],
                                             activations, 3 * hidden * inter * n, peak[t]))
             del experts
+    if gguf:
+        from mixtral_offload.quant.gguf_bench import run_gguf_bench  # it builds on this module's helpers
+
+        results += run_gguf_bench(threads, tokens, repeats, bandwidth, matrix_shapes)
     return {
         "bandwidth_gbs": max(bandwidth.values()),
         "bandwidth_by_threads": {str(t): round(v, 2) for t, v in bandwidth.items()},
