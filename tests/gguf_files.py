@@ -77,8 +77,28 @@ def _expert(t: dict, layer: int, expert: int, part: str) -> np.ndarray:
     raise KeyError(f"layer {layer} expert {expert} {part}: not found")
 
 
-def write_gguf(hf_dir: Path, out: Path, qtype: str = "f32", layout: str = "merged", name: str = "mixtral-test") -> Path:
-    """Write the checkpoint in hf_dir as a GGUF at out; qtype in QTYPES, layout 'merged' or 'per-expert'."""
+def random_expert_blocks(qtype: gguf.GGMLQuantizationType, shape: tuple[int, int], seed: int,
+                         std: float = 0.1) -> np.ndarray:
+    """Random valid blocks of a K-quant (which gguf cannot quantize), scaled so the weights' std is `std`:
+    every float16 scale of a block multiplies all its weights, so scaling them scales the matrix."""
+    from mixtral_offload.quant.gguf_bench import random_gguf_matrix
+    from mixtral_offload.quant.gguf_blocks import block_type
+
+    bt = block_type(qtype)
+    blocks = random_gguf_matrix(qtype, shape, seed).data.reshape(shape[0], -1, bt.block_bytes).copy()
+    factor = std / float(gguf.quants.dequantize(blocks.reshape(shape[0], -1), qtype).std())
+    for field in bt.f16_fields:
+        scales = blocks[:, :, field:field + 2].copy().view(np.float16).astype(np.float32) * factor
+        blocks[:, :, field:field + 2] = scales.astype(np.float16).view(np.uint8)
+    return blocks.reshape(shape[0], -1)
+
+
+def write_gguf(hf_dir: Path, out: Path, qtype: str = "f32", layout: str = "merged", name: str = "mixtral-test",
+               expert_qtype: gguf.GGMLQuantizationType | None = None) -> Path:
+    """Write the checkpoint in hf_dir as a GGUF at out; qtype in QTYPES, layout 'merged' or 'per-expert'.
+
+    expert_qtype (a K-quant): the experts are random valid blocks of that type instead of the checkpoint's.
+    """
     config = json.loads((hf_dir / "config.json").read_text())
     D, L, E = config["hidden_size"], config["num_hidden_layers"], config["num_local_experts"]
     H, KV = config["num_attention_heads"], config["num_key_value_heads"]
@@ -129,7 +149,16 @@ def write_gguf(hf_dir: Path, out: Path, qtype: str = "f32", layout: str = "merge
         router = p + "block_sparse_moe.gate.weight" if p + "block_sparse_moe.gate.weight" in t else p + "mlp.gate.weight"
         add(f"blk.{i}.ffn_gate_inp.weight", t[router], quantize=False)
         for part, gguf_part in (("w1", "gate"), ("w3", "up"), ("w2", "down")):
-            if layout == "merged":
+            if expert_qtype is not None:
+                shape = _expert(t, i, 0, part).shape
+                blocks = [random_expert_blocks(expert_qtype, shape, seed=1000 * i + 10 * e + "w1w3w2".index(part) // 2)
+                          for e in range(E)]
+                if layout == "merged":
+                    writer.add_tensor(f"blk.{i}.ffn_{gguf_part}_exps.weight", np.stack(blocks), raw_dtype=expert_qtype)
+                else:
+                    for e in range(E):
+                        writer.add_tensor(f"blk.{i}.ffn_{gguf_part}.{e}.weight", blocks[e], raw_dtype=expert_qtype)
+            elif layout == "merged":
                 add(f"blk.{i}.ffn_{gguf_part}_exps.weight", np.stack([_expert(t, i, e, part) for e in range(E)]))
             else:
                 for e in range(E):

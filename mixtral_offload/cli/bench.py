@@ -44,7 +44,7 @@ def kernels(threads, bits, group_size, tokens, repeats, no_torch, gguf, as_json)
 
 
 @bench.command()
-@click.argument("model", type=click.Path(file_okay=False, exists=True))
+@click.argument("model", type=click.Path(exists=True))
 @click.option("--budget", "-m", "budgets", multiple=True, metavar="SIZE",
               help="A --memory-budget to measure (repeatable: --budget 2GiB --budget 1GiB).")
 @click.option("--experts-fraction", "fractions", multiple=True, type=click.FloatRange(0, 1, min_open=True),

@@ -36,18 +36,26 @@ def convert(hf_dir, out_dir, bits, group_size, dense_dtype, no_refine, quiet):
 
 
 @click.command()
-@click.argument("model_dir", type=click.Path(file_okay=False))
+@click.argument("model_dir", type=click.Path())
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def verify(model_dir, quiet):
-    """Check a converted model's pool: header, manifest, config agreement and every block's checksum.
+    """Check a converted model's pool (header, manifest, config agreement, every block's checksum), or a
+    GGUF file (header, tensor extents, shapes against the metadata; GGUF has no checksums).
 
     \b
-    Example:
+    Examples:
       mixtral-offload verify ./mixtral-int4
+      mixtral-offload verify ./mixtral-8x7b-instruct.Q4_K_M.gguf
     """
+    from pathlib import Path
+
+    from ..offload.store.gguf import is_gguf, verify_gguf
     from ..offload.store.pool import verify_model_dir
 
-    click.echo(verify_model_dir(model_dir, progress=False if quiet else None))
+    if is_gguf(Path(model_dir)):
+        click.echo(verify_gguf(model_dir))
+    else:
+        click.echo(verify_model_dir(model_dir, progress=False if quiet else None))
 
 
 @click.command()

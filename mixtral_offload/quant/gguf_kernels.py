@@ -226,6 +226,21 @@ def _composed_expert(gate_up, down, w1, w3, w2, x):
     return down(w2, gate_up(w1, w3, x))
 
 
+def gguf_experts_kernel(activations: str) -> GGUFExpertKernel:
+    """The expert kernel for a file whose expert types vary by layer (Q4_K_M keeps some ffn_down in
+    Q6_K): each (w1/w3 type, w2 type) pair's kernel is chosen once, then found by the matrices' types."""
+    check_activations_mode(activations)
+    chosen: dict[tuple, GGUFExpertKernel] = {}
+
+    def run(w1: GGUFMatrix, w3: GGUFMatrix, w2: GGUFMatrix, x: np.ndarray) -> np.ndarray:
+        pair = (w1.qtype, w2.qtype)
+        if pair not in chosen:
+            chosen[pair] = gguf_expert_kernel(*pair, activations)
+        return chosen[pair](w1, w3, w2, x)
+
+    return run
+
+
 # --- checked entry points, for callers outside the hot path (tests, benchmarks) ---
 
 

@@ -153,6 +153,11 @@ class GGUFModel:
             views[part] = (extent.qtype, extent.shape, self.reader.data[extent.offset:extent.offset + extent.nbytes])
         return views
 
+    def float_dtype(self) -> str:
+        """The compute dtype 'auto' means for this file: the embedding table's, when it is a float type."""
+        stored = self.tensors["token_embd.weight"].tensor_type
+        return {QType.F32: "float32", QType.BF16: "bfloat16"}.get(stored, "float16")
+
     def tokenizer(self) -> Tokenizer:
         """The sentencepiece tokenizer rebuilt from the file's tokenizer.ggml.* metadata."""
         return Tokenizer.from_model_bytes(sentencepiece_model(Metadata(self.reader, self.path)), str(self.path))
@@ -212,6 +217,17 @@ def _expert_extents(path: Path, tensors: dict, args: ModelArgs, layer: int, layo
                 extents[(layer, expert, part)] = Extent(tensor.tensor_type, (rows, cols),
                                                         int(tensor.data_offset), tensor.n_bytes)
     return extents
+
+
+def is_gguf(path: Path) -> bool:
+    """Whether path is a regular file that starts with GGUF's magic."""
+    if not path.is_file():  # never open a FIFO or a device: an open could block
+        return False
+    try:
+        with open(path, "rb") as file:
+            return file.read(4) == b"GGUF"
+    except OSError:
+        return False
 
 
 def verify_gguf(path: str | Path) -> str:
