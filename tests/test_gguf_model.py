@@ -103,3 +103,15 @@ def test_a_file_that_is_not_a_gguf_is_one_line(tmp_path):
     bogus.write_bytes(b"not a gguf at all")
     with pytest.raises(MixtralOffloadError, match="not a GGUF"):
         load(bogus)
+
+
+def test_convert_takes_a_gguf(files, tmp_path):
+    """convert: the GGUF's dequantized weights through this runtime's quantizer; int8 keeps them close."""
+    path = files("q8_0", "merged", gguf.GGMLQuantizationType.Q4_K)
+    out = tmp_path / "from-gguf"
+    result = CliRunner().invoke(cli, ["convert", str(path), str(out), "--bits", "8", "-q"])
+    assert result.exit_code == 0, result.output
+    exact = dict(dtype="float32", activations="float32", dense="stored")
+    converted, original = load(out, **exact), load(path, **exact)
+    assert converted.tokenizer.encode("Hello there") == original.tokenizer.encode("Hello there")
+    assert relative(converted.logits(IDS), original.logits(IDS)) < 0.02

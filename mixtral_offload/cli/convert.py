@@ -7,7 +7,7 @@ from ..config import format_size
 
 
 @click.command()
-@click.argument("hf_dir", type=click.Path(file_okay=False))
+@click.argument("hf_dir", metavar="HF_DIR_OR_GGUF", type=click.Path())
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--bits", type=click.Choice(["4", "8"]), default="4", show_default=True, help="Bits per expert weight.")
 @click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True,
@@ -17,13 +17,15 @@ from ..config import format_size
 @click.option("--no-refine", is_flag=True, help="Plain round-to-nearest; skip the error-minimizing refinement.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def convert(hf_dir, out_dir, bits, group_size, dense_dtype, no_refine, quiet):
-    """Convert an HF Mixtral checkpoint into a model directory with a quantized expert pool.
+    """Convert an HF Mixtral checkpoint, or a llama.cpp GGUF, into a model directory with a quantized expert pool.
 
-    Streams one tensor at a time and writes atomically: OUT_DIR appears only when complete.
+    Streams one tensor at a time and writes atomically: OUT_DIR appears only when complete. A GGUF is
+    dequantized, then quantized by this runtime's quantizer (for its formats, or a GPU tier).
 
     \b
-    Example:
+    Examples:
       mixtral-offload convert ./Mixtral-8x7B-Instruct-v0.1 ./mixtral-int4 --bits 4 --group-size 64
+      mixtral-offload convert ./mixtral-8x7b-instruct.Q4_K_M.gguf ./mixtral-int4
     """
     from ..offload.store.convert import convert as run_convert
 

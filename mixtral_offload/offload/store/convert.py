@@ -27,6 +27,7 @@ from ...errors import MixtralOffloadError
 from ...quant.format import QuantizedMatrix, QuantSpec
 from ...quant.quantize import quantize
 from .checkpoint import EXPERT_PARTS, Checkpoint, dense_shapes, expert_shapes, parse_dtype
+from .gguf import GGUFModel, is_gguf
 from ...cache.source import PAGE
 from ..mapped_embedding import SAFETENSORS_DTYPES
 from .pool import (CONFIG_NAME, DENSE_NAME, FORMAT_VERSION, MANIFEST_NAME, POOL_NAME, TOKENIZER_NAME,
@@ -197,7 +198,10 @@ class ConvertResult:
 
 def convert(hf_dir: str | Path, out_dir: str | Path, *, bits: int = 4, group_size: int = 64,
             dense_dtype: str = "float16", refine: bool = True, progress: bool | None = None) -> ConvertResult:
-    """Convert an HF Mixtral checkpoint directory into a pool model directory at out_dir."""
+    """Convert an HF Mixtral checkpoint directory, or a GGUF file, into a pool model directory at out_dir.
+
+    A GGUF's blocks are dequantized by gguf.quants, then quantized by this runtime's quantizer.
+    """
     import time
 
     start = time.perf_counter()
@@ -206,7 +210,7 @@ def convert(hf_dir: str | Path, out_dir: str | Path, *, bits: int = 4, group_siz
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise MixtralOffloadError(f"{out_dir}: already exists; remove it or choose another output directory")
-    checkpoint = Checkpoint.open(hf_dir)
+    checkpoint = GGUFModel.open(hf_dir) if is_gguf(Path(hf_dir)) else Checkpoint.open(hf_dir)
     args = checkpoint.args
     for shape in expert_shapes(args).values():
         spec.check_shape(shape)
@@ -231,7 +235,9 @@ def convert(hf_dir: str | Path, out_dir: str | Path, *, bits: int = 4, group_siz
         finally:
             writer.close()
         write_bytes_synced(tmp / MANIFEST_NAME, manifest)
-        if checkpoint.tokenizer_path.is_file():
+        if isinstance(checkpoint, GGUFModel):
+            write_bytes_synced(tmp / TOKENIZER_NAME, checkpoint.tokenizer_model())
+        elif checkpoint.tokenizer_path.is_file():
             shutil.copyfile(checkpoint.tokenizer_path, tmp / TOKENIZER_NAME)
             fsync_file(tmp / TOKENIZER_NAME)
         config = model_config(args, spec, dense_dtype, "rtn+als" if refine else "rtn", refine)
