@@ -154,7 +154,7 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--warmup-tokens", type=int, default=4)
     parser.add_argument("--decode-tokens", type=int, default=32)
-    parser.add_argument("--read-gib", type=float, default=4.0, help="bytes of the pool each read-rate figure reads")
+    parser.add_argument("--read-gib", type=float, default=2.0, help="bytes of the pool each read-rate figure reads")
     parser.add_argument("--dir", type=Path, default=Path(os.environ.get("BENCH_DIR", "/tmp/mixtral-offload-bench")))
     parser.add_argument("--json", type=Path, default=None, help="write every figure here")
     parser.add_argument("--delete", action="store_true", help="delete the pool and the GGUF afterwards")

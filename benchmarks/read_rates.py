@@ -1,6 +1,6 @@
 """Read rates of an expert pool from a cold page cache: dd (buffered, O_DIRECT) and cache/reader.py's BlockReader.
 
-    python benchmarks/read_rates.py MODEL_DIR [--gib 4] [--in-flight 1 2 4]
+    python benchmarks/read_rates.py MODEL_DIR [--gib 2] [--in-flight 1 2 4]
 
 BlockReader reads whole experts one after another into one page-aligned buffer, each expert as
 three extents (w1, w3, w2 with their scales), w1 first, pieces of 4 MiB with several in flight.
@@ -90,7 +90,7 @@ def format_rates(rates: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model_dir", type=Path)
-    parser.add_argument("--gib", type=float, default=4.0, help="bytes of the pool each measurement reads")
+    parser.add_argument("--gib", type=float, default=2.0, help="bytes of the pool each measurement reads")
     parser.add_argument("--in-flight", type=int, nargs="+", default=[1, 2, 4])
     args = parser.parse_args()
     rates = measure(args.model_dir, int(args.gib * 2**30), args.in_flight)
