@@ -108,9 +108,9 @@ def speed_runs(model: Path, q4: Path, limits: list[str], repeats: int, token_arg
                                                                *token_args), gguf_files)]
         for repeat in range(repeats):
             for name, argv, files in systems:
-                runs.append({"limit": text, "repeat": repeat + 1, **limited_run(name, argv, limit, files)})
+                runs.append({"limit_name": text, "repeat": repeat + 1, **limited_run(name, argv, limit, files)})
         argv = python_child("width_child.py", "llamacpp", str(q4), *token_args)
-        runs.append({"limit": text, "repeat": 1, **limited_run("llama.cpp default", argv, limit, gguf_files)})
+        runs.append({"limit_name": text, "repeat": 1, **limited_run("llama.cpp default", argv, limit, gguf_files)})
     return runs
 
 
@@ -118,11 +118,19 @@ def gb(value) -> str:
     return "-" if value is None else f"{value / 1e9:.2f}"
 
 
+def demand_floor(r: dict) -> float | None:
+    """Bytes per token of the experts a token needed that were not resident before it: its misses and the
+    prefetches it used (a prefetch hit counts as a hit, but its read was needed), times the expert's bytes."""
+    if r.get("expert_bytes") is None:
+        return None
+    return (r["misses_per_token"] + r["prefetch_hits_per_token"]) * r["expert_bytes"]
+
+
 def format_run(r: dict) -> str:
     if "decode_tps" not in r:
         why = "OOM-killed" if r.get("oom_killed") else r.get("error", "failed")
         return f"{r['name']}: {why} (cgroup peak {r.get('max_usage', 0) / 2**20:.0f} MiB)"
-    hit = f", hit rate {r['hit_rate']:.2f}, demand-miss floor {gb(r['demand_floor_bytes_per_token'])} GB/token" \
+    hit = f", hit rate {r['hit_rate']:.2f}, demand-miss floor {gb(demand_floor(r))} GB/token" \
         if r.get("hit_rate") is not None else ""
     return (f"{r['name']}: {r['decode_tps']:.3f} tok/s, read {gb(r['disk_bytes_per_token'])} GB/token{hit}, "
             f"cgroup peak {r['max_usage'] / 2**20:.0f} MiB")
@@ -137,11 +145,11 @@ def table(runs: list[dict]) -> str:
         peak = f"{r.get('max_usage', 0) / 2**20:.0f}"
         if "decode_tps" not in r:
             why = "OOM-killed" if r.get("oom_killed") else r.get("error", "failed")[:80]
-            out.append(f"| {r['limit']} | {r['name']} | {r['repeat']} | {why} | - | - | - | - | {peak} | {load} |")
+            out.append(f"| {r['limit_name']} | {r['name']} | {r['repeat']} | {why} | - | - | - | - | {peak} | {load} |")
             continue
         hit = "-" if r.get("hit_rate") is None else f"{r['hit_rate']:.2f}"
-        out.append(f"| {r['limit']} | {r['name']} | {r['repeat']} | {r['decode_tps']:.3f} | "
-                   f"{gb(r['disk_bytes_per_token'])} | {gb(r.get('demand_floor_bytes_per_token'))} | {hit} | "
+        out.append(f"| {r['limit_name']} | {r['name']} | {r['repeat']} | {r['decode_tps']:.3f} | "
+                   f"{gb(r['disk_bytes_per_token'])} | {gb(demand_floor(r))} | {hit} | "
                    f"{gb(r.get('cache_bytes_per_token'))} | {peak} | {load} |")
     return "\n".join(out)
 
@@ -158,7 +166,12 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=Path(os.environ.get("BENCH_DIR", "/tmp/mixtral-offload-bench")))
     parser.add_argument("--json", type=Path, default=None, help="write every figure here")
     parser.add_argument("--delete", action="store_true", help="delete the pool and the GGUF afterwards")
+    parser.add_argument("--tables", type=Path, default=None, help="only print the tables of a saved --json file")
     args = parser.parse_args()
+    if args.tables:
+        saved = json.loads(args.tables.read_text())
+        print(format_rates(saved["read_rates"]) + "\n\n" + table(saved["runs"]))
+        return
     if not cgroup_limit.available():
         sys.exit("no writable cgroup v1 memory controller (run as root on a v1 host)")
     args.dir.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ The sequence is BOS then distinct seeded token ids (greedy decoding of random we
 token, so every step would route to the same experts). The prompt is one forward pass; the next
 warmup tokens are fed one at a time untimed, then decode-tokens one at a time timed. Bytes read per
 token: this process's /proc/self/io read_bytes over the timed steps. For this runtime under a budget:
-hit rate, misses, bytes the cache read and the demand-miss floor (misses x expert block bytes) per token.
+hit rate (prefetch hits count as hits), misses, prefetches used and wasted, bytes the cache read, per token.
 --exact: the float32 paths (runtime: --activations float32 --dense stored, dtype float32; llama.cpp:
 F32 KV cache); --logits: print the logits after the prompt and after each warm-up token instead.
 """
@@ -147,8 +147,6 @@ def main() -> None:
               "disk_bytes_per_token": (disk_read_bytes() - disk_before) / steps}
     result.update(per_token(system.counters(), counters_before, steps))
     result.update(system.describe())
-    if "expert_bytes" in result:
-        result["demand_floor_bytes_per_token"] = result["misses_per_token"] * result["expert_bytes"]
     print(json.dumps(result))
 
 
