@@ -86,7 +86,7 @@ class TransformersSystem:
 
 
 class LlamaCppSystem:
-    def __init__(self, args):
+    def __init__(self, args, **llama_kwargs):
         import llama_cpp
 
         self.baseline = rss()
@@ -104,7 +104,7 @@ class LlamaCppSystem:
             llama_module.llama_cpp.llama_model_default_params = params
         self.llm = llama_cpp.Llama(model_path=args.model, n_ctx=512, n_batch=512, n_ubatch=512, n_threads=THREADS,
                                    n_threads_batch=THREADS, use_mmap=not args.no_mmap, use_mlock=False,
-                                   verbose=False)
+                                   verbose=False, **llama_kwargs)
         self.np = __import__("numpy")
 
     def run(self, ids: list[int], new_tokens: int):

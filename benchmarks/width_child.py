@@ -1,0 +1,154 @@
+"""One system fed a fixed token sequence (teacher-forced), in this process; prints one JSON line. Run by mixtral_width.py.
+
+    python benchmarks/width_child.py runtime MODEL_DIR [--budget 3GiB] [--exact]
+    python benchmarks/width_child.py llamacpp MODEL.gguf [--no-repack] [--exact]
+    ... [--prompt-tokens 16] [--warmup-tokens 4] [--decode-tokens 32] [--logits]
+
+The sequence is BOS then distinct seeded token ids (greedy decoding of random weights repeats one
+token, so every step would route to the same experts). The prompt is one forward pass; the next
+warmup tokens are fed one at a time untimed, then decode-tokens one at a time timed. Bytes read per
+token: this process's /proc/self/io read_bytes over the timed steps. For this runtime under a budget:
+hit rate (prefetch hits count as hits), misses, prefetches used and wasted, bytes the cache read, per token.
+--exact: the float32 paths (runtime: --activations float32 --dense stored, dtype float32; llama.cpp:
+F32 KV cache); --logits: print the logits after the prompt and after each warm-up token instead.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import THREADS  # noqa: E402
+from peer_child import LlamaCppSystem, disk_read_bytes, rss  # noqa: E402
+
+SEED = 4321
+GGML_TYPE_F32 = 0
+
+
+def forced_ids(vocab: int, count: int) -> list[int]:
+    """BOS, then count - 1 distinct seeded ordinary token ids."""
+    rng = np.random.default_rng(SEED)
+    return [1] + rng.choice(np.arange(3, vocab), count - 1, replace=False).tolist()
+
+
+class Runtime:
+    """This runtime, loaded as a user would (--memory-budget), or on its exact float32 paths."""
+
+    def __init__(self, args):
+        import numba
+        import torch
+
+        from mixtral_offload.offload.loading import load
+
+        numba.set_num_threads(min(THREADS, numba.config.NUMBA_NUM_THREADS))
+        torch.set_num_threads(THREADS)
+        self.torch = torch
+        self.baseline = rss()
+        exact = dict(dtype="float32", activations="float32", dense="stored") if args.exact else {}
+        self.runtime = load(args.model, max_context=args.context, memory_budget=args.budget, **exact)
+        self.stats = self.runtime.cache_stats()
+        self.vocab = self.runtime.args.vocab_size
+
+    def feed(self, ids: list[int]) -> np.ndarray:
+        """Logits [V] after feeding ids (one forward pass) after what was fed before."""
+        return self.runtime._forward(ids, last_only=True)[-1].float().numpy()
+
+    def counters(self) -> dict:
+        if self.stats is None:
+            return {}
+        s = self.stats
+        return {"hits": sum(s.hits), "misses": sum(s.misses), "bytes_read": s.bytes_read,
+                "prefetches": s.prefetches, "prefetch_hits": s.prefetch_hits, "prefetch_waste": s.prefetch_waste}
+
+    def describe(self) -> dict:
+        experts = self.runtime.model.experts
+        if self.stats is None:
+            return {}
+        return {"expert_bytes": experts.pool.block_nbytes, "slots": len(experts.free) + len(experts.slot_of),
+                "total_experts": self.runtime.args.num_hidden_layers * self.runtime.args.num_local_experts}
+
+
+class LlamaCpp:
+    """llama.cpp through llama-cpp-python (peer_child's loader), fed with llama_eval."""
+
+    def __init__(self, args):
+        exact = dict(type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, flash_attn=False) if args.exact else {}
+        self.system = LlamaCppSystem(args, **exact)
+        self.baseline, self.llm = self.system.baseline, self.system.llm
+        self.vocab = self.llm.n_vocab()
+        self.llm.reset()
+
+    def feed(self, ids: list[int]) -> np.ndarray:
+        self.llm.eval(ids)
+        return np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.vocab,)).copy()
+
+    def counters(self) -> dict:
+        return {}
+
+    def describe(self) -> dict:
+        return {}
+
+
+def per_token(after: dict, before: dict, steps: int) -> dict:
+    """Cache counters over the timed steps, per token, and the demand-miss floor beside the bytes read."""
+    if not after:
+        return {}
+    d = {k: after[k] - before[k] for k in after}
+    return {"hit_rate": d["hits"] / max(1, d["hits"] + d["misses"]), "misses_per_token": d["misses"] / steps,
+            "cache_bytes_per_token": d["bytes_read"] / steps, "prefetches_per_token": d["prefetches"] / steps,
+            "prefetch_hits_per_token": d["prefetch_hits"] / steps,
+            "prefetch_waste_per_token": d["prefetch_waste"] / steps}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("system", choices=["runtime", "llamacpp"])
+    parser.add_argument("model")
+    parser.add_argument("--budget", default=None)
+    parser.add_argument("--no-repack", action="store_true")
+    parser.add_argument("--no-mmap", action="store_true")
+    parser.add_argument("--exact", action="store_true")
+    parser.add_argument("--logits", action="store_true")
+    parser.add_argument("--prompt-tokens", type=int, default=16)
+    parser.add_argument("--warmup-tokens", type=int, default=4)
+    parser.add_argument("--decode-tokens", type=int, default=32)
+    args = parser.parse_args()
+    args.context = args.prompt_tokens + args.warmup_tokens + args.decode_tokens + 8
+
+    start = time.perf_counter()
+    system = (Runtime if args.system == "runtime" else LlamaCpp)(args)
+    load_seconds = time.perf_counter() - start
+    ids = forced_ids(system.vocab, args.prompt_tokens + args.warmup_tokens + args.decode_tokens)
+    prompt, warmup = ids[:args.prompt_tokens], ids[args.prompt_tokens:args.prompt_tokens + args.warmup_tokens]
+    start = time.perf_counter()
+    logits = [system.feed(prompt)]
+    prompt_seconds = time.perf_counter() - start
+    logits += [system.feed([token]) for token in warmup]
+    if args.logits:
+        print(json.dumps({"logits": np.stack(logits).tolist()}))
+        return
+    timed = ids[args.prompt_tokens + args.warmup_tokens:]
+    disk_before, counters_before = disk_read_bytes(), system.counters()
+    step_seconds = []
+    for token in timed:
+        start = time.perf_counter()
+        system.feed([token])
+        step_seconds.append(time.perf_counter() - start)
+    seconds = sum(step_seconds)
+    steps = len(timed)
+    result = {"decode_tps": steps / seconds, "decode_tokens": steps, "prompt_tokens": args.prompt_tokens,
+              "warmup_tokens": args.warmup_tokens, "load_seconds": load_seconds, "prompt_seconds": prompt_seconds,
+              "slowest_step_seconds": max(step_seconds), "baseline_rss": system.baseline, "peak_rss_hwm": rss("VmHWM"),
+              "disk_bytes_per_token": (disk_read_bytes() - disk_before) / steps}
+    result.update(per_token(system.counters(), counters_before, steps))
+    result.update(system.describe())
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
