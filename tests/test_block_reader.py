@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from mixtral_offload.cache import reader as reader_module
-from mixtral_offload.cache.reader import PAGE, BlockReader, Extent, aligned_buffer
+from mixtral_offload.cache.reader import BlockReader, aligned_buffer
+from mixtral_offload.cache.source import PAGE, Extent
 from mixtral_offload.errors import MixtralOffloadError
 
 FILE_BYTES = 5 * PAGE * 8 + 123  # not a whole number of pages

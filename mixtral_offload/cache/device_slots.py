@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import MixtralOffloadError
-from .expert_cache import read_extents, run_on_mapping
+from .expert_cache import run_on_mapping
+from .reader import BlockReader
 from .source import MATRICES, BlockSource, Key, page_rounded
 
 class DeviceSlots:
@@ -43,6 +44,7 @@ class DeviceSlots:
         for _ in range(staging_buffers):
             self.staging.put(torch.empty(page_rounded(source.block_nbytes), dtype=torch.uint8,
                                          pin_memory=self.is_cuda))
+        self.reader = BlockReader(source.fileno())
         self.allocate(num_slots)
 
     def allocate(self, num_slots: int) -> None:
@@ -54,7 +56,7 @@ class DeviceSlots:
         """Read one expert's block and store it into a device slot (see `store`); bytes read."""
         stage = self.staging.get()
         try:
-            got = read_extents(self.source, key, stage.numpy())
+            got = self.reader.read(self.source.extents(key), stage.numpy())
             if self.is_cuda:  # the slot's previous expert may still be queued for compute on the default stream
                 self.stream.wait_stream(torch.cuda.default_stream(self.device))
             with torch.cuda.stream(self.stream) if self.is_cuda else contextlib.nullcontext():
@@ -87,6 +89,10 @@ class DeviceSlots:
     def run_direct(self, key: Key, x: torch.Tensor) -> torch.Tensor:
         """The expert computed by the CPU kernels where it lies in the pool (no copy to the device)."""
         return run_on_mapping(self.source, self.cpu_kernel, key, x)
+
+    def close(self) -> None:
+        """Stop the block reader."""
+        self.reader.close()
 
 
 NF4_BLOCKSIZE = 64

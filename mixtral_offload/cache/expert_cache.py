@@ -6,7 +6,6 @@ model classes and no file formats.
 """
 from __future__ import annotations
 
-import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -19,24 +18,16 @@ import torch
 from ..errors import MixtralOffloadError
 from ..profiling import NULL_PROFILER
 from .policies import EvictionPolicy, make_policy
+from .reader import BlockReader, aligned_buffer
 from .simulate import PREFETCH_MIN_PROB, partition_capacities
 from .source import BlockSource, Key, page_rounded
 from .traces import TraceRecorder
 
 
 def read_extents(source: BlockSource, key: Key, buffer: np.ndarray) -> int:
-    """Read expert `key`'s extents into buffer (uint8, >= block_nbytes) with preadv; bytes read."""
-    view = memoryview(buffer).cast("B")
-    done = 0
-    for extent in source.extents(key):
-        got = 0
-        while got < extent.nbytes:  # one preadv per extent; loops only on a short read
-            n = os.preadv(source.fileno(), [view[extent.dest + got:extent.dest + extent.nbytes]], extent.offset + got)
-            if n == 0:
-                raise MixtralOffloadError(f"{source.name}: unexpected end of file in block {key}")
-            got += n
-        done += got
-    return done
+    """Read expert `key` into buffer once, outside a slot store (warm-up, tests); bytes read."""
+    with BlockReader(source.fileno(), in_flight=1, direct=False) as reader:
+        return reader.read(source.extents(key), buffer)
 
 
 class SlotStore(Protocol):
@@ -59,6 +50,10 @@ class SlotStore(Protocol):
         """Expert `key` computed where it lies in the file mapping."""
         ...
 
+    def close(self) -> None:
+        """Stop its readers."""
+        ...
+
 
 class HostSlots:
     """Slots in RAM (numpy, page-rounded, allocated once); experts computed by the CPU kernels.
@@ -75,12 +70,14 @@ class HostSlots:
         self.source, self.kernel, self.num_slots = source, kernel, num_slots
         self.decode_threads = decode_threads or max(1, numba.get_num_threads() - 1)
         self.slot_bytes = page_rounded(source.block_nbytes)
-        self.buffers = np.empty((num_slots, self.slot_bytes), dtype=np.uint8)  # pages touched on first fill
+        # page-aligned, so reads go around the page cache (O_DIRECT); pages touched on first fill
+        self.buffers = aligned_buffer(num_slots * self.slot_bytes).reshape(num_slots, self.slot_bytes)
+        self.reader = BlockReader(source.fileno())
         self.views: list[tuple | None] = [None] * num_slots  # the kernel inputs of each slot's expert
 
     def fill(self, slot: int, key: Key) -> int:
         """Read one expert into a slot; bytes read."""
-        got = read_extents(self.source, key, self.buffers[slot])
+        got = self.reader.read(self.source.extents(key), self.buffers[slot])
         self.views[slot] = self.source.views(self.buffers[slot], key)
         return got
 
@@ -91,6 +88,10 @@ class HostSlots:
     def run_direct(self, key: Key, x: torch.Tensor) -> torch.Tensor:
         """The expert computed where it lies in the mapped file."""
         return run_on_mapping(self.source, self.kernel, key, x)
+
+    def close(self) -> None:
+        """Stop the block reader."""
+        self.reader.close()
 
 
 def run_on_mapping(source: BlockSource, kernel, key: Key, x: torch.Tensor) -> torch.Tensor:
@@ -356,3 +357,4 @@ class ExpertCache:
             future.result()
         self.loading.clear()
         self.reader.shutdown(wait=True)
+        self.store.close()
