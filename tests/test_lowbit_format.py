@@ -53,3 +53,10 @@ def test_quantized_sizes_and_torch_dequantize(bits):
     assert qm.codes.shape == (6, 320 * bits // 8)
     assert qm.nbytes == packed_nbytes(qm.spec, qm.shape) == 6 * (320 * bits // 8 + 2 * 2 * 10)
     np.testing.assert_array_equal(dequantize_torch(qm).numpy(), dequantize(qm))
+
+
+def test_cli_offers_every_supported_width():
+    from mixtral_offload.cli.convert import BITS
+    from mixtral_offload.quant.format import SUPPORTED_BITS
+
+    assert tuple(int(b) for b in BITS) == SUPPORTED_BITS

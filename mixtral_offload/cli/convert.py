@@ -5,11 +5,14 @@ import click
 
 from ..config import format_size
 
+BITS = ("2", "3", "4", "8")  # quant.format.SUPPORTED_BITS, spelled out so --help imports no kernels
+
 
 @click.command()
 @click.argument("hf_dir", type=click.Path(file_okay=False))
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--bits", type=click.Choice(["4", "8"]), default="4", show_default=True, help="Bits per expert weight.")
+@click.option("--bits", type=click.Choice(BITS), default="4", show_default=True,
+              help="Bits per expert weight (2 and 3: smaller and less faithful, see docs/quant.md).")
 @click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True,
               help="Input columns sharing one scale (and zero).")
 @click.option("--dense-dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16",
@@ -60,7 +63,7 @@ def verify(model_dir, quiet):
 @click.option("--heads", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--kv-heads", type=click.IntRange(1), default=8, show_default=True)
 @click.option("--vocab", type=click.IntRange(1), default=32000, show_default=True)
-@click.option("--bits", type=click.Choice(["4", "8"]), default="4", show_default=True)
+@click.option("--bits", type=click.Choice(BITS), default="4", show_default=True)
 @click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True)
 @click.option("--tokenizer", type=click.Path(dir_okay=False, exists=True), default=None,
               help="A tokenizer.model to copy in (needed to generate from the result).")

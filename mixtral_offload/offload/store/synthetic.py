@@ -79,12 +79,14 @@ def _fill_random_block(views: dict[tuple[str, str], np.ndarray], spec: QuantSpec
             flat[...] = raw
             if spec.bits == 8:  # symmetric int8 codes lie in -127..127
                 np.maximum(view, -127, out=view)
-        elif name == "scales":
-            code_std = np.sqrt((16**2 - 1) / 12) if spec.bits == 4 else np.sqrt((255**2 - 1) / 12)
+        elif name == "scales":  # random bits: codes uniform over 2^bits levels (int8: 255 levels)
+            levels = 255 if spec.bits == 8 else 2**spec.bits
+            code_std = np.sqrt((levels**2 - 1) / 12)
             jitter = rng.uniform(0.8, 1.2, size=view.shape)
             view[...] = (WEIGHT_STD / code_std * jitter).astype(np.float16)
-        else:  # zeros of int4: the middle of 0..15, a little off the integers
-            view[...] = rng.uniform(7.0, 8.0, size=view.shape).astype(np.float16)
+        else:  # zeros: the middle of 0..2^bits - 1, a little off the integers
+            middle = (2**spec.bits - 1) / 2
+            view[...] = rng.uniform(middle - 0.5, middle + 0.5, size=view.shape).astype(np.float16)
 
 
 def _random_dense(args: ModelArgs, dtype: torch.dtype, seed: int) -> Iterator[tuple[str, torch.Tensor]]:
