@@ -23,8 +23,9 @@ def layout_by_hand(q: np.ndarray, bits: int, group_size: int) -> np.ndarray:
     for c0 in range(0, cols // 4, 64):
         n = min(64, cols // 4 - c0)
         out += list(planes[c0:c0 + n])
-        for i in range(n // 2):
-            out.append(sum(int(high[p, c0 + i]) << p | int(high[p, c0 + n // 2 + i]) << (4 + p) for p in range(4)))
+        for p in range(4):
+            mask = sum(int(high[p, c0 + i]) << i for i in range(n))  # bit i: position i of plane p
+            out += list(mask.to_bytes(n // 8, "little"))
     return np.array(out, np.uint8)
 
 
@@ -34,7 +35,7 @@ def layout_by_hand(q: np.ndarray, bits: int, group_size: int) -> np.ndarray:
 def test_pack_matches_the_layout_and_unpacks(bits, group_size, groups):
     cols = group_size * groups
     q = np.random.default_rng(cols + bits).integers(0, 2**bits, (3, cols)).astype(np.uint8)
-    packed = np.zeros((3, cols * bits // 8), np.uint8)
+    packed = np.full((3, cols * bits // 8), 0xA5, np.uint8)  # the packer must overwrite every byte
     for r in range(3):
         pack_row(q[r].astype(np.float32), bits, group_size, packed[r])
         np.testing.assert_array_equal(packed[r], layout_by_hand(q[r], bits, group_size))

@@ -14,7 +14,7 @@ the per-lane scale s_g dx_g. Groups of 32/64/128 map to 4/8/16 int32 lanes of a 
 
 int2 and int3 (quant/lowbit.py) are the same with four 2-bit planes per byte: a block of 64 bytes holds
 256 weights, xq is permuted to [plane 0 | 1 | 2 | 3] x 64 B, and each plane is a shift and a mask
-then one `vpdpbusd`. int3 adds 32 high-bit bytes per block, ORed into each plane as 4 where set.
+then one `vpdpbusd`. int3 adds a 64-bit mask per plane and block, adding 4 to the plane's bytes under it.
 
 int8 weights (symmetric, q in -127..127) are read by VNNI as u = q + 128 (an XOR of the sign bit),
 and a block of 64 takes sum u xq - 128 sum xq: two `vpdpbusd` on the same x, no zero points. x stays
@@ -251,8 +251,8 @@ class _Operands:
 def _decode_planes(builder, codes, code_at, codes_b, bits):
     """The <64 x i8> codes of each plane of the block at codes[code_at] (codes_b: its first 64 bytes).
 
-    int3: the 32 high-bit bytes after the planes, loaded twice side by side; bit p of the first copy
-    and bit 4 + p of the second are plane p's high bits (value 4), set with a masked or.
+    int3: after the planes, one 64-bit mask per plane; 4 is added to plane p's bytes under mask p
+    (on AVX-512BW a mask-register load and a masked add).
     """
     width = PLANE_BITS[bits]
     mask = ir.Constant(_V64I8, [(1 << width) - 1] * 64)
@@ -262,13 +262,11 @@ def _decode_planes(builder, codes, code_at, codes_b, bits):
         planes.append(builder.and_(shifted, mask) if p < PLANES[bits] - 1 else shifted)
     if bits != 3:
         return planes
-    high32 = _load(builder, codes, builder.add(code_at, ir.Constant(_I64, BLOCK_BYTES)), ir.VectorType(_I8, 32))
-    high = builder.shuffle_vector(high32, high32, ir.Constant(ir.VectorType(_I32, 64), list(range(32)) * 2))
-    four, zero = ir.Constant(_V64I8, [4] * 64), ir.Constant(_V64I8, None)
+    four = ir.Constant(_V64I8, [4] * 64)
     for p in range(PLANES[bits]):
-        bit = ir.Constant(_V64I8, [1 << p] * 32 + [1 << (4 + p)] * 32)
-        is_set = builder.icmp_unsigned("!=", builder.and_(high, bit), zero)
-        planes[p] = builder.or_(planes[p], builder.select(is_set, four, zero))
+        high = _load(builder, codes, builder.add(code_at, ir.Constant(_I64, BLOCK_BYTES + 8 * p)), _I64)
+        is_set = builder.bitcast(high, ir.VectorType(ir.IntType(1), 64))
+        planes[p] = builder.select(is_set, builder.add(planes[p], four), planes[p])
     return planes
 
 
@@ -279,6 +277,7 @@ def _emit_row_dots(builder, ops, bits, group_size, tokens, t0, code_off, scale_o
     / BLOCK_COLS[bits]. Each 64-byte block of codes is decoded once and used for every token.
     """
     block_cols = BLOCK_COLS[bits]
+    block_bytes = BLOCK_BYTES * bits // PLANE_BITS[bits]  # code bytes per block: int3 adds 32 of masks
     # int32 lane l of a block sums weights 4l..4l+3 of each plane's 64 bytes: of group (4l) // (G/planes)
     # (a byte holds elements j + p G/planes of its group); an int8 group of 128 spans 2 blocks
     group_bytes = group_size // PLANES[bits]
@@ -301,9 +300,9 @@ def _emit_row_dots(builder, ops, bits, group_size, tokens, t0, code_off, scale_o
     zero_terms = [cgutils.alloca_once_value(builder, ir.Constant(small, None)) for _ in range(tokens)]
 
     def block(b, chain):
-        code_at = builder.add(code_off, builder.mul(b, ir.Constant(_I64, BLOCK_BYTES * bits // PLANE_BITS[bits])))
-        if prefetch:
-            _prefetch_l2(builder, builder.gep(ops.codes, [builder.add(code_at, ir.Constant(_I64, prefetch))]))
+        code_at = builder.add(code_off, builder.mul(b, ir.Constant(_I64, block_bytes)))
+        for line in range(0, block_bytes if prefetch else 0, BLOCK_BYTES):  # int3's 96-byte blocks: 2 lines
+            _prefetch_l2(builder, builder.gep(ops.codes, [builder.add(code_at, ir.Constant(_I64, prefetch + line))]))
         codes_b = _load(builder, ops.codes, code_at, _V64I8)
         g0 = builder.udiv(builder.mul(b, ir.Constant(_I64, BLOCK_BYTES)), ir.Constant(_I64, group_bytes))
         s = _halfs_to_float(builder, ops.scales, builder.add(scale_off, g0), groups_per_block)

@@ -1,4 +1,4 @@
-"""int2 and int3 code packing: 2-bit planes (and a high-bit plane for int3) that SIMD kernels decode
+"""int2 and int3 code packing: 2-bit planes (and high-bit masks for int3) that SIMD kernels decode
 with one shift and one mask per plane, like int4's nibble split.
 
 Layout of one row (cols = C, group size G, L = C / 4 bytes of 2-bit planes):
@@ -8,13 +8,13 @@ Layout of one row (cols = C, group size G, L = C / 4 bytes of 2-bit planes):
               reads against a contiguous slice of x permuted to the same order (quant/int8x.py).
 int2          codes = the 2-bit planes, [rows, C / 4]: q = plane value, 0..3.
 int3          codes [rows, 3 C / 8]: the planes in chunks of 64 bytes (the last chunk of a row n = L mod
-              64 bytes when that is not 0), each chunk's n plane bytes followed by n / 2 high-bit bytes.
-              High byte i < n/2 holds in bit p the third bit (value 4) of the code at plane position i
-              of plane p, in bit 4 + p that of position i + n/2. q = plane value + 4 high bit, 0..7.
+              64 bytes when that is not 0), each chunk's n plane bytes followed by n / 2 bytes of high
+              bits: 4 masks of n / 8 bytes, mask p bit i (little-endian: bit i % 8 of byte i // 8) the
+              third bit (value 4) of the code at position i of plane p. q = plane value + 4 high bit, 0..7.
               (llama.cpp's Q3_K splits the same way: qs holds 2-bit planes, hmask the high bits.)
 
-A kernel decodes the high bits of a 64-byte chunk by loading its 32 high bytes twice side by side and
-testing bit p (first 32 positions) or 4 + p (last 32) per plane: no shuffles within a plane.
+A kernel reads a full chunk's mask p as one 64-bit mask register and adds 4 to plane p's bytes
+under it (AVX-512BW: kmovq, then a masked add): no shuffles, no per-plane shifts.
 """
 
 from __future__ import annotations
@@ -24,11 +24,6 @@ from numba import njit
 
 CHUNK_BYTES = 64  # plane bytes per int3 chunk: one 64-byte load, 256 codes in 4 planes
 PLANES = 4  # 2-bit planes per byte
-
-
-def row_code_bytes(bits: int, cols: int) -> int:
-    """Bytes of one row's codes in the int2/int3 layout."""
-    return cols * bits // 8
 
 
 # --- packing (the quantizer's last step, one row at a time) ---
@@ -56,13 +51,10 @@ def pack_row(q, bits, group_size, out):
         n = min(CHUNK_BYTES, plane_bytes - c0)
         base = c0 * 3 // 2  # each earlier chunk took 64 plane bytes and 32 high bytes
         out[base : base + n] = low[c0 : c0 + n]
-        half = n // 2
-        for i in range(half):
-            byte = np.uint8(0)
-            for p in range(PLANES):
-                byte |= high[p, c0 + i] << np.uint8(p)
-                byte |= high[p, c0 + half + i] << np.uint8(4 + p)
-            out[base + n + i] = byte
+        out[base + n : base + n + n // 2] = 0
+        for p in range(PLANES):
+            for i in range(n):
+                out[base + n + p * (n // 8) + i // 8] |= high[p, c0 + i] << np.uint8(i % 8)
 
 
 # --- decoding one group (the float kernels' path) ---
@@ -71,23 +63,30 @@ def pack_row(q, bits, group_size, out):
 @njit(cache=True, nogil=True)
 def decode_group(crow, bits, group_size, g, out, at):
     """out[at : at + G] = the codes (as float32) of group g of a row whose packed codes are crow."""
-    quarter = group_size // PLANES
-    plane_bytes = crow.shape[0] * 8 // (bits * PLANES)
+    quarter = np.uint64(group_size // PLANES)
+    pos0 = np.uint64(g) * quarter  # a group's plane bytes never straddle a chunk: G / 4 divides 64
+    first = np.uint64(at)
+    if bits == 2:
+        for p in range(PLANES):
+            shift = np.uint8(2 * p)
+            o = first + np.uint64(p) * quarter
+            for j in range(quarter):
+                u = np.uint64(j)
+                out[o + u] = np.float32((crow[pos0 + u] >> shift) & np.uint8(3))
+        return
+    plane_bytes = np.uint64(crow.shape[0] * 2 // 3)
+    c0 = pos0 - pos0 % np.uint64(CHUNK_BYTES)
+    n = min(np.uint64(CHUNK_BYTES), plane_bytes - c0)
+    base = c0 * np.uint64(3) // np.uint64(2)
+    i0 = pos0 - c0  # the group's first position in its chunk
     for p in range(PLANES):
+        shift = np.uint8(2 * p)
+        o = first + np.uint64(p) * quarter
+        mask = base + n + np.uint64(p) * (n // np.uint64(8))
         for j in range(quarter):
-            pos = g * quarter + j
-            if bits == 2:
-                code = (np.int64(crow[pos]) >> (2 * p)) & 3
-            else:
-                c0 = pos - pos % CHUNK_BYTES
-                n = min(CHUNK_BYTES, plane_bytes - c0)
-                base = c0 * 3 // 2
-                i = pos - c0
-                half = n // 2
-                shift = p + 4 if i >= half else p
-                code = ((np.int64(crow[base + i]) >> (2 * p)) & 3) | (
-                    ((np.int64(crow[base + n + i % half]) >> shift) & 1) << 2)
-            out[at + p * quarter + j] = np.float32(code)
+            i = i0 + np.uint64(j)
+            high = (crow[mask + i // np.uint64(8)] >> np.uint8(i % np.uint64(8))) & np.uint8(1)
+            out[o + np.uint64(j)] = np.float32(((crow[base + i] >> shift) & np.uint8(3)) | (high << np.uint8(2)))
 
 
 # --- the reference: plain array operations, for NumPy arrays and for torch tensors on any device ---
@@ -118,9 +117,9 @@ def _split_int3_chunks(codes, xp):
         n = min(CHUNK_BYTES, plane_bytes - c0)
         chunk = codes[:, c0 * 3 // 2 : c0 * 3 // 2 + n + n // 2]
         lows.append(chunk[:, :n])
-        h = chunk[:, n:]
-        highs.append(xp.stack([xp.concatenate([(h >> p) & 1, (h >> (4 + p)) & 1], axis=1) for p in range(PLANES)],
-                              axis=1))
+        masks = chunk[:, n:].reshape(codes.shape[0], PLANES, n // 8)
+        bits = xp.stack([(masks >> k) & 1 for k in range(8)], axis=3)  # [rows, 4, n/8, 8]: bit k of byte
+        highs.append(bits.reshape(codes.shape[0], PLANES, n))
     return xp.concatenate(lows, axis=1), xp.concatenate(highs, axis=2)
 
 
