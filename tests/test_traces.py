@@ -24,6 +24,7 @@ def test_save_load_roundtrip(tmp_path):
     np.testing.assert_array_equal(back.gates, trace.gates)
     np.testing.assert_array_equal(back.probs, trace.probs)
     np.testing.assert_array_equal(back.predicted_next, trace.predicted_next)
+    np.testing.assert_allclose(back.hint_probs, trace.hint_probs, atol=1e-3)  # stored as float16
     assert (back.num_layers, back.num_experts, back.top_k, back.source) == (4, 8, 2, trace.source)
 
 
@@ -31,7 +32,7 @@ def test_save_load_without_optional_arrays(tmp_path):
     trace = RoutingTrace(np.zeros((3, 2, 2), np.int16) + [0, 1], np.full((3, 2, 2), 0.5), 4, source="hand")
     trace.save(tmp_path / "t.npz")
     back = RoutingTrace.load(tmp_path / "t.npz")
-    assert back.probs is None and back.predicted_next is None and back.source == "hand"
+    assert back.probs is None and back.predicted_next is None and back.hint_probs is None and back.source == "hand"
 
 
 def test_load_rejects_other_files(tmp_path):
@@ -62,16 +63,20 @@ def test_recorder_prefill_then_decode():
         expected.append(ids)
         for layer in range(layers):
             probs = rng.dirichlet(np.ones(experts), size=tokens)
-            pred = ids[:, layer + 1] if layer + 1 < layers else None
-            rec.record(layer, ids[:, layer], np.full((tokens, k), 0.5), probs=probs, predicted_next=pred)
+            hint = None
+            if layer + 1 < layers:  # the next layer's experts lead the hint, first choice first
+                hint = np.full((tokens, experts), 0.01)
+                np.put_along_axis(hint, ids[:, layer + 1], [[0.6, 0.3]], axis=1)
+            rec.record(layer, ids[:, layer], np.full((tokens, k), 0.5), probs=probs, hint_probs=hint)
     trace = rec.to_trace()
     assert trace.expert_ids.shape == (8, layers, k)
     assert trace.gates.shape == (8, layers, k)
     assert trace.probs.shape == (8, layers, experts)
     assert trace.predicted_next.shape == (8, layers, k)
+    assert trace.hint_probs.shape == (8, layers, experts)
     np.testing.assert_array_equal(trace.expert_ids, np.concatenate(expected))
-    assert (trace.predicted_next[:, -1] == -1).all()
-    np.testing.assert_array_equal(trace.predicted_next[:, 0], trace.expert_ids[:, 1])
+    assert (trace.predicted_next[:, -1] == -1).all() and (trace.hint_probs[:, -1] == 0).all()
+    np.testing.assert_array_equal(trace.predicted_next[:, :-1], trace.expert_ids[:, 1:])
     assert trace.source == "unit"
 
 
@@ -83,11 +88,11 @@ def test_recorder_refuses_uneven_layers():
 
 
 def test_request_sequence_is_token_major_layer_minor():
-    ids = np.array([[[0, 1], [2, 3]], [[4, 5], [6, 7]]])
+    ids = np.array([[[0, 1], [3, 2]], [[4, 5], [7, 6]]])  # within a layer: ascending expert, as the runtime
     gates = np.array([[[0.9, 0.1], [0.8, 0.2]], [[0.7, 0.3], [0.6, 0.4]]])
     seq = request_sequence(RoutingTrace(ids, gates, 8))
     assert seq.keys == [(0, 0), (0, 1), (1, 2), (1, 3), (0, 4), (0, 5), (1, 6), (1, 7)]
-    np.testing.assert_allclose(seq.gate, gates.reshape(-1))
+    np.testing.assert_allclose(seq.gate, [0.9, 0.1, 0.2, 0.8, 0.7, 0.3, 0.4, 0.6])
     assert len(seq) == 8
 
 

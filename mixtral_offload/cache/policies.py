@@ -5,8 +5,9 @@ what happens; the policy only keeps scores and, when asked, names a victim. Keys
 hashable: (layer, expert) here. `now` is a logical clock that increases with each request; Belady's
 OPT needs it to be the request's position in the sequence it was given.
 
-Call order the cache follows: on a hit, on_access; on a miss, victim (when full), on_evict(victim),
-on_insert(key), on_access(key). A prefetch is an on_insert without an on_access.
+Call order the cache follows (ExpertCache.run, and the simulator after it), per layer: observe_hint
+for the next layer (when the model computes one), then on_access for each expert the layer uses, then
+for each miss victim (when full), on_evict(victim), on_insert(key); then the same for each prefetch.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from collections import OrderedDict
 from collections.abc import Callable, Collection, Hashable, Sequence
 from typing import Protocol
 
+import numpy as np
+
+from mixtral_offload.cache.routing_stats import HintCalibration, LayerRouting
 from mixtral_offload.errors import MixtralOffloadError
 
 Key = Hashable
@@ -36,6 +40,9 @@ class EvictionPolicy(Protocol):
 
     def victim(self, resident: Collection[Key], protected: Collection[Key], now: int) -> Key:
         """The resident key to evict; never one in `protected` (in use by the current layer)."""
+
+    def observe_hint(self, layer: int, probs: np.ndarray) -> None:
+        """Router probabilities [T, E] guessed for `layer`'s T tokens before that layer runs."""
 
 
 def _candidates(resident: Collection[Key], protected: Collection[Key]) -> list[Key]:
@@ -66,6 +73,9 @@ class LRU:
     def on_evict(self, key: Key) -> None:
         self._order.pop(key, None)
 
+    def observe_hint(self, layer: int, probs: np.ndarray) -> None:
+        pass
+
     def victim(self, resident: Collection[Key], protected: Collection[Key], now: int) -> Key:
         for key in self._order:
             if key in resident and key not in protected:
@@ -92,6 +102,9 @@ class LFU:
         self._last.setdefault(key, now)
 
     def on_evict(self, key: Key) -> None:
+        pass
+
+    def observe_hint(self, layer: int, probs: np.ndarray) -> None:
         pass
 
     def victim(self, resident: Collection[Key], protected: Collection[Key], now: int) -> Key:
@@ -133,6 +146,9 @@ class GateWeighted:
         self._last.setdefault(key, now)
 
     def on_evict(self, key: Key) -> None:
+        pass
+
+    def observe_hint(self, layer: int, probs: np.ndarray) -> None:
         pass
 
     def victim(self, resident: Collection[Key], protected: Collection[Key], now: int) -> Key:
@@ -191,6 +207,9 @@ class BeladyOPT:
     def on_evict(self, key: Key) -> None:
         self._next.pop(key, None)
 
+    def observe_hint(self, layer: int, probs: np.ndarray) -> None:
+        pass
+
     def victim(self, resident: Collection[Key], protected: Collection[Key], now: int) -> Key:
         nxt = self._next
         never = len(self._index.future)
@@ -199,11 +218,100 @@ class BeladyOPT:
         return min(k for k in candidates if nxt.get(k, never) == furthest)
 
 
+class Predictive:
+    """Evicts the expert whose next request is expected furthest away, counted in layer visits: the
+    layers until its layer runs again, plus, if it is not chosen there (1 - p), the wait for a later
+    pick (layers / q), weighed by `wait_weight`. p comes from the next layer's router probabilities
+    (the hint, calibrated against what the layer then chose) where the layer has one pending,
+    otherwise from the layer's learned token-to-token transitions and recent choices; q is how often
+    it was chosen lately. Keys must be (layer, expert). All experts of a pool cost the same to re-read,
+    so the cost does not change the order. Ties: the smaller key.
+    """
+
+    name = "predictive"
+
+    def __init__(self, wait_weight: float = 0.1) -> None:
+        if wait_weight < 0:
+            raise MixtralOffloadError(f"wait_weight must be >= 0, got {wait_weight}")
+        self._wait_weight = wait_weight  # < 1: the learned chances are weak, the layer distance is certain
+        self._layers: dict[int, LayerRouting] = {}
+        self._num_layers = 0
+        self._num_experts = 0
+        self._calibration = HintCalibration()
+        self._hints: dict[int, np.ndarray] = {}  # layer -> [E] chance each expert is chosen, not yet run
+        self._visit = -1  # the layer of the visit in progress
+        self._visit_hint: np.ndarray | None = None  # the hint that layer had, to calibrate against
+        self._last_now = -2
+        self._waits: dict[int, list[float]] = {}  # layer -> [E] (1 - p) / q, until the layer's state changes
+
+    def _layer(self, layer: int, num_experts: int) -> LayerRouting:
+        if num_experts > self._num_experts:
+            self._num_experts = num_experts
+            for state in self._layers.values():
+                state.grow(num_experts)
+            self._waits.clear()
+        if layer not in self._layers:
+            self._layers[layer] = LayerRouting(self._num_experts)
+            self._num_layers = max(self._num_layers, layer + 1)
+        return self._layers[layer]
+
+    def observe_hint(self, layer: int, probs: np.ndarray) -> None:
+        probs = np.asarray(probs, dtype=np.float64).reshape(-1, np.shape(probs)[-1])  # [T, E]
+        self._layer(layer, probs.shape[1])
+        self._hints[layer] = 1.0 - np.prod(1.0 - probs, axis=0)  # [E] chosen by any of the T tokens
+        self._waits.pop(layer, None)
+
+    def on_access(self, key: Key, gate: float, now: int) -> None:
+        layer, expert = key
+        state = self._layer(layer, expert + 1)
+        if layer != self._visit or now != self._last_now + 1:  # a new visit begins
+            if self._visit >= 0:
+                chosen = self._layers[self._visit].finish_visit()
+                if self._visit_hint is not None:
+                    self._calibration.observe(self._visit_hint, chosen)
+                self._waits.pop(self._visit, None)
+            self._visit, self._visit_hint = layer, self._hints.pop(layer, None)
+        state.current.append(expert)
+        self._waits.pop(layer, None)
+        self._last_now = now
+
+    def on_insert(self, key: Key, now: int) -> None:
+        self._layer(key[0], key[1] + 1)
+
+    def on_evict(self, key: Key) -> None:
+        pass
+
+    def _wait_beyond_next_visit(self, layer: int) -> list[float]:
+        """[E] expected visits of `layer` after its next one until each expert is chosen, / layers."""
+        waits = self._waits.get(layer)
+        if waits is None:
+            state = self._layers[layer]
+            hint = self._hints.get(layer)
+            p = state.chance() if hint is None else self._calibration.chance(hint)
+            waits = self._waits[layer] = ((1.0 - p) / state.fresh_chance()).tolist()
+        return waits
+
+    def victim(self, resident: Collection[Key], protected: Collection[Key], now: int) -> Key:
+        L = self._num_layers
+        scale = self._wait_weight * L
+        best, best_wait = None, -1.0
+        for key in _candidates(resident, protected):
+            layer, expert = key
+            if layer not in self._layers:  # never seen: nothing says it will be needed
+                return key
+            ahead = (layer - self._visit) % L or L
+            wait = ahead + scale * self._wait_beyond_next_visit(layer)[expert]
+            if wait > best_wait or (wait == best_wait and key < best):
+                best, best_wait = key, wait
+        return best
+
+
 POLICIES: dict[str, Callable[..., EvictionPolicy]] = {
     "lru": LRU,
     "lfu": LFU,
     "gate": GateWeighted,
     "opt": BeladyOPT,
+    "predictive": Predictive,
 }
 
 OFFLINE_POLICIES = frozenset({"opt"})  # need the future request sequence

@@ -71,71 +71,113 @@ def simulate(
 
     prefetch: None for demand paging only; "trace" to use the trace's recorded next-layer guesses;
     a float p to make guesses that hold each true expert with probability p (seeded by `seed`).
+    The trace's hint probabilities, when it has them, reach the policy as they do in the runtime.
     """
     L, k = trace.num_layers, trace.top_k
     sizes = partition_capacities(capacity, L, partition, k)
     seq = request_sequence(trace)
     keys, gates = seq.keys, seq.gate.tolist()
-    options = policy_options or {}
     future = FutureIndex(keys) if policy in OFFLINE_POLICIES else None
-    policies: list[EvictionPolicy] = [make_policy(policy, future, **options) for _ in sizes]
-    residents: list[set] = [set() for _ in sizes]
-    guesses = _guesses(trace, prefetch, seed)
-    shared = partition == "shared"
-
+    policies = [make_policy(policy, future, **(policy_options or {})) for _ in sizes]
     result = SimResult(policy, partition, capacity, len(keys), 0, 0, layer_hits=[0] * L, layer_misses=[0] * L)
+    cache = _Replay(policies, sizes, partition == "shared", result)
+    guesses = _guesses(trace, prefetch, seed)
+    hints = trace.hint_probs
     pos = 0
-    previous: set = set()  # keys of the layer computing while the next one is prefetched
     for t in range(trace.num_tokens):
         for layer in range(L):
-            part = 0 if shared else layer
-            resident, pol, size = residents[part], policies[part], sizes[part]
-            prefetched: set = set()
-            if guesses is not None and layer > 0:
-                protected = set(previous)
-                for expert in guesses[t][layer - 1]:
-                    key = (layer, expert)
-                    if expert < 0:
-                        continue
-                    if key in resident:
-                        protected.add(key)  # a right guess already resident must stay for its layer
-                        continue
-                    if len(resident) >= size:
-                        if len(resident - protected) == 0:
-                            break  # no room without evicting what is in use
-                        _evict(pol, resident, pol.victim(resident, protected, pos))
-                    resident.add(key)
-                    pol.on_insert(key, pos)
-                    prefetched.add(key)
-                    protected.add(key)
-                    result.prefetches += 1
-            in_use: set = set()
-            for _ in range(k):
-                key = keys[pos]
-                if key in resident:
-                    result.hits += 1
-                    result.layer_hits[layer] += 1
-                    if key in prefetched:
-                        result.prefetch_hits += 1
-                        prefetched.discard(key)
-                else:
-                    result.misses += 1
-                    result.layer_misses[layer] += 1
-                    if len(resident) >= size:
-                        _evict(pol, resident, pol.victim(resident, in_use, pos))
-                    resident.add(key)
-                    pol.on_insert(key, pos)
-                pol.on_access(key, gates[pos], pos)
-                in_use.add(key)
-                pos += 1
-            result.wasted_prefetches += len(prefetched)
-            previous = in_use
+            if hints is not None and layer + 1 < L:
+                cache.policy(layer + 1).observe_hint(layer + 1, hints[t, layer][None, :])
+            requests = dict(zip(keys[pos : pos + k], gates[pos : pos + k]))
+            pos += k
+            cache.forward(layer, requests, guesses[t][layer] if guesses is not None else None)
     return result
 
 
-def _evict(policy: EvictionPolicy, resident: set, key) -> None:
-    resident.remove(key)
-    policy.on_evict(key)
+class _Replay:
+    """ExpertCache's bookkeeping and policy calls for one token at a time, without slots or reads:
+    which keys are resident, which are still loading (inserted, not yet used: the runtime protects
+    them until it waits for them), and which were prefetched for a layer."""
+
+    def __init__(self, policies: list[EvictionPolicy], sizes: list[int], shared: bool, result: SimResult):
+        self.policies, self.sizes, self.shared, self.result = policies, sizes, shared, result
+        self.resident: list[set] = [set() for _ in sizes]
+        self.loading: set = set()
+        self.prefetched: dict[int, set] = {}  # layer -> keys read ahead for it, not yet used
+        self.now = 0
+
+    def policy(self, layer: int) -> EvictionPolicy:
+        return self.policies[0 if self.shared else layer]
+
+    def _resident(self, key) -> set:
+        return self.resident[0 if self.shared else key[0]]
+
+    def forward(self, layer: int, requests: dict, guess: list[int] | None) -> None:
+        """One layer of one token, as ExpertCache.run with T = 1: accesses, misses, prefetch, compute."""
+        keys = sorted(requests)
+        for key in keys:
+            self.policy(layer).on_access(key, requests[key], self.now)
+            self.now += 1
+        started = self.prefetched.pop(layer, set())
+        used = started & requests.keys()
+        self.result.prefetch_hits += len(used)
+        self.result.wasted_prefetches += len(started) - len(used)
+        resident = self._resident(keys[0])
+        order = sorted(keys, key=lambda key: (key in self.loading, key not in resident))
+        for key in order:
+            hit = key in resident
+            self.result.hits += hit
+            self.result.misses += not hit
+            (self.result.layer_hits if hit else self.result.layer_misses)[layer] += 1
+        wanted = set(keys)
+        self._read_ahead(order, wanted)
+        self._prefetch(layer + 1, wanted, guess)
+        for key in order:
+            if key not in resident and self._reserve(key, set()):
+                self._start_read(key)
+            self._read_ahead(order, wanted)
+            self.loading.discard(key)  # the runtime waits for the read before computing
+
+    def _reserve(self, key, protected: set) -> bool:
+        """Room for key: a free slot, or the policy's victim evicted; False if every resident key is kept."""
+        resident = self._resident(key)
+        if len(resident) < self.sizes[0 if self.shared else key[0]]:
+            return True
+        keep = protected | self.loading
+        if all(k in keep for k in resident):
+            return False
+        policy = self.policy(key[0])
+        victim = policy.victim(resident, keep, self.now)
+        resident.remove(victim)
+        policy.on_evict(victim)
+        return True
+
+    def _start_read(self, key) -> None:
+        self._resident(key).add(key)
+        self.policy(key[0]).on_insert(key, self.now)
+        self.loading.add(key)
+
+    def _read_ahead(self, order: list, wanted: set) -> None:
+        for key in order:
+            if key not in self._resident(key):
+                if not self._reserve(key, wanted):
+                    return
+                self._start_read(key)
+
+    def _prefetch(self, layer: int, in_use: set, guess: list[int] | None) -> None:
+        if not guess:
+            return
+        protected = in_use | {(layer, e) for e in guess if e >= 0}
+        started = self.prefetched.setdefault(layer, set())
+        for expert in guess:
+            key = (layer, expert)
+            if expert < 0 or key in self._resident(key):
+                continue
+            if not self._reserve(key, protected):
+                return
+            self._start_read(key)
+            started.add(key)
+            self.result.prefetches += 1
 
 
 def _guesses(trace: RoutingTrace, prefetch: float | str | None, seed: int) -> list | None:
@@ -227,7 +269,7 @@ def format_table(rows: Sequence[TableRow]) -> str:
     cell = {(row.partition, row.policy, row.capacity): row for row in rows}
     lines_order = list(dict.fromkeys((row.partition, row.policy) for row in rows))
     width = 15
-    head = f"{'partition':<10}{'policy':<8}" + "".join(
+    head = f"{'partition':<10}{'policy':<12}" + "".join(
         f"{f'{c} ({fractions[c]:.1%})':>{width}}" for c in capacities
     )
     lines = ["hit rate (fraction of shared-cache OPT) by cache size in experts", head]
@@ -240,5 +282,5 @@ def format_table(rows: Sequence[TableRow]) -> str:
             else:
                 ratio = f"{row.vs_opt:.2f}" if row.vs_opt is not None else "-"
                 cells.append(f"{f'{row.hit_rate:.3f} ({ratio})':>{width}}")
-        lines.append(f"{partition:<10}{policy:<8}" + "".join(cells))
+        lines.append(f"{partition:<10}{policy:<12}" + "".join(cells))
     return "\n".join(lines)

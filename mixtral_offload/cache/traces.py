@@ -23,8 +23,9 @@ Key = tuple[int, int]  # (layer, expert)
 class RoutingTrace:
     """The routing decisions of one run, token by token and layer by layer.
 
-    `predicted_next[t, l]` holds the experts guessed for layer l + 1 while layer l ran (layer l + 1's
-    router applied to the hidden state entering layer l); the last layer's row is -1.
+    `hint_probs[t, l]` holds layer l + 1's router probabilities guessed while layer l ran (layer l + 1's
+    router applied to the hidden state entering layer l's MoE block: the runtime's prefetch hint) and
+    `predicted_next[t, l]` the experts guessed from them; the last layer's rows are 0 and -1.
     """
 
     expert_ids: np.ndarray  # [T, L, k] int16, first choice first
@@ -32,6 +33,7 @@ class RoutingTrace:
     num_experts: int
     probs: np.ndarray | None = None  # [T, L, E] float32, full router softmax
     predicted_next: np.ndarray | None = None  # [T, L, m] int16, -1 where there is no guess
+    hint_probs: np.ndarray | None = None  # [T, L, E] float32, 0 where there is no guess
     source: str = ""
 
     def __post_init__(self) -> None:
@@ -43,11 +45,9 @@ class RoutingTrace:
             raise MixtralOffloadError(f"trace gates shape {self.gates.shape} != expert_ids shape {self.expert_ids.shape}")
         if self.expert_ids.size and (self.expert_ids.min() < 0 or self.expert_ids.max() >= self.num_experts):
             raise MixtralOffloadError(f"trace expert ids must lie in [0, {self.num_experts})")
-        if self.probs is not None:
-            self.probs = np.asarray(self.probs, dtype=np.float32)
-            want = self.expert_ids.shape[:2] + (self.num_experts,)
-            if self.probs.shape != want:
-                raise MixtralOffloadError(f"trace probs shape {self.probs.shape} != {want}")
+        want = self.expert_ids.shape[:2] + (self.num_experts,)
+        self.probs = _probabilities("probs", self.probs, want)
+        self.hint_probs = _probabilities("hint_probs", self.hint_probs, want)
         if self.predicted_next is not None:
             self.predicted_next = np.asarray(self.predicted_next, dtype=np.int16)
             if self.predicted_next.ndim != 3 or self.predicted_next.shape[:2] != self.expert_ids.shape[:2]:
@@ -83,6 +83,8 @@ class RoutingTrace:
             arrays["probs"] = self.probs
         if self.predicted_next is not None:
             arrays["predicted_next"] = self.predicted_next
+        if self.hint_probs is not None:
+            arrays["hint_probs"] = self.hint_probs.astype(np.float16)  # half the file; loaded back as float32
         with open(path, "wb") as f:  # an open file keeps numpy from appending ".npz" to the name
             np.savez_compressed(f, **arrays)
 
@@ -105,11 +107,22 @@ class RoutingTrace:
             num_experts=int(meta["num_experts"]),
             probs=arrays.get("probs"),
             predicted_next=arrays.get("predicted_next"),
+            hint_probs=arrays.get("hint_probs"),
             source=str(meta.get("source", "")),
         )
         if trace.num_layers != meta["num_layers"] or trace.top_k != meta["top_k"]:
             raise MixtralOffloadError(f"routing trace {path}: metadata does not match the arrays' shapes")
         return trace
+
+
+def _probabilities(name: str, array: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray | None:
+    """A trace's [T, L, E] probability array as float32, checked against `shape`; None stays None."""
+    if array is None:
+        return None
+    array = np.asarray(array, dtype=np.float32)
+    if array.shape != shape:
+        raise MixtralOffloadError(f"trace {name} shape {array.shape} != {shape}")
+    return array
 
 
 class TraceRecorder:
@@ -126,7 +139,7 @@ class TraceRecorder:
         self._ids: list[list[np.ndarray]] = [[] for _ in range(num_layers)]
         self._gates: list[list[np.ndarray]] = [[] for _ in range(num_layers)]
         self._probs: list[list[np.ndarray]] = [[] for _ in range(num_layers)]
-        self._predicted: list[list[np.ndarray]] = [[] for _ in range(num_layers)]
+        self._hints: list[list[np.ndarray]] = [[] for _ in range(num_layers)]
 
     def record(
         self,
@@ -134,7 +147,7 @@ class TraceRecorder:
         expert_ids: np.ndarray,  # [T, k]
         gates: np.ndarray,  # [T, k]
         probs: np.ndarray | None = None,  # [T, E]
-        predicted_next: np.ndarray | None = None,  # [T, m], guesses for layer + 1
+        hint_probs: np.ndarray | None = None,  # [T, E], layer + 1's router probabilities guessed at this layer
     ) -> None:
         if not 0 <= layer < self.num_layers:
             raise ValueError(f"layer {layer} outside [0, {self.num_layers})")
@@ -144,9 +157,8 @@ class TraceRecorder:
         self._gates[layer].append(gates)
         if probs is not None:
             self._probs[layer].append(np.asarray(probs, dtype=np.float32).reshape(expert_ids.shape[0], -1))
-        if predicted_next is not None:
-            pred = np.asarray(predicted_next).reshape(expert_ids.shape[0], -1)
-            self._predicted[layer].append(pred.astype(np.int16))
+        if hint_probs is not None:
+            self._hints[layer].append(np.asarray(hint_probs, dtype=np.float32).reshape(expert_ids.shape[0], -1))
 
     def to_trace(self) -> RoutingTrace:
         counts = [sum(len(a) for a in chunks) for chunks in self._ids]
@@ -159,18 +171,25 @@ class TraceRecorder:
             if any(sum(len(a) for a in chunks) != counts[0] for chunks in self._probs):
                 raise ValueError("router probabilities were recorded for some forwards and not others")
             probs = np.stack([_concat(chunks) for chunks in self._probs], axis=1)
-        predicted = None
-        if any(self._predicted):
-            # every layer but the last must have predictions for every token; the last has none
-            m = max(chunks[0].shape[1] for chunks in self._predicted if chunks)
-            predicted = np.full(ids.shape[:2] + (m,), -1, dtype=np.int16)
-            for layer, chunks in enumerate(self._predicted):
+        hints = predicted = None
+        if any(self._hints):
+            # every layer but the last must have hints for every token; the last has none
+            hints = np.zeros(ids.shape[:2] + (self.num_experts,), dtype=np.float32)
+            for layer, chunks in enumerate(self._hints):
                 if chunks:
                     rows = _concat(chunks)
                     if len(rows) != counts[0]:
-                        raise ValueError(f"layer {layer}: predictions recorded for some forwards and not others")
-                    predicted[:, layer, : rows.shape[1]] = rows
-        return RoutingTrace(ids, gates, self.num_experts, probs=probs, predicted_next=predicted, source=self.source)
+                        raise ValueError(f"layer {layer}: hints recorded for some forwards and not others")
+                    hints[:, layer] = rows
+            predicted = top_guesses(hints, ids.shape[2])
+        return RoutingTrace(ids, gates, self.num_experts, probs=probs, predicted_next=predicted, hint_probs=hints,
+                            source=self.source)
+
+
+def top_guesses(hint_probs: np.ndarray, count: int) -> np.ndarray:
+    """The `count` most probable experts of each hint [..., E], most probable first; -1 where a row is all 0."""
+    order = np.argsort(-hint_probs, axis=-1, kind="stable")[..., :count].astype(np.int16)
+    return np.where(hint_probs.any(axis=-1, keepdims=True), order, np.int16(-1))
 
 
 def _concat(chunks: list[np.ndarray]) -> np.ndarray:
@@ -182,7 +201,8 @@ def _concat(chunks: list[np.ndarray]) -> np.ndarray:
 
 @dataclass
 class RequestSequence:
-    """Cache requests in the order a runtime makes them: token-major, layer-minor, k per layer."""
+    """Cache requests in the order a runtime makes them: token-major, layer-minor, and within a layer
+    the k experts in ascending id (the order ExpertCache.run touches its policy in)."""
 
     layer: np.ndarray  # [R] int
     expert: np.ndarray  # [R] int
@@ -198,9 +218,10 @@ class RequestSequence:
 def request_sequence(trace: RoutingTrace) -> RequestSequence:
     """The (layer, expert) keys of `trace` in runtime order, with the gate each request carried."""
     T, L, k = trace.expert_ids.shape
+    order = np.argsort(trace.expert_ids, axis=2, kind="stable")
     layer = np.broadcast_to(np.arange(L)[None, :, None], (T, L, k)).reshape(-1)
-    expert = trace.expert_ids.astype(np.int64).reshape(-1)
-    gate = trace.gates.reshape(-1)
+    expert = np.take_along_axis(trace.expert_ids, order, axis=2).astype(np.int64).reshape(-1)
+    gate = np.take_along_axis(trace.gates, order, axis=2).reshape(-1)
     keys = list(zip(layer.tolist(), expert.tolist()))
     return RequestSequence(layer, expert, gate, L, k, keys)
 
@@ -259,7 +280,8 @@ def synthetic_trace(
     follow per-layer popularities exp(skew * N(0, 1)). Ranks beyond the second are always fresh.
     Gates come from router logits in which the chosen experts lead; they carry no reuse signal
     beyond the rank (the first choice is the one repeated most). `predict_recall` adds guesses for
-    the next layer that contain each true expert with that probability.
+    the next layer that contain each true expert with that probability, and hint probabilities in which
+    those guesses lead (derived from the guesses: beyond their order the values carry no information).
     """
     if num_experts < 2 * top_k or top_k < 1:
         raise MixtralOffloadError(f"synthetic traces need num_experts >= 2 * top_k, got {num_experts}, {top_k}")
@@ -306,23 +328,27 @@ def synthetic_trace(
         ids[t] = chosen
 
     # Router logits: the chosen experts lead, in rank order; the rest are noise below them.
-    rest = rng.standard_normal((num_tokens, L, E)).astype(np.float32)
-    top_rest = rest.max(axis=2)
-    steps = np.abs(rng.normal(0.0, 1.0, size=(num_tokens, L, k))).astype(np.float32)
-    steps[..., 0] *= 1.5
-    chosen_logits = top_rest[..., None] + np.cumsum(steps[..., ::-1], axis=2)[..., ::-1] + 1e-3
+    logits, chosen_logits = _leading_logits(ids, E, rng)
     gates = _softmax(chosen_logits)
-    probs = None
-    if with_probs:
-        logits = rest
-        np.put_along_axis(logits, ids.astype(np.int64), chosen_logits, axis=2)
-        probs = _softmax(logits)
-
-    predicted = None
+    probs = _softmax(logits) if with_probs else None
+    predicted = hints = None
     if predict_recall is not None:
         predicted = noisy_predictions(ids, E, predict_recall, rng)
+        hints = np.zeros((num_tokens, L, E), dtype=np.float32)
+        hints[:, :-1] = _softmax(_leading_logits(predicted[:, :-1], E, rng)[0])
     source = f"synthetic(seed={seed}, skew={skew}, calibrated=mixtral-paper)"
-    return RoutingTrace(ids, gates, E, probs=probs, predicted_next=predicted, source=source)
+    return RoutingTrace(ids, gates, E, probs=probs, predicted_next=predicted, hint_probs=hints, source=source)
+
+
+def _leading_logits(ids: np.ndarray, num_experts: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Router logits [T, L, E] in which the experts `ids` [T, L, k] lead in rank order (the rest are
+    Gaussian noise below them), and the leading logits alone [T, L, k]."""
+    logits = rng.standard_normal(ids.shape[:2] + (num_experts,)).astype(np.float32)
+    steps = np.abs(rng.normal(0.0, 1.0, size=ids.shape)).astype(np.float32)
+    steps[..., 0] *= 1.5
+    leading = logits.max(axis=2)[..., None] + np.cumsum(steps[..., ::-1], axis=2)[..., ::-1] + 1e-3
+    np.put_along_axis(logits, ids.astype(np.int64), leading, axis=2)
+    return logits, leading
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:

@@ -28,7 +28,7 @@ class MappedEmbedding:
     """Rows [V, D] of one safetensors tensor, looked up from the file mapping in `dtype`."""
 
     def __init__(self, file: Path, name: str, shape: tuple[int, int], dtype: torch.dtype):
-        self.file, self.shape, self.dtype, self.device = Path(file), tuple(shape), dtype, torch.device("cpu")
+        self.file, self.shape, self.dtype = Path(file), tuple(shape), dtype
         stored, start, end = _locate(self.file, name, self.shape)
         # map the table's pages only: the kernel's fault-around then cannot map other tensors' pages
         first_page = start // mmap.ALLOCATIONGRANULARITY * mmap.ALLOCATIONGRANULARITY
@@ -39,16 +39,11 @@ class MappedEmbedding:
             self.table = torch.frombuffer(self.mapping, dtype=stored, count=shape[0] * shape[1],
                                           offset=start - first_page).view(shape)
 
-    def lookup(self, tokens: torch.Tensor) -> torch.Tensor:
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         """The rows of `tokens` [T] as [T, D] in dtype; the table's mapped pages are released after."""
         rows = self.table[tokens.to(torch.long)].to(self.dtype)
         self.mapping.madvise(mmap.MADV_DONTNEED)
         return rows
-
-    def element_size(self) -> int:
-        """Bytes per element of the rows it returns."""
-        return torch.empty((), dtype=self.dtype).element_size()
-
 
 def _locate(file: Path, name: str, shape: tuple[int, int]) -> tuple[torch.dtype, int, int]:
     """(stored dtype, first byte, end byte) of tensor `name` in a safetensors file, every field checked."""

@@ -25,11 +25,21 @@ class Tokenizer:
         path = Path(path)
         if not path.is_file():
             raise MixtralOffloadError(f"{path}: tokenizer.model not found")
+        self._load(lambda sp: sp.Load(str(path)), str(path))
+
+    @classmethod
+    def from_model_bytes(cls, model: bytes, source: str) -> "Tokenizer":
+        """A tokenizer from a serialized sentencepiece model (e.g. rebuilt from a GGUF); source names it in errors."""
+        tokenizer = cls.__new__(cls)
+        tokenizer._load(lambda sp: sp.LoadFromSerializedProto(model), source)
+        return tokenizer
+
+    def _load(self, load, source: str) -> None:
         self.sp = sentencepiece.SentencePieceProcessor()
         try:
-            self.sp.Load(str(path))
+            load(self.sp)
         except (OSError, RuntimeError) as exc:
-            raise MixtralOffloadError(f"{path}: not a sentencepiece model ({exc})") from None
+            raise MixtralOffloadError(f"{source}: not a sentencepiece model ({exc})") from None
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
         self.vocab_size = self.sp.GetPieceSize()
 

@@ -2,8 +2,9 @@
 
 Round-to-nearest (RTN) first; then, with refine=True, alternating least squares per group: with the
 codes fixed, the scale (and offset) minimizing the squared error has a closed form; with those fixed,
-the codes are re-rounded. Each group keeps whichever candidate has the lower squared error with its
-parameters rounded to float16 as stored, so refinement never makes a group worse. No calibration data.
+the codes are re-rounded. Each group keeps whichever candidate has the lower squared error, so
+refinement does not make a group worse (up to the float16 rounding of its parameters when stored;
+docs/quant.md says where that rounding happens). No calibration data.
 
 The work is one fused Numba pass per row (a group stays in L1 through all steps): a torch version of
 the same steps allocated a fresh tensor per op and took ~30 s for a 14336x4096 matrix here.
@@ -44,7 +45,7 @@ def quantize(weight: np.ndarray | torch.Tensor, spec: QuantSpec, refine: bool = 
         zeros = np.empty((rows, groups), np.float32)
         shrinks = np.array(RANGE_SHRINKS[spec.bits] if refine else (1.0,), np.float32)
         _quantize_asym_rows(w, spec.bits, spec.group_size, steps, shrinks, codes, scales, zeros)
-        zeros16 = zeros.astype(np.float16)  # exact: the kernel already rounded them to float16
+        zeros16 = zeros.astype(np.float16)
     else:
         codes = np.empty((rows, cols), np.int8)
         _quantize_int8_rows(w, spec.group_size, steps, codes, scales)
@@ -95,57 +96,15 @@ def _asym_codes_error(wg, s, z, qmax, q):
     return err
 
 
-@njit(cache=True, fastmath=True, nogil=True)
-def _asym_group(wg, qmax, steps, shrinks, q, best_q):
-    """Best (s, z) found for one group, its codes left in best_q.
-
-    Start from the RTN range [lo, hi], or for each factor in `shrinks` the range shrunk by it about
-    its middle (clipping the extremes), keep the best start, then ALS steps from it.
-    """
-    n = np.float32(wg.shape[0])
-    lo = wg.min()
-    hi = wg.max()
-    floor = max(max(abs(lo), abs(hi)) / np.float32(1024.0), np.float32(2.0**-24))  # |zero| <= 1024
-    best_err = np.float32(np.inf)
-    best_s = best_z = np.float32(0.0)
-    for k in range(shrinks.shape[0]):
-        cut = (hi - lo) * (np.float32(1.0) - shrinks[k]) * np.float32(0.5)
-        s = _round_fp16(max((hi - lo - 2 * cut) / qmax, floor))
-        z = _round_fp16(-(lo + cut) / s)
-        err = _asym_codes_error(wg, s, z, qmax, q)
-        if err < best_err:
-            best_err, best_s, best_z = err, s, z
-            best_q[:] = q
-    q[:] = best_q
-    for _ in range(steps):
-        sq = np.float32(0.0)
-        sqq = np.float32(0.0)
-        sw = np.float32(0.0)
-        sqw = np.float32(0.0)
-        for j in range(wg.shape[0]):
-            sq += q[j]
-            sqq += q[j] * q[j]
-            sw += wg[j]
-            sqw += q[j] * wg[j]
-        det = n * sqq - sq * sq
-        if det <= 0:
-            break
-        s_ls = (n * sqw - sq * sw) / det
-        if s_ls <= 0:
-            break
-        s = _round_fp16(max(s_ls, floor))
-        z = _round_fp16(min(max((sq - sw / s) / n, np.float32(-2048.0)), np.float32(2048.0)))
-        err = _asym_codes_error(wg, s, z, qmax, q)
-        if err < best_err:
-            best_err, best_s, best_z = err, s, z
-            best_q[:] = q
-    return best_s, best_z
-
-
 @njit(cache=True, fastmath=True, nogil=True, parallel=True)
 def _quantize_asym_rows(w, bits, group_size, steps, shrinks, codes, scales, zeros):
+    """Per group: RTN from each starting range in `shrinks` (min..max shrunk by the factor about its
+    middle, clipping the tails), the best start kept, then `steps` ALS steps; codes packed per row.
+    Scale and zero are searched in float32 and rounded to float16 when stored (see docs/quant.md).
+    """
     rows, cols = w.shape
     half = group_size // 2
+    n = np.float32(group_size)
     qmax = np.float32(2**bits - 1)
     for r in prange(rows):
         q = np.empty(group_size, np.float32)
@@ -153,13 +112,50 @@ def _quantize_asym_rows(w, bits, group_size, steps, shrinks, codes, scales, zero
         for g in range(cols // group_size):
             wg = w[r, g * group_size : (g + 1) * group_size]
             best_q = row_q[g * group_size : (g + 1) * group_size]
-            scales[r, g], zeros[r, g] = _asym_group(wg, qmax, steps, shrinks, q, best_q)
+            lo = wg.min()
+            hi = wg.max()
+            floor = max(max(abs(lo), abs(hi)) / np.float32(1024.0), np.float32(2.0**-24))  # |zero| <= 1024
+            best_err = np.float32(np.inf)
+            best_s = best_z = np.float32(0.0)
+            for k in range(shrinks.shape[0]):
+                cut = (hi - lo) * (np.float32(1.0) - shrinks[k]) * np.float32(0.5)
+                s = max((hi - lo - 2 * cut) * (np.float32(1.0) / qmax), floor)
+                z = -(lo + cut) / s
+                err = _asym_codes_error(wg, s, z, qmax, q)
+                if err < best_err:
+                    best_err, best_s, best_z = err, s, z
+                    best_q[:] = q
+            q[:] = best_q
+            for _ in range(steps):
+                sq = np.float32(0.0)
+                sqq = np.float32(0.0)
+                sw = np.float32(0.0)
+                sqw = np.float32(0.0)
+                for j in range(group_size):
+                    sq += q[j]
+                    sqq += q[j] * q[j]
+                    sw += wg[j]
+                    sqw += q[j] * wg[j]
+                det = n * sqq - sq * sq
+                if det <= 0:
+                    break
+                s_ls = (n * sqw - sq * sw) / det
+                if s_ls <= 0:
+                    break
+                s = max(s_ls, floor)
+                z = min(max((sq - sw / s) / n, np.float32(-2048.0)), np.float32(2048.0))
+                err = _asym_codes_error(wg, s, z, qmax, q)
+                if err < best_err:
+                    best_err, best_s, best_z = err, s, z
+                    best_q[:] = q
+            scales[r, g] = best_s
+            zeros[r, g] = best_z
         if bits == 4:
             for g in range(cols // group_size):
                 for j in range(half):
-                    lo = np.uint8(row_q[g * group_size + j])
-                    hi = np.uint8(row_q[g * group_size + half + j])
-                    codes[r, g * half + j] = lo | (hi << np.uint8(4))
+                    lo4 = np.uint8(row_q[g * group_size + j])
+                    hi4 = np.uint8(row_q[g * group_size + half + j])
+                    codes[r, g * half + j] = lo4 | (hi4 << np.uint8(4))
         else:
             pack_row(row_q, bits, group_size, codes[r])
 
