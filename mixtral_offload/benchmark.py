@@ -13,13 +13,16 @@ child's own VmHWM as a cross-check):
      "hit_rate": float|None, "cache_bytes_per_token": float|None, "disk_bytes_per_token": float,
      "misses_per_token", "prefetches_per_token", "prefetch_hits_per_token", "prefetch_waste_per_token": float|None,
      "active_bytes_per_token": int, "load_seconds": float, "exit_code": int,
-     "peak_rss_hwm": int, "floor_tps": float}
+     "peak_rss_hwm": int, "floor_tps": float, "prompt_macs_per_token": int, "prompt_ceiling_tps": float}
 
 Speeds are medians over `repeats`; cache figures come from the decode phase of the last repeat
 (the cache is warm from the earlier ones, as in a long chat), per forward pass of that phase
 (the 16-token prompt's pass included). `hit_rate` counts prefetch hits as hits: the bytes per
 token say what the prefetches cost. `disk_bytes_per_token` is the
 child's /proc/self/io read_bytes over that phase: zero when the files sit in the page cache.
+`prompt_ceiling_tps` is the compute ceiling of prompt speed: the measured int8 multiply-accumulate
+peak (quant/compute_peak.py, report key `int8_peak_gmacs`) over the multiply-accumulates of one
+prompt token's projections (attention, router and top_k experts in every layer; no attention scores).
 """
 from __future__ import annotations
 
@@ -125,11 +128,29 @@ def measure_bandwidth_in_child(threads: int) -> float:
     A child, so that this process stays small: a child's ru_maxrss starts from the RSS of the
     process that spawned it, and a 1 GiB array here would show up as every child's peak.
     """
-    code = ("import sys; from mixtral_offload.quant.bench import _threads, measure_read_bandwidth as m\n"
-            "with _threads(int(sys.argv[1])): print(m(int(sys.argv[1])))")
-    out = subprocess.run([sys.executable, "-c", code, str(threads)], env=child_env(threads), check=True,
-                         capture_output=True, text=True).stdout
+    return _measure_in_child("from mixtral_offload.quant.bench import _threads, measure_read_bandwidth as m\n"
+                             "with _threads(int(sys.argv[1])): print(m(int(sys.argv[1])))", threads)
+
+
+def measure_peak_in_child(threads: int) -> float:
+    """The int8 multiply-accumulate peak in G/s at `threads` (quant.compute_peak), in a child process
+    (Numba's compiler stays out of this process, as the bandwidth probe's array does)."""
+    return _measure_in_child("from mixtral_offload.quant.compute_peak import measure_int8_peak as m\n"
+                             "print(m(int(sys.argv[1])))", threads)
+
+
+def _measure_in_child(code: str, threads: int) -> float:
+    """The last number `code` prints, run as `python -c` with sys imported and `threads` as argv[1]."""
+    out = subprocess.run([sys.executable, "-c", "import sys\n" + code, str(threads)], env=child_env(threads),
+                         check=True, capture_output=True, text=True).stdout
     return float(out.split()[-1])
+
+
+def prompt_macs_per_token(args) -> int:
+    """Multiply-accumulates of one prompt token's projections: attention, router and top_k experts per layer."""
+    attention = args.hidden_size * args.head_dim * (2 * args.num_attention_heads + 2 * args.num_key_value_heads)
+    experts = args.num_experts_per_tok * 3 * args.hidden_size * args.intermediate_size
+    return args.num_hidden_layers * (attention + args.hidden_size * args.num_local_experts + experts)
 
 
 def floor_tokens_per_second(active_bytes_per_token: int, bandwidth_gbs: float) -> float:
@@ -142,6 +163,7 @@ def decode_report(specs: list[DecodeSpec], bandwidth_gbs: float | None = None, l
     machine = machine_info()
     if bandwidth_gbs is None:
         bandwidth_gbs = measure_bandwidth_in_child(specs[0].threads if specs else 2)
+    peak_gmacs = measure_peak_in_child(specs[0].threads if specs else 2)
     results = []
     for spec in specs:
         if log:
@@ -149,10 +171,12 @@ def decode_report(specs: list[DecodeSpec], bandwidth_gbs: float | None = None, l
         result = measure_in_child(spec)
         if result.get("active_bytes_per_token"):
             result["floor_tps"] = floor_tokens_per_second(result["active_bytes_per_token"], bandwidth_gbs)
+        if result.get("prompt_macs_per_token"):
+            result["prompt_ceiling_tps"] = peak_gmacs * 1e9 / result["prompt_macs_per_token"]
         results.append(result)
     machine["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     return {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine, "bandwidth_gbs": bandwidth_gbs,
-            "results": results}
+            "int8_peak_gmacs": peak_gmacs, "results": results}
 
 
 def format_decode_report(report: dict) -> str:
@@ -161,9 +185,10 @@ def format_decode_report(report: dict) -> str:
 
     m = report["machine"]
     lines = [f"{report['date']}  {m.get('cpu_model', '?')} x{m['cpus']}  read bandwidth "
-             f"{report['bandwidth_gbs']:.1f} GB/s  load average {m['load_average'][0]:.2f} -> "
+             f"{report['bandwidth_gbs']:.1f} GB/s  int8 peak {report['int8_peak_gmacs']:.0f} G MAC/s  "
+             f"load average {m['load_average'][0]:.2f} -> "
              f"{m['load_average_after'][0]:.2f}",
-             f"{'configuration':<18} {'decode tok/s':>12} {'prompt tok/s':>12} {'floor tok/s':>11} "
+             f"{'configuration':<18} {'decode tok/s':>12} {'prompt tok/s':>12} {'ceiling':>8} {'floor tok/s':>11} "
              f"{'peak RSS':>10} {'budget':>10} {'slots':>9} {'hit rate':>8} {'read/token':>10}"]
     for r in report["results"]:
         if "error" in r:
@@ -171,7 +196,8 @@ def format_decode_report(report: dict) -> str:
             continue
         slots = f"{r['slots']}/{r['total_experts']}" if r.get("slots") is not None else "all"
         lines.append(
-            f"{r['label']:<18} {r['decode_tps']:>12.2f} {r['prompt_tps']:>12.1f} {r.get('floor_tps', 0):>11.1f} "
+            f"{r['label']:<18} {r['decode_tps']:>12.2f} {r['prompt_tps']:>12.1f} "
+            f"{r.get('prompt_ceiling_tps', 0):>8.1f} {r.get('floor_tps', 0):>11.1f} "
             f"{format_size(r['peak_rss']):>10} {format_size(r['budget']) if r['budget'] else '-':>10} {slots:>9} "
             f"{'-' if r['hit_rate'] is None else format(r['hit_rate'], '.2f'):>8} "
             f"{'-' if r['cache_bytes_per_token'] is None else format_size(r['cache_bytes_per_token']):>10}")
@@ -266,6 +292,7 @@ def run_spec(spec: DecodeSpec) -> dict:
         "prompt_tps": statistics.median(prompt_runs), "prompt_tps_runs": prompt_runs,
         "decode_prompt_tokens": spec.decode_prompt_tokens, "decode_tokens": spec.decode_tokens,
         "prompt_tokens": spec.prompt_tokens, "baseline_rss": baseline, "load_seconds": load_seconds,
+        "prompt_macs_per_token": prompt_macs_per_token(runtime.args),
         "slots": runtime.memory_plan.slots if runtime.memory_plan else None,
         "total_experts": runtime.args.num_hidden_layers * runtime.args.num_local_experts,
         "hit_rate": cache.get("hit_rate"), "cache_bytes_per_token": cache.get("cache_bytes_per_token"),

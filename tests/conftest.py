@@ -3,6 +3,8 @@ from pathlib import Path
 
 import pytest
 
+import mixtral_offload  # noqa: F401  first: it sets the OpenMP wait policy, which torch reads when it loads
+
 sys.path.insert(0, str(Path(__file__).parent))
 
 from checkpoints import write_checkpoint  # noqa: E402

@@ -77,33 +77,99 @@ def _expert(t: dict, layer: int, expert: int, part: str) -> np.ndarray:
     raise KeyError(f"layer {layer} expert {expert} {part}: not found")
 
 
-def write_gguf(hf_dir: Path, out: Path, qtype: str = "f32", layout: str = "merged", name: str = "mixtral-test") -> Path:
-    """Write the checkpoint in hf_dir as a GGUF at out; qtype in QTYPES, layout 'merged' or 'per-expert'."""
-    config = json.loads((hf_dir / "config.json").read_text())
-    D, L, E = config["hidden_size"], config["num_hidden_layers"], config["num_local_experts"]
-    H, KV = config["num_attention_heads"], config["num_key_value_heads"]
-    head_dim = config.get("head_dim") or D // H
+def start_writer(tmp: Path, config: dict, tokenizer_path: Path, file_type, name: str) -> gguf.GGUFWriter:
+    """A GGUFWriter for arch 'llama' with experts, its metadata and vocabulary written from an HF config."""
+    D, H = config["hidden_size"], config["num_attention_heads"]
     theta = config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta", 1e6)
-    quant_type = QTYPES[qtype]
-    t = read_tensors(hf_dir)
-
-    tmp = out.with_name(out.name + ".tmp")
     writer = gguf.GGUFWriter(str(tmp), "llama")
     writer.add_name(name)
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(D)
-    writer.add_block_count(L)
+    writer.add_block_count(config["num_hidden_layers"])
     writer.add_feed_forward_length(config["intermediate_size"])
-    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_dimension_count(config.get("head_dim") or D // H)
     writer.add_head_count(H)
-    writer.add_head_count_kv(KV)
+    writer.add_head_count_kv(config["num_key_value_heads"])
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_rope_freq_base(float(theta))
-    writer.add_expert_count(E)
+    writer.add_expert_count(config["num_local_experts"])
     writer.add_expert_used_count(config["num_experts_per_tok"])
     writer.add_vocab_size(config["vocab_size"])
-    writer.add_file_type(FILE_TYPES[qtype])
-    add_vocab(writer, hf_dir / "tokenizer.model", config["vocab_size"])
+    writer.add_file_type(file_type)
+    add_vocab(writer, tokenizer_path, config["vocab_size"])
+    return writer
+
+
+def finish(writer: gguf.GGUFWriter, tmp: Path, out: Path) -> Path:
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tmp.rename(out)
+    return out
+
+
+def write_random_gguf(out: Path, config: dict, tokenizer_path: Path, expert_qtype: gguf.GGMLQuantizationType,
+                      seed: int = 0) -> Path:
+    """A random Mixtral GGUF of any size without an HF checkpoint: F16 dense weights (std 0.02), F32 norms
+    and routers, merged experts of random valid blocks of expert_qtype (std 0.02)."""
+    rng = np.random.default_rng(seed)
+    D, I, L, E = (config[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_local_experts"))
+    H, KV, V = config["num_attention_heads"], config["num_key_value_heads"], config["vocab_size"]
+    hd = D // H
+    tmp = out.with_name(out.name + ".tmp")
+    writer = start_writer(tmp, config, tokenizer_path, gguf.LlamaFileType.MOSTLY_F16, "mixtral-random")
+
+    def dense(name: str, *shape: int) -> None:
+        writer.add_tensor(name, (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float16))
+
+    dense("token_embd.weight", V, D)
+    writer.add_tensor("output_norm.weight", np.ones(D, np.float32))
+    dense("output.weight", V, D)
+    for i in range(L):
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(D, np.float32))
+        writer.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(D, np.float32))
+        dense(f"blk.{i}.attn_q.weight", H * hd, D)
+        dense(f"blk.{i}.attn_k.weight", KV * hd, D)
+        dense(f"blk.{i}.attn_v.weight", KV * hd, D)
+        dense(f"blk.{i}.attn_output.weight", D, H * hd)
+        writer.add_tensor(f"blk.{i}.ffn_gate_inp.weight", rng.standard_normal((E, D), dtype=np.float32))
+        for index, (part, shape) in enumerate((("gate", (I, D)), ("up", (I, D)), ("down", (D, I)))):
+            blocks = np.stack([random_expert_blocks(expert_qtype, shape, seed * 7 + 100 * i + 10 * e + index, 0.02)
+                               for e in range(E)])
+            writer.add_tensor(f"blk.{i}.ffn_{part}_exps.weight", blocks, raw_dtype=expert_qtype)
+    return finish(writer, tmp, out)
+
+
+def random_expert_blocks(qtype: gguf.GGMLQuantizationType, shape: tuple[int, int], seed: int,
+                         std: float = 0.1) -> np.ndarray:
+    """Random valid blocks of a K-quant (which gguf cannot quantize), scaled so the weights' std is `std`:
+    every float16 scale of a block multiplies all its weights, so scaling them scales the matrix."""
+    from mixtral_offload.quant.gguf_bench import random_gguf_matrix
+    from mixtral_offload.quant.gguf_blocks import block_type
+
+    bt = block_type(qtype)
+    blocks = random_gguf_matrix(qtype, shape, seed).data.reshape(shape[0], -1, bt.block_bytes).copy()
+    factor = std / float(gguf.quants.dequantize(blocks.reshape(shape[0], -1), qtype).std())
+    for field in bt.f16_fields:
+        scales = blocks[:, :, field:field + 2].copy().view(np.float16).astype(np.float32) * factor
+        blocks[:, :, field:field + 2] = scales.astype(np.float16).view(np.uint8)
+    return blocks.reshape(shape[0], -1)
+
+
+def write_gguf(hf_dir: Path, out: Path, qtype: str = "f32", layout: str = "merged", name: str = "mixtral-test",
+               expert_qtype: gguf.GGMLQuantizationType | None = None) -> Path:
+    """Write the checkpoint in hf_dir as a GGUF at out; qtype in QTYPES, layout 'merged' or 'per-expert'.
+
+    expert_qtype (a K-quant): the experts are random valid blocks of that type instead of the checkpoint's.
+    """
+    config = json.loads((hf_dir / "config.json").read_text())
+    L, E = config["num_hidden_layers"], config["num_local_experts"]
+    H, KV = config["num_attention_heads"], config["num_key_value_heads"]
+    quant_type = QTYPES[qtype]
+    t = read_tensors(hf_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    writer = start_writer(tmp, config, hf_dir / "tokenizer.model", FILE_TYPES[qtype], name)
 
     def add(gguf_name: str, array: np.ndarray, quantize: bool = True) -> None:
         array = np.ascontiguousarray(array, dtype=np.float32)
@@ -129,17 +195,21 @@ def write_gguf(hf_dir: Path, out: Path, qtype: str = "f32", layout: str = "merge
         router = p + "block_sparse_moe.gate.weight" if p + "block_sparse_moe.gate.weight" in t else p + "mlp.gate.weight"
         add(f"blk.{i}.ffn_gate_inp.weight", t[router], quantize=False)
         for part, gguf_part in (("w1", "gate"), ("w3", "up"), ("w2", "down")):
-            if layout == "merged":
+            if expert_qtype is not None:
+                shape = _expert(t, i, 0, part).shape
+                blocks = [random_expert_blocks(expert_qtype, shape, seed=1000 * i + 10 * e + "w1w3w2".index(part) // 2)
+                          for e in range(E)]
+                if layout == "merged":
+                    writer.add_tensor(f"blk.{i}.ffn_{gguf_part}_exps.weight", np.stack(blocks), raw_dtype=expert_qtype)
+                else:
+                    for e in range(E):
+                        writer.add_tensor(f"blk.{i}.ffn_{gguf_part}.{e}.weight", blocks[e], raw_dtype=expert_qtype)
+            elif layout == "merged":
                 add(f"blk.{i}.ffn_{gguf_part}_exps.weight", np.stack([_expert(t, i, e, part) for e in range(E)]))
             else:
                 for e in range(E):
                     add(f"blk.{i}.ffn_{gguf_part}.{e}.weight", _expert(t, i, e, part))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    tmp.rename(out)
-    return out
+    return finish(writer, tmp, out)
 
 
 def rewrite_gguf(src: Path, out: Path, fields: dict | None = None, drop_tensors: tuple = ()) -> Path:

@@ -64,19 +64,31 @@ def test_decode_json_from_a_real_child(tiny_converted):
     assert row["slots"] == row["total_experts"] // 2  # 2 layers x 4 experts: 4 slots
     assert 0 <= row["hit_rate"] <= 1 and row["cache_bytes_per_token"] >= 0
     assert row["floor_tps"] == pytest.approx(10e9 / row["active_bytes_per_token"])
+    assert report["int8_peak_gmacs"] > 0
+    assert row["prompt_ceiling_tps"] == pytest.approx(report["int8_peak_gmacs"] * 1e9 / row["prompt_macs_per_token"])
+
+
+def test_prompt_macs_per_token_counts_mixtral_8x7b():
+    from mixtral_offload.config import ModelArgs
+
+    # per layer: q and o 4096x4096, k and v 1024x4096, router 8x4096, two experts of three 14336x4096
+    per_layer = 2 * 4096 * 4096 + 2 * 1024 * 4096 + 8 * 4096 + 2 * 3 * 14336 * 4096
+    assert benchmark.prompt_macs_per_token(ModelArgs()) == 32 * per_layer
 
 
 def test_kernel_bench_result_has_the_documented_shape(monkeypatch):
     """A real (small) run: one row per kernel, format, activations mode, thread count and token count."""
     from mixtral_offload.quant import bench as quant_bench
+    from mixtral_offload.quant import compute_peak
 
     monkeypatch.setattr(quant_bench, "_BANDWIDTH_BYTES", 64 << 20)
     monkeypatch.setattr(quant_bench, "ROTATION_BYTES", 4 << 20)
+    monkeypatch.setattr(compute_peak, "ROUNDS", 10_000)
     result = quant_bench.run_kernel_bench(threads=(1,), bits=(4, 8), repeats=3, matrix_shapes=((256, 512),),
                                           expert_shapes=((256, 384),))
     assert result["bandwidth_gbs"] > 0 and set(result["compile_s"]) >= {"int4 matvec", "int4 matvec int8-x"}
     rows = result["results"]
-    keys = {"kernel", "bits", "shape", "threads", "tokens", "activations", "ms", "gbs", "ratio"}
+    keys = {"kernel", "bits", "shape", "threads", "tokens", "activations", "ms", "gbs", "ratio", "gmacs", "of_peak"}
     assert all(set(row) == keys for row in rows)
     assert {(r["kernel"], r["activations"]) for r in rows if r["shape"] == [256, 512]} == {
         ("int4 g64 matvec", "float32"), ("int4 g64 matvec int8-x", "int8"),
@@ -86,3 +98,5 @@ def test_kernel_bench_result_has_the_documented_shape(monkeypatch):
     assert sum(r["kernel"].endswith("expert int8-x") for r in rows) == 2
     for row in rows:
         assert row["ms"] > 0 and row["ratio"] == pytest.approx(row["gbs"] / result["bandwidth_gbs"], rel=0.01, abs=1e-3)
+        peak = result["int8_peak_gmacs_by_threads"]["1"]
+        assert row["of_peak"] == pytest.approx(row["gmacs"] / peak, rel=0.01, abs=1e-3)

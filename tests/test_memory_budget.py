@@ -120,6 +120,32 @@ def test_child_peak_rss_stays_under_budget(big_pool, dense):
     assert peak <= budget_mb * 10**6, f"peak RSS {peak / 1e6:.0f} MB over the {budget_mb} MB budget\n{output}"
 
 
+@pytest.fixture(scope="module")
+def big_gguf(tmp_path_factory):
+    """A random Q4_0 GGUF of the same geometry: its experts (~450 MB) stay in the file, read on misses."""
+    import gguf
+    from gguf_files import write_random_gguf
+
+    config = dict(hidden_size=512, intermediate_size=4096, num_hidden_layers=16, num_attention_heads=8,
+                  num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, vocab_size=32000,
+                  max_position_embeddings=1024, rms_norm_eps=1e-5, rope_theta=1e6)
+    return write_random_gguf(tmp_path_factory.mktemp("gguf") / "big.gguf", config, mixtral_tokenizer_path(),
+                             gguf.GGMLQuantizationType.Q4_0)
+
+
+def test_child_peak_rss_stays_under_budget_with_gguf_experts(big_gguf):
+    budget_mb = 800  # the GGUF's vocabulary metadata raises the baseline by ~130 MB over a pool's
+    code, output, peak = peak_rss_of([sys.executable, "-m", "mixtral_offload", "generate", str(big_gguf),
+                                      "-p", PROMPT, "-n", "6", "--max-context", "512", "-v",
+                                      "--memory-budget", f"{budget_mb}MB"])
+    assert code == 0, output
+    slots = re.search(r"expert slots: (\d+) x ([\d.]+) MiB", output)
+    room = int(slots.group(1)) * float(slots.group(2)) * 2**20
+    assert big_gguf.stat().st_size >= 3 * room, output       # the experts cannot simply all fit
+    print(f"GGUF: peak RSS {peak / 1e6:.0f} MB, {slots.group(1)} slots, budget {budget_mb} MB")
+    assert peak <= budget_mb * 10**6, f"peak RSS {peak / 1e6:.0f} MB over the {budget_mb} MB budget\n{output}"
+
+
 def test_child_refuses_too_small_budget(big_pool):
     code, output, _ = peak_rss_of([sys.executable, "-m", "mixtral_offload", "generate", str(big_pool),
                                    "-p", "Hi", "--memory-budget", "300MB"])

@@ -71,7 +71,7 @@ def test_views_buffers_and_release_agree(pool_dir):
         for layer, expert in [(0, 0), (1, 3)]:
             mapped = pool.mapped((layer, expert))
             assert read_extents(pool, (layer, expert), buffer) == pool.block_nbytes
-            for a, b in zip(mapped, pool.views(buffer)):
+            for a, b in zip(mapped, pool.views(buffer, (layer, expert))):
                 assert not a.codes.flags.writeable
                 np.testing.assert_array_equal(dequantize(a), dequantize(b))
             before = [dequantize(m) for m in mapped]
@@ -79,7 +79,7 @@ def test_views_buffers_and_release_agree(pool_dir):
             for old, m in zip(before, pool.mapped((layer, expert))):
                 np.testing.assert_array_equal(old, dequantize(m))
         with pytest.raises(ValueError):
-            pool.views(np.empty(10, np.uint8))
+            pool.views(np.empty(10, np.uint8), (0, 0))
         with pytest.raises(IndexError):
             pool.mapped((2, 0))
 

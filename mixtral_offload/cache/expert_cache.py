@@ -19,7 +19,7 @@ import torch
 from ..errors import MixtralOffloadError
 from ..profiling import NULL_PROFILER
 from .policies import EvictionPolicy, make_policy
-from .simulate import partition_capacities
+from .simulate import PREFETCH_MIN_PROB, partition_capacities
 from .source import BlockSource, Key, page_rounded
 from .traces import TraceRecorder
 
@@ -76,11 +76,13 @@ class HostSlots:
         self.decode_threads = decode_threads or max(1, numba.get_num_threads() - 1)
         self.slot_bytes = page_rounded(source.block_nbytes)
         self.buffers = np.empty((num_slots, self.slot_bytes), dtype=np.uint8)  # pages touched on first fill
-        self.views = [source.views(buffer) for buffer in self.buffers]  # fixed: contents change
+        self.views: list[tuple | None] = [None] * num_slots  # the kernel inputs of each slot's expert
 
     def fill(self, slot: int, key: Key) -> int:
         """Read one expert into a slot; bytes read."""
-        return read_extents(self.source, key, self.buffers[slot])
+        got = read_extents(self.source, key, self.buffers[slot])
+        self.views[slot] = self.source.views(self.buffers[slot], key)
+        return got
 
     def run(self, slot: int, x: torch.Tensor) -> torch.Tensor:
         """The expert in `slot` on x [T, D] -> [T, D] float32."""
@@ -241,16 +243,16 @@ class ExpertCache:
     # -- ExpertBackend --------------------------------------------------------------------------
     def hint(self, layer: int, probs: torch.Tensor) -> None:
         """Pass the router probabilities guessed for `layer` to its policy; remember the experts to read
-        during the layer before (top by summed probability)."""
+        during the layer before (the likeliest, where they pass PREFETCH_MIN_PROB)."""
         if layer >= self.num_layers:
             return
         guess = probs.float().cpu().numpy()  # [T, E]
         self._policy(layer).observe_hint(layer, guess)
         if self.recorder is not None:  # each token's own guess, for the trace
             self.token_guesses[layer] = guess
-        if self.prefetch:
-            mass = probs.float().sum(dim=0)
-            self.hints[layer] = torch.topk(mass, min(self.prefetch, mass.shape[0])).indices.tolist()
+        if self.prefetch:  # the likeliest experts, where a token's mean probability makes a read worth it
+            top = torch.topk(probs.float().mean(dim=0), min(self.prefetch, probs.shape[-1]))
+            self.hints[layer] = [int(e) for p, e in zip(top.values, top.indices) if p >= PREFETCH_MIN_PROB]
 
     def run(self, layer: int, x: torch.Tensor, routing) -> Iterator[tuple[object, torch.Tensor]]:
         """Each routed expert of the layer (routing: offload.model.Routing) on its tokens, resident ones
@@ -339,6 +341,8 @@ class ExpertCache:
     def _count_prefetch(self, layer: int, keys: list[Key]) -> None:
         started = self.prefetched.pop(layer, set())
         used = started & set(keys)
+        for key in started - used:  # a wasted prefetch: done waiting for it, so it is evictable like any slot
+            self._wait(key)
         self.stats.prefetch_hits += len(used)
         self.stats.prefetch_waste += len(started) - len(used)
         if used:

@@ -40,6 +40,11 @@ class SimResult:
         return self.hits / self.requests if self.requests else 0.0
 
 
+# A prefetch is read only where the next layer's hinted router probability reaches this: on the demo
+# model's trace lower guesses are mostly wrong, and each wasted read costs a whole expert (docs/cache.md).
+PREFETCH_MIN_PROB = 0.4
+
+
 def partition_capacities(capacity: int, num_layers: int, partition: str, top_k: int) -> list[int]:
     """Slots per partition: one pool, or `capacity` split evenly over layers (earlier layers get
     the remainder). Refuses sizes below top_k per pool: a layer's experts must fit at once."""
@@ -66,11 +71,14 @@ def simulate(
     prefetch: float | str | None = None,
     seed: int = 0,
     policy_options: dict[str, float] | None = None,
+    prefetch_min_prob: float | None = None,
 ) -> SimResult:
     """Replay `trace` against `policy` (a name in POLICIES) in a cache of `capacity` experts.
 
     prefetch: None for demand paging only; "trace" to use the trace's recorded next-layer guesses;
     a float p to make guesses that hold each true expert with probability p (seeded by `seed`).
+    prefetch_min_prob: with "trace", guesses whose hinted probability is lower are not read
+    (default PREFETCH_MIN_PROB, as the runtime).
     The trace's hint probabilities, when it has them, reach the policy as they do in the runtime.
     """
     L, k = trace.num_layers, trace.top_k
@@ -81,7 +89,8 @@ def simulate(
     policies = [make_policy(policy, future, **(policy_options or {})) for _ in sizes]
     result = SimResult(policy, partition, capacity, len(keys), 0, 0, layer_hits=[0] * L, layer_misses=[0] * L)
     cache = _Replay(policies, sizes, partition == "shared", result)
-    guesses = _guesses(trace, prefetch, seed)
+    min_prob = PREFETCH_MIN_PROB if prefetch_min_prob is None else prefetch_min_prob
+    guesses = _guesses(trace, prefetch, seed, min_prob)
     hints = trace.hint_probs
     pos = 0
     for t in range(trace.num_tokens):
@@ -120,6 +129,7 @@ class _Replay:
             self.now += 1
         started = self.prefetched.pop(layer, set())
         used = started & requests.keys()
+        self.loading -= started - used  # the runtime waits for a wasted prefetch here: evictable from now on
         self.result.prefetch_hits += len(used)
         self.result.wasted_prefetches += len(started) - len(used)
         resident = self._resident(keys[0])
@@ -180,14 +190,18 @@ class _Replay:
             self.result.prefetches += 1
 
 
-def _guesses(trace: RoutingTrace, prefetch: float | str | None, seed: int) -> list | None:
-    """[T][L][m] experts guessed for layer l + 1 at layer l, as nested lists, or None."""
+def _guesses(trace: RoutingTrace, prefetch: float | str | None, seed: int, min_prob: float = 0.0) -> list | None:
+    """[T][L][m] experts guessed for layer l + 1 at layer l, as nested lists (-1: none), or None."""
     if prefetch is None:
         return None
     if prefetch == "trace":
         if trace.predicted_next is None:
             raise MixtralOffloadError("prefetch='trace' needs a trace recorded with next-layer predictions")
-        return trace.predicted_next.tolist()
+        guesses = trace.predicted_next.astype(np.int64)
+        if min_prob > 0 and trace.hint_probs is not None:
+            probs = np.take_along_axis(trace.hint_probs, np.maximum(guesses, 0), axis=-1)
+            guesses[probs < min_prob] = -1
+        return guesses.tolist()
     if isinstance(prefetch, str) or not 0.0 <= float(prefetch) <= 1.0:
         raise MixtralOffloadError(f"prefetch must be None, 'trace' or a recall in [0, 1], got {prefetch!r}")
     rng = np.random.default_rng(seed)

@@ -38,8 +38,8 @@ class BlockSource(Protocol):
         """The ranges holding expert `key`, validated inside the file; the first needed first."""
         ...
 
-    def views(self, buffer: np.ndarray) -> tuple:
-        """(w1, w3, w2) as kernel inputs on a uint8 buffer filled from `extents`."""
+    def views(self, buffer: np.ndarray, key: Key) -> tuple:
+        """(w1, w3, w2) of expert `key` as kernel inputs on a uint8 buffer filled from its extents."""
         ...
 
     def tensor_parts(self, buffer) -> tuple:

@@ -28,8 +28,9 @@ def bench() -> None:
               help="Rows of x per call (1: batch-1 matvec).")
 @click.option("--repeats", type=click.IntRange(1), default=15, show_default=True)
 @click.option("--no-torch", is_flag=True, help="Skip the torch dense reference rows.")
+@click.option("--gguf", is_flag=True, help="Add rows for llama.cpp's GGUF block types (Q4_0 .. Q6_K, F16, BF16, F32).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (schema: quant/bench.py).")
-def kernels(threads, bits, group_size, tokens, repeats, no_torch, as_json):
+def kernels(threads, bits, group_size, tokens, repeats, no_torch, gguf, as_json):
     """Quantized matvec on Mixtral's expert shapes: ms, GB/s and the fraction of measured read bandwidth.
 
     \b
@@ -39,12 +40,12 @@ def kernels(threads, bits, group_size, tokens, repeats, no_torch, as_json):
     from ..quant.bench import format_kernel_bench, run_kernel_bench
 
     result = run_kernel_bench(threads=tuple(threads), bits=tuple(int(b) for b in bits), group_size=int(group_size),
-                              tokens=tuple(tokens), repeats=repeats, torch_dense=not no_torch)
+                              tokens=tuple(tokens), repeats=repeats, torch_dense=not no_torch, gguf=gguf)
     click.echo(json.dumps(result, indent=2) if as_json else format_kernel_bench(result))
 
 
 @bench.command()
-@click.argument("model", type=click.Path(file_okay=False, exists=True))
+@click.argument("model", type=click.Path(exists=True))
 @click.option("--budget", "-m", "budgets", multiple=True, metavar="SIZE",
               help="A --memory-budget to measure (repeatable: --budget 2GiB --budget 1GiB).")
 @click.option("--experts-fraction", "fractions", multiple=True, type=click.FloatRange(0, 1, min_open=True),

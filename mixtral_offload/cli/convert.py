@@ -12,7 +12,7 @@ MISS_HELP = ("Also write a low-bit copy of every expert at these bits (same grou
 
 
 @click.command()
-@click.argument("hf_dir", type=click.Path(file_okay=False))
+@click.argument("hf_dir", metavar="HF_DIR_OR_GGUF", type=click.Path())
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--bits", type=click.Choice(BITS), default="4", show_default=True,
               help="Bits per expert weight (2 and 3: smaller and less faithful, see docs/quant.md).")
@@ -24,13 +24,15 @@ MISS_HELP = ("Also write a low-bit copy of every expert at these bits (same grou
 @click.option("--miss-bits", type=click.Choice(MISS_BITS), default=None, help=MISS_HELP)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def convert(hf_dir, out_dir, bits, group_size, dense_dtype, no_refine, miss_bits, quiet):
-    """Convert an HF Mixtral checkpoint into a model directory with a quantized expert pool.
+    """Convert an HF Mixtral checkpoint, or a llama.cpp GGUF, into a model directory with a quantized expert pool.
 
-    Streams one tensor at a time and writes atomically: OUT_DIR appears only when complete.
+    Streams one tensor at a time and writes atomically: OUT_DIR appears only when complete. A GGUF is
+    dequantized, then quantized by this runtime's quantizer (for its formats, or a GPU tier).
 
     \b
-    Example:
+    Examples:
       mixtral-offload convert ./Mixtral-8x7B-Instruct-v0.1 ./mixtral-int4 --bits 4 --group-size 64
+      mixtral-offload convert ./mixtral-8x7b-instruct.Q4_K_M.gguf ./mixtral-int4
     """
     from ..offload.store.convert import convert as run_convert
 
@@ -44,18 +46,26 @@ def convert(hf_dir, out_dir, bits, group_size, dense_dtype, no_refine, miss_bits
 
 
 @click.command()
-@click.argument("model_dir", type=click.Path(file_okay=False))
+@click.argument("model_dir", type=click.Path())
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def verify(model_dir, quiet):
-    """Check a converted model's pool: header, manifest, config agreement and every block's checksum.
+    """Check a converted model's pool (header, manifest, config agreement, every block's checksum), or a
+    GGUF file (header, tensor extents, shapes against the metadata; GGUF has no checksums).
 
     \b
-    Example:
+    Examples:
       mixtral-offload verify ./mixtral-int4
+      mixtral-offload verify ./mixtral-8x7b-instruct.Q4_K_M.gguf
     """
+    from pathlib import Path
+
+    from ..offload.store.gguf import is_gguf, verify_gguf
     from ..offload.store.verify import verify_model_dir
 
-    click.echo(verify_model_dir(model_dir, progress=False if quiet else None))
+    if is_gguf(Path(model_dir)):
+        click.echo(verify_gguf(model_dir))
+    else:
+        click.echo(verify_model_dir(model_dir, progress=False if quiet else None))
 
 
 @click.command()

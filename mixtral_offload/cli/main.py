@@ -110,5 +110,7 @@ cli.add_command(chat)
 cli.add_command(report)
 
 from .bench import bench  # noqa: E402
+from .serve import serve  # noqa: E402
 
 cli.add_command(bench)
+cli.add_command(serve)

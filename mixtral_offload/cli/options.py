@@ -19,7 +19,7 @@ def _model_or_demo(ctx: click.Context, param: click.Parameter, model: str | None
 
 
 MODEL = click.argument("model", envvar="MIXTRAL_OFFLOAD_MODEL", required=False, callback=_model_or_demo,
-                       type=click.Path(file_okay=False))
+                       type=click.Path())
 
 
 def _log_callback(ctx: click.Context, param: click.Parameter, verbose: bool):

@@ -31,12 +31,16 @@ def profile_options(command):
 
 def start_profiling(runtime) -> None:
     """If --profile was given, profile the runtime's model until the command ends, then write the file."""
+    click.get_current_context().with_resource(profile_session(runtime))
+
+
+def profile_session(runtime):
+    """The --profile recording of this command as a context manager (doing nothing without --profile)."""
     ctx = click.get_current_context()
     settings = ctx.meta.get(PROFILE_KEY, {})
-    if settings.get("profile"):
-        model = ctx.params.get("model")
-        ctx.with_resource(profiling(runtime, settings["profile"], settings.get("profile_format") or "json",
-                                    command=ctx.info_name, model=str(model) if model else None))
+    model = ctx.params.get("model")
+    return profiling(runtime, settings.get("profile"), settings.get("profile_format") or "json",
+                     command=ctx.info_name, model=str(model) if model else None)
 
 
 @contextmanager

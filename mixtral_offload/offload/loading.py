@@ -1,7 +1,7 @@
-"""Loading a model directory: choose everything from LoadOptions (plan), then build the Runtime.
+"""Loading a model: open its files, choose everything from LoadOptions (plan), then build the Runtime.
 
-A directory holding experts.pool loads as a converted model (dense weights resident, experts in the
-mapped pool or an expert cache); anything else as an HF checkpoint with every expert in torch.
+A GGUF file and a directory holding experts.pool load with dense weights resident and experts in the
+file's mapping or an expert cache; any other directory as an HF checkpoint with every expert in torch.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from ..cache.source import MATRICES, page_rounded
 from ..cache.traces import TraceRecorder
 from ..config import ModelArgs, format_size
 from ..errors import MixtralOffloadError
+from ..quant.gguf_kernels import gguf_experts_kernel
 from ..quant.kernels import ExpertKernel, expert_kernel
 from ..quant.linear import TensorLinear, is_quantized_dense, quantize_dense
 from ..quant.quantize import dequantize_parts_torch
@@ -28,7 +29,9 @@ from .model import LayerWeights, Mixtral, TensorEmbedding
 from .options import LoadOptions
 from .runtime import PREFILL_CHUNK, SCORE_CHUNK, Runtime, default_context
 from .store.checkpoint import Checkpoint, parse_dtype
-from .store.dense import read_dense
+from .store.dense import hold_dense, read_dense
+from .store.gguf import GGUFModel, is_gguf
+from .store.gguf_experts import GGUFExperts
 from .store.pool import CONFIG_NAME, DENSE_NAME, POOL_NAME, TOKENIZER_NAME, ExpertPool
 from .tokenizer import Tokenizer
 
@@ -44,8 +47,13 @@ def load(path: str | Path, options: LoadOptions | None = None, *, log: Callable[
     if not path.exists():
         raise MixtralOffloadError(f"{path}: no such model directory")
     device = resolve_device(options.device)
+    if path.is_file():
+        if not is_gguf(path):
+            raise MixtralOffloadError(f"{path}: a file, but not a GGUF (no GGUF magic); a model is a GGUF file "
+                                      "or a directory")
+        return build_runtime(open_gguf(path, options), options, device, log)
     if (path / POOL_NAME).exists():
-        return load_converted(path, options, device, log)
+        return build_runtime(open_converted(path, options), options, device, log)
     for wanted, why in ((options.device_format == "nf4", "--device-format nf4"), (options.dense == "int8", "--dense int8"),
                         (options.cached and not options.record_trace, "--memory-budget")):
         if wanted:
@@ -102,8 +110,23 @@ def load_checkpoint(path: str | Path, dtype: str = "float32", max_context: int |
 
 
 @dataclass(frozen=True)
-class ConvertedPlan:
-    """What a converted model's load decided, before any weight is read."""
+class ExpertFiles:
+    """What an opened model file gives the build step: experts in a BlockSource, dense weights on request."""
+
+    path: Path
+    args: ModelArgs
+    source: object                 # cache.source.BlockSource: an ExpertPool or GGUFExperts
+    kernel: ExpertKernel           # the expert kernel for the source's matrices, chosen once
+    tokenizer: Tokenizer
+    stored_dtype: str              # the compute dtype 'auto' resolves to
+    read_dense: Callable           # (plan) -> dense weights by runtime name, as plan_experts decided
+    mappable_embedding: bool       # whether the table can be gathered from the file mapping
+    device_slots: bool             # whether device slots can hold the source's blocks
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """What a load decided, before any weight is read."""
 
     dtype: torch.dtype
     context: int
@@ -114,26 +137,29 @@ class ConvertedPlan:
     memory: MemoryPlan | None  # None: experts computed where they lie (no cache)
 
 
-def plan_converted(args: ModelArgs, pool: ExpertPool, options: LoadOptions, device: torch.device,
-                   stored_dtype: str) -> ConvertedPlan:
-    """Every choice of a converted model's load from the options, checked; the memory plan when cached.
+def plan_experts(files: ExpertFiles, options: LoadOptions, device: torch.device) -> LoadPlan:
+    """Every choice of the load from the options, checked; the memory plan when experts are cached.
 
     A cached load must call it after the kernels are loaded (warm_up_kernels): the baseline RSS counts them.
     """
-    on_gpu = device.type == "cuda"
+    args, on_gpu = files.args, device.type == "cuda"
+    if on_gpu and not files.device_slots:
+        files.source.tensor_parts(None)  # says why, in one line
     if options.device_format == "nf4" and not on_gpu:
         raise MixtralOffloadError("--device-format nf4 needs the experts on a device tier: add --device cuda")
     if options.dense == "int8" and on_gpu:
         raise MixtralOffloadError("--dense int8 runs on the CPU kernels; with --device cuda keep --dense stored")
-    dtype = parse_dtype(stored_dtype if options.dtype == "auto" else options.dtype)
+    dtype = parse_dtype(files.stored_dtype if options.dtype == "auto" else options.dtype)
     quantized = options.dense == "int8" or (options.dense == "auto" and not on_gpu)
-    mapped = not on_gpu and not args.tie_word_embeddings  # a tied table is the output head too: resident
+    # a tied table is the output head too: resident
+    mapped = files.mappable_embedding and not on_gpu and not args.tie_word_embeddings
     context = default_context(args, options.max_context)
     prefetch = args.num_experts_per_tok if options.prefetch else 0
     if not (options.cached or on_gpu):
-        return ConvertedPlan(dtype, context, on_gpu, quantized, mapped, prefetch, None)
+        return LoadPlan(dtype, context, on_gpu, quantized, mapped, prefetch, None)
     itemsize = torch.empty((), dtype=dtype).element_size()
-    slot_bytes = nf4_slot_bytes(pool) if options.device_format == "nf4" else page_rounded(pool.block_nbytes)
+    source = files.source
+    slot_bytes = nf4_slot_bytes(source) if options.device_format == "nf4" else page_rounded(source.block_nbytes)
     sizes = dict(args=args, dense_bytes=dense_nbytes(args, itemsize, quantized, mapped, PREFILL_CHUNK),
                  slot_bytes=slot_bytes, max_context=context, itemsize=itemsize, chunk=PREFILL_CHUNK,
                  prefetch=prefetch, score_chunk=SCORE_CHUNK,
@@ -149,44 +175,65 @@ def plan_converted(args: ModelArgs, pool: ExpertPool, options: LoadOptions, devi
         memory = plan_memory(budget=int(torch.cuda.mem_get_info(device)[0] * 0.9), **sizes)
     else:  # tracing without a budget: a cache that holds every expert
         memory = plan_memory(budget=1 << 60, **sizes)
-    return ConvertedPlan(dtype, context, on_gpu, quantized, mapped, prefetch, memory)
+    return LoadPlan(dtype, context, on_gpu, quantized, mapped, prefetch, memory)
 
 
-def load_converted(path: Path, options: LoadOptions, device: torch.device, log: Callable[[str], None] | None) -> Runtime:
-    """Build a converted model: dense weights resident, experts in the mapped pool or an expert cache."""
+def open_converted(path: Path, options: LoadOptions) -> ExpertFiles:
+    """A converted model directory: the pool, its kernel, dense.safetensors and tokenizer.model."""
     args = ModelArgs.from_file(path / CONFIG_NAME)
     pool = ExpertPool.open(path)
-    tokenizer = Tokenizer(path / TOKENIZER_NAME)
     kernel = expert_kernel(pool.spec, args.hidden_size, args.intermediate_size, options.activations)
+
+    def dense(plan: LoadPlan) -> dict:
+        return read_dense(path / DENSE_NAME, args, plan.dtype, plan.quantized_dense, options.activations,
+                          plan.mapped_embedding)
+
+    return ExpertFiles(path, args, pool, kernel, Tokenizer(path / TOKENIZER_NAME), resolve_dtype("auto", path),
+                       dense, mappable_embedding=True, device_slots=True)
+
+
+def open_gguf(path: Path, options: LoadOptions) -> ExpertFiles:
+    """A llama.cpp GGUF file: its experts stay in the file, dense weights dequantized as they are read."""
+    model = GGUFModel.open(path)
+    source = GGUFExperts(model)
+
+    def dense(plan: LoadPlan) -> dict:
+        return hold_dense(model.dense_tensors(plan.dtype), plan.dtype, plan.quantized_dense, options.activations)
+
+    return ExpertFiles(path, model.args, source, gguf_experts_kernel(options.activations), model.tokenizer(),
+                       model.float_dtype(), dense, mappable_embedding=False, device_slots=False)
+
+
+def build_runtime(files: ExpertFiles, options: LoadOptions, device: torch.device,
+                  log: Callable[[str], None] | None) -> Runtime:
+    """Dense weights resident, experts computed where they lie or through an expert cache."""
+    args, source, kernel = files.args, files.source, files.kernel
     if options.device_format == "nf4":
         import_bitsandbytes()  # fail before the weights are read
-    cached = options.cached or device.type == "cuda"
-    if cached:  # compiled kernels count in the baseline the plan measures
-        warm_up_kernels(pool, kernel, options.activations if options.dense != "stored" else None)
-    plan = plan_converted(args, pool, options, device, resolve_dtype(options.dtype, path))
+    if options.cached or device.type == "cuda":  # compiled kernels count in the baseline the plan measures
+        warm_up_kernels(source, kernel, options.activations if options.dense != "stored" else None)
+    plan = plan_experts(files, options, device)
     if plan.memory is not None and log is not None:
         log(plan.memory.describe())
     if plan.on_gpu and options.ram_budget is not None:
-        check_host_budget(options.ram_budget, pool.block_nbytes)
-    dense = read_dense(path / DENSE_NAME, args, plan.dtype, plan.quantized_dense, options.activations,
-                       plan.mapped_embedding)
-    dense = {name: w.to(device) if isinstance(w, torch.Tensor) else w for name, w in dense.items()}
+        check_host_budget(options.ram_budget, source.block_nbytes)
+    dense = {name: w.to(device) if isinstance(w, torch.Tensor) else w for name, w in files.read_dense(plan).items()}
     if plan.memory is None:
-        experts = PoolExperts(pool, kernel, options.release_pages)
+        experts = PoolExperts(source, kernel, options.release_pages)
     else:
         slots = plan.memory.slots
         if plan.on_gpu:
             store_class = NF4DeviceSlots if options.device_format == "nf4" else DeviceSlots
-            store = store_class(pool, slots, device, plan.dtype, dequantize_parts_torch, kernel)
+            store = store_class(source, slots, device, plan.dtype, dequantize_parts_torch, kernel)
         else:
-            store = HostSlots(pool, slots, kernel)
-        recorder = (TraceRecorder(args.num_hidden_layers, args.num_local_experts, source=str(path))
+            store = HostSlots(source, slots, kernel)
+        recorder = (TraceRecorder(args.num_hidden_layers, args.num_local_experts, source=str(files.path))
                     if options.record_trace else None)
-        experts = ExpertCache(pool, args.num_hidden_layers, args.num_experts_per_tok, store, policy=options.policy,
+        experts = ExpertCache(source, args.num_hidden_layers, args.num_experts_per_tok, store, policy=options.policy,
                               prefetch=plan.prefetch_slots, recorder=recorder)
     model = build_model(args, dense, experts, plan.context, plan.dtype, device,
                         prefetch_hints=plan.memory is not None and (options.prefetch or options.record_trace))
-    return Runtime(model, tokenizer, path, plan.memory)
+    return Runtime(model, files.tokenizer, files.path, plan.memory)
 
 
 def check_host_budget(ram_budget: int, block_bytes: int) -> None:
@@ -197,20 +244,20 @@ def check_host_budget(ram_budget: int, block_bytes: int) -> None:
                                   f"{format_size(needed)} (baseline, two staging buffers and slack)")
 
 
-def warm_up_kernels(pool: ExpertPool, kernel: ExpertKernel, dense_activations: str | None = None) -> None:
+def warm_up_kernels(source, kernel: ExpertKernel, dense_activations: str | None = None) -> None:
     """Load (or compile) every kernel variant a run will call, before the baseline is measured.
 
     Numba compiles per argument type: one token and a batch take different kernels, and views on an
     owned slot (writable) and on the mapped pool (read-only) are different types. A compile after the
     baseline would be memory the plan never counted.
     """
-    hidden = pool.args.hidden_size
-    buffer = np.empty(page_rounded(pool.block_nbytes), np.uint8)
-    read_extents(pool, (0, 0), buffer)
-    for matrices in (pool.views(buffer), pool.mapped((0, 0))):
+    hidden = source.args.hidden_size
+    buffer = np.empty(page_rounded(source.block_nbytes), np.uint8)
+    read_extents(source, (0, 0), buffer)
+    for matrices in (source.views(buffer, (0, 0)), source.mapped((0, 0))):
         for tokens in (1, 64):
             kernel(*matrices, np.zeros((tokens, hidden), np.float32))
-    pool.release((0, 0))
+    source.release((0, 0))
     if dense_activations is not None and is_quantized_dense("lm_head", (8, hidden)):  # int8 dense weights' kernels
         weight = quantize_dense(torch.ones(8, hidden), dense_activations)
         for tokens in (1, 64):

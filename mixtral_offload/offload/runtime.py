@@ -38,6 +38,7 @@ class Runtime:
         self.memory_plan = memory_plan  # the budget's plan (offload.memory_plan.MemoryPlan) when experts are cached
         self.args = model.args
         self.cached_ids: list[int] = []
+        self.reused_tokens = 0  # prompt tokens the last prefill took from the KV cache instead of computing
         if tokenizer.vocab_size > self.args.vocab_size:
             raise MixtralOffloadError(
                 f"tokenizer has {tokenizer.vocab_size} pieces but the model's vocab_size is {self.args.vocab_size}")
@@ -73,6 +74,7 @@ class Runtime:
             keep += 1
         self.model.truncate(keep)
         del self.cached_ids[keep:]
+        self.reused_tokens = keep
         logits = None
         for start in range(keep, len(ids), PREFILL_CHUNK):
             logits = self._forward(ids[start:start + PREFILL_CHUNK], last_only=True)[-1]

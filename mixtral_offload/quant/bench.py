@@ -1,19 +1,24 @@
-"""Kernel benchmark: quantized matvec ms and GB/s against this machine's measured read bandwidth.
+"""Kernel benchmark: quantized matvec ms and GB/s against this machine's measured read bandwidth,
+and G multiply-accumulates/s against its measured int8 compute peak (prompt kernels are compute-bound).
 
 Used by `mixtral-offload bench kernels [--json]`: `run_kernel_bench()` returns a dict (JSON shape
 below) and `format_kernel_bench()` renders it as a text table.
 
     {"bandwidth_gbs": float, "bandwidth_by_threads": {threads: gbs}, "compile_s": {...},
+     "int8_peak_isa": str, "int8_peak_gmacs_by_threads": {threads: gmacs},
      "results": [{"kernel": str, "bits": int, "shape": [rows, cols], "threads": int, "tokens": int,
-                  "ms": float, "gbs": float, "ratio": float}, ...]}
+                  "ms": float, "gbs": float, "ratio": float, "gmacs": float, "of_peak": float}, ...]}
 
 `gbs` counts the bytes a call must read (codes + scales + zeros; dense weights for torch rows);
 `ratio` divides it by the read bandwidth measured at the same thread count in the same run.
+`gmacs` counts rows x cols x tokens multiply-accumulates per matrix; `of_peak` divides it by the
+int8 peak (quant/compute_peak.py) measured at the same thread count in the same run.
 Rows "int{b} g{G} expert" time `expert_forward` (w1, w3 [I, D], w2 [D, I]) on `expert_shapes` (D, I),
 by default a Mixtral-mini expert (1024, 3584); their `shape` is [D, I] and their bytes all three matrices.
 `tokens` > 1 times the batched path (prefill, or T tokens routed to one expert).
 `activations` is "float32" (x as given, exact) or "int8" (x quantized per group, integer dot
 products: quant/int8x.py; int4 only); the int8 rows include the time to quantize x.
+With `gguf`, rows "gguf TYPE matvec" time the GGUF block kernels on the same shapes (quant/gguf_bench.py).
 
 Every call reads a different copy of its matrices, cycling through at least ROTATION_BYTES of
 them, so the weights come from DRAM as in a real decode, not from the last-level cache (a 33 MB
@@ -31,6 +36,7 @@ import torch
 from numba import njit, prange
 
 from mixtral_offload.quant import int8x, kernels
+from mixtral_offload.quant.compute_peak import measure_int8_peak
 from mixtral_offload.quant.format import QuantizedMatrix, QuantSpec, packed_nbytes, part_layout
 
 MIXTRAL_SHAPES = ((14336, 4096), (4096, 14336))  # w1/w3 and w2
@@ -90,6 +96,7 @@ def run_kernel_bench(
     json: bool = False,
     expert_shapes: tuple[tuple[int, int], ...] = (MIXTRAL_MINI_EXPERT,),
     matrix_shapes: tuple[tuple[int, int], ...] = MIXTRAL_SHAPES,
+    gguf: bool = False,
 ) -> dict:
     """Time the matvec kernels on Mixtral's expert shapes; see the module docstring for the result.
 
@@ -97,6 +104,7 @@ def run_kernel_bench(
     """
     compile_s = _first_call_seconds()
     bandwidth = {t: measure_read_bandwidth(t) for t in threads}
+    peak = {t: measure_int8_peak(t) for t in threads}
     results = []
     for shape in matrix_shapes:
         rows, cols = shape
@@ -113,7 +121,7 @@ def run_kernel_bench(
                         name = f"int{b} g{group_size} " + ("matvec" if n == 1 else f"matmul T={n}")
                         name += " int8-x" if activations == "int8" else ""
                         results.append(_row(name, b, shape, t, n, seconds, copies[0].nbytes, bandwidth[t],
-                                            activations))
+                                            activations, rows * cols * n, peak[t]))
             del copies
         if torch_dense:
             for dtype, b in ((torch.float32, 32), (torch.bfloat16, 16)):
@@ -125,7 +133,8 @@ def run_kernel_bench(
                         seconds = _rotating_median(lambda m: torch.matmul(x, m.T), copies, repeats, t)
                         name = f"torch {str(dtype).removeprefix('torch.')} dense"
                         nbytes = w.numel() * w.element_size()
-                        results.append(_row(name, b, shape, t, n, seconds, nbytes, bandwidth[t], str(dtype).removeprefix("torch.")))
+                        results.append(_row(name, b, shape, t, n, seconds, nbytes, bandwidth[t],
+                                            str(dtype).removeprefix("torch."), rows * cols * n, peak[t]))
                 del w, copies
     for hidden, inter in expert_shapes:
         x_all = np.random.default_rng(2).standard_normal((max(tokens), hidden)).astype(np.float32)
@@ -143,12 +152,18 @@ def run_kernel_bench(
                             lambda e: kernels.expert_forward(*e, x, activations=activations), experts, repeats, t)
                         name = f"int{b} g{group_size} expert" + (" int8-x" if activations == "int8" else "")
                         results.append(_row(name, b, (hidden, inter), t, n, seconds, nbytes, bandwidth[t],
-                                            activations))
+                                            activations, 3 * hidden * inter * n, peak[t]))
             del experts
+    if gguf:
+        from mixtral_offload.quant.gguf_bench import run_gguf_bench  # it builds on this module's helpers
+
+        results += run_gguf_bench(threads, tokens, repeats, bandwidth, matrix_shapes)
     return {
         "bandwidth_gbs": max(bandwidth.values()),
         "bandwidth_by_threads": {str(t): round(v, 2) for t, v in bandwidth.items()},
         "compile_s": compile_s,
+        "int8_peak_isa": int8x.ISA,
+        "int8_peak_gmacs_by_threads": {str(t): round(v, 1) for t, v in peak.items()},
         "results": results,
     }
 
@@ -158,25 +173,28 @@ def format_kernel_bench(result: dict) -> str:
     lines = [
         "memory read bandwidth: "
         + ", ".join(f"{gbs:.1f} GB/s at {t} thread(s)" for t, gbs in result["bandwidth_by_threads"].items()),
+        f"int8 multiply-accumulate peak ({result['int8_peak_isa']}): "
+        + ", ".join(f"{g:.0f} G/s at {t} thread(s)" for t, g in result["int8_peak_gmacs_by_threads"].items()),
         "first call (compile or cache load): "
         + ", ".join(f"{name} {s:.2f} s" for name, s in result["compile_s"].items()),
-        f"{'kernel':<24} {'shape':>12} {'T':>3} {'thr':>3} {'ms':>8} {'GB/s':>7} {'of bw':>6}",
+        f"{'kernel':<28} {'shape':>12} {'T':>3} {'thr':>3} {'ms':>8} {'GB/s':>7} {'of bw':>6} {'GMAC/s':>7} {'of peak':>7}",
     ]
     for r in result["results"]:
         shape = f"{r['shape'][0]}x{r['shape'][1]}"
         lines.append(
-            f"{r['kernel']:<24} {shape:>12} {r['tokens']:>3} {r['threads']:>3} {r['ms']:>8.2f} "
-            f"{r['gbs']:>7.1f} {r['ratio']:>6.0%}"
+            f"{r['kernel']:<28} {shape:>12} {r['tokens']:>3} {r['threads']:>3} {r['ms']:>8.2f} "
+            f"{r['gbs']:>7.1f} {r['ratio']:>6.0%} {r['gmacs']:>7.1f} {r['of_peak']:>7.0%}"
         )
     return "\n".join(lines)
 
 
-def _row(kernel, bits, shape, threads, tokens, seconds, nbytes, bandwidth, activations):
+def _row(kernel, bits, shape, threads, tokens, seconds, nbytes, bandwidth, activations, macs, peak):
     gbs = nbytes / seconds / 1e9
+    gmacs = macs / seconds / 1e9
     return {
         "kernel": kernel, "bits": bits, "shape": list(shape), "threads": threads, "tokens": tokens,
         "activations": activations, "ms": round(seconds * 1e3, 3), "gbs": round(gbs, 2),
-        "ratio": round(gbs / bandwidth, 3),
+        "ratio": round(gbs / bandwidth, 3), "gmacs": round(gmacs, 2), "of_peak": round(gmacs / peak, 3),
     }
 
 

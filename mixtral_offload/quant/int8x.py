@@ -240,12 +240,18 @@ def _psign(builder, x, sign_of):
 
 
 class _Operands:
-    """LLVM pointers to one call's arrays: a matrix's flat codes/scales/zeros and the quantized x."""
+    """One rows-kernel call's arguments in LLVM: pointers to a matrix's flat codes/scales/zeros and the
+    quantized x, x's shape (tokens, cols), out's data and columns, and the row range and group size."""
 
-    def __init__(self, context, builder, arg_types, args):
+    def __init__(self, context, builder, sig, args):
         self.codes, self.scales, self.zeros, self.xperm, self.dx, self.xqsum = (
-            _data_pointer(context, builder, array_type, array) for array_type, array in zip(arg_types, args)
+            _data_pointer(context, builder, array_type, array) for array_type, array in zip(sig.args[:6], args[:6])
         )
+        xperm = context.make_array(sig.args[3])(context, builder, args[3])
+        self.tokens, self.cols = cgutils.unpack_tuple(builder, xperm.shape, 2)
+        out = context.make_array(sig.args[6])(context, builder, args[6])
+        self.out, self.out_cols = out.data, cgutils.unpack_tuple(builder, out.shape, 2)[1]
+        self.first_row, self.end_row, self.out_first, self.group_size = args[7:11]
 
 
 def _decode_planes(builder, codes, code_at, codes_b, bits):
@@ -347,9 +353,24 @@ def _emit_row_dots(builder, ops, bits, group_size, tokens, t0, code_off, scale_o
 
 
 TILE = 4  # tokens per pass over a row when several tokens go through one matrix (prefill)
+# From this many tokens (by bit width), matmul and gate_up run int8x_tiles' row x token tiles: measured
+# faster from 2 tokens on for int4 and from 6 for int8 (from DRAM; in cache from 2 for both)
+TILES_MIN_TOKENS = {4: 2, 8: 6}  # int2/int3 have no tile kernel: their tokens go TILE at a time
+
+
+def _tiles(bits: int, tokens: int) -> bool:
+    """Whether int8x_tiles takes this many tokens of this bit width."""
+    return bits in TILES_MIN_TOKENS and tokens >= TILES_MIN_TOKENS[bits]
 
 
 GROUP_SIZES = (32, 64, 128)
+
+
+def emit_per_group_size(builder, group_size_v, emit) -> None:
+    """IR calling emit(G) under `if group_size_v == G` for each G in GROUP_SIZES (G is a codegen constant)."""
+    for group_size in GROUP_SIZES:
+        with builder.if_then(builder.icmp_unsigned("==", group_size_v, ir.Constant(_I64, group_size))):
+            emit(group_size)
 
 
 def make_rows_kernel(bits: int, isa: str = ISA, prefetch: int = PREFETCH_BYTES):
@@ -367,19 +388,16 @@ def make_rows_kernel(bits: int, isa: str = ISA, prefetch: int = PREFETCH_BYTES):
         signature = types.none(codes, scales, zeros, xperm, dx, xqsum, out, r_start, r_end, out_start, group_size)
 
         def codegen(context, builder, sig, args):
-            ops = _Operands(context, builder, sig.args[:6], args[:6])
-            xperm = context.make_array(sig.args[3])(context, builder, args[3])
-            tokens, cols = cgutils.unpack_tuple(builder, xperm.shape, 2)
-            out = context.make_array(sig.args[6])(context, builder, args[6])
-            out_cols = cgutils.unpack_tuple(builder, out.shape, 2)[1]
-            first_row, end_row, out_first, group_size_v = args[7:11]
+            ops = _Operands(context, builder, sig, args)
+            tokens, cols, out_cols = ops.tokens, ops.cols, ops.out_cols
+            first_row, end_row, out_first = ops.first_row, ops.end_row, ops.out_first
             nblocks = builder.udiv(cols, ir.Constant(_I64, BLOCK_COLS[bits]))
             row_bytes = builder.udiv(builder.mul(cols, ir.Constant(_I64, bits)), ir.Constant(_I64, 8))
             tiles = builder.udiv(tokens, ir.Constant(_I64, TILE))
             rest = builder.urem(tokens, ir.Constant(_I64, TILE))
 
             def store(t, column, value):
-                builder.store(value, builder.gep(out.data, [builder.add(builder.mul(t, out_cols), column)]))
+                builder.store(value, builder.gep(ops.out, [builder.add(builder.mul(t, out_cols), column)]))
 
             def emit_rows(group_size):
                 ngroups = builder.udiv(cols, ir.Constant(_I64, group_size))
@@ -399,9 +417,7 @@ def make_rows_kernel(bits: int, isa: str = ISA, prefetch: int = PREFETCH_BYTES):
                                                   nblocks, isa, prefetch)
                         store(t, column, value)
 
-            for group_size in GROUP_SIZES:
-                with builder.if_then(builder.icmp_unsigned("==", group_size_v, ir.Constant(_I64, group_size))):
-                    emit_rows(group_size)
+            emit_per_group_size(builder, ops.group_size, emit_rows)
             return context.get_dummy_value()
 
         return signature, codegen
@@ -473,6 +489,10 @@ def _gate_up_kernel(bits, codes1, scales1, zeros1, codes3, scales3, zeros3, xper
 
 def matmul(qm, x: np.ndarray) -> np.ndarray:
     """y [T, rows] = x [T, cols] @ W.T with x quantized to int8 per group (supports(...) must hold)."""
+    if _tiles(qm.spec.bits, x.shape[0]):
+        from mixtral_offload.quant import int8x_tiles  # it builds on this module's IR
+
+        return int8x_tiles.matmul(qm, x)
     xperm, dx, xqsum = quantize_activations(x, qm.spec.group_size, qm.spec.bits)
     y = np.empty((x.shape[0], qm.rows), np.float32)
     _matvec_kernel(qm.spec.bits, *kernel_parts(qm), xperm, dx, xqsum, qm.spec.group_size, y)
@@ -481,6 +501,10 @@ def matmul(qm, x: np.ndarray) -> np.ndarray:
 
 def gate_up(w1, w3, x: np.ndarray) -> np.ndarray:
     """h [T, I] = silu(x @ w1.T) * (x @ w3.T) with x quantized to int8 per group."""
+    if _tiles(w1.spec.bits, x.shape[0]):
+        from mixtral_offload.quant import int8x_tiles
+
+        return int8x_tiles.gate_up(w1, w3, x)
     xperm, dx, xqsum = quantize_activations(x, w1.spec.group_size, w1.spec.bits)
     h = np.empty((x.shape[0], w1.rows), np.float32)
     _gate_up_kernel(w1.spec.bits, *kernel_parts(w1), *kernel_parts(w3), xperm, dx, xqsum, w1.spec.group_size, h)

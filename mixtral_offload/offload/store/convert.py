@@ -27,6 +27,7 @@ from ...errors import MixtralOffloadError
 from ...quant.format import QuantizedMatrix, QuantSpec
 from ...quant.quantize import quantize
 from .checkpoint import EXPERT_PARTS, Checkpoint, dense_shapes, expert_shapes, parse_dtype
+from .gguf import GGUFModel, is_gguf
 from ...cache.source import PAGE
 from ..mapped_embedding import SAFETENSORS_DTYPES
 from .pool import (CONFIG_NAME, COPIES, DENSE_NAME, FORMAT_VERSION, TOKENIZER_NAME,
@@ -233,8 +234,11 @@ class ConvertResult:
 def convert(hf_dir: str | Path, out_dir: str | Path, *, bits: int = 4, group_size: int = 64,
             dense_dtype: str = "float16", refine: bool = True, miss_bits: int | None = None,
             progress: bool | None = None) -> ConvertResult:
-    """Convert an HF Mixtral checkpoint directory into a pool model directory at out_dir (miss_bits: also a
-    low-bit copy of every expert, pool.COPIES["miss"])."""
+    """Convert an HF Mixtral checkpoint directory, or a GGUF file, into a pool model directory at out_dir.
+
+    A GGUF's blocks are dequantized by gguf.quants, then quantized by this runtime's quantizer. miss_bits:
+    also a low-bit copy of every expert (pool.COPIES["miss"]).
+    """
     import time
 
     start = time.perf_counter()
@@ -243,7 +247,7 @@ def convert(hf_dir: str | Path, out_dir: str | Path, *, bits: int = 4, group_siz
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise MixtralOffloadError(f"{out_dir}: already exists; remove it or choose another output directory")
-    checkpoint = Checkpoint.open(hf_dir)
+    checkpoint = GGUFModel.open(hf_dir) if is_gguf(Path(hf_dir)) else Checkpoint.open(hf_dir)
     args = checkpoint.args
     for shape in expert_shapes(args).values():
         specs["full"].check_shape(shape)
@@ -269,7 +273,9 @@ def convert(hf_dir: str | Path, out_dir: str | Path, *, bits: int = 4, group_siz
             pool_bytes = writers.finish()
         finally:
             writers.close()
-        if checkpoint.tokenizer_path.is_file():
+        if isinstance(checkpoint, GGUFModel):
+            write_bytes_synced(tmp / TOKENIZER_NAME, checkpoint.tokenizer_model())
+        elif checkpoint.tokenizer_path.is_file():
             shutil.copyfile(checkpoint.tokenizer_path, tmp / TOKENIZER_NAME)
             fsync_file(tmp / TOKENIZER_NAME)
         config = model_config(args, specs, dense_dtype, "rtn+als" if refine else "rtn", refine)

@@ -130,13 +130,16 @@ class GGUFModel:
         return result
 
     def _read(self, tensor: gguf.ReaderTensor) -> np.ndarray:
-        raw = np.empty(tensor.n_bytes, np.uint8)
+        return self._read_range(tensor.data_offset, tensor.n_bytes, f"tensor {tensor.name}")
+
+    def _read_range(self, offset: int, nbytes: int, what: str) -> np.ndarray:
+        raw = np.empty(nbytes, np.uint8)
         with open(self.path, "rb") as file:
             done = 0
-            while done < tensor.n_bytes:
-                got = os.preadv(file.fileno(), [memoryview(raw)[done:]], tensor.data_offset + done)
+            while done < nbytes:
+                got = os.preadv(file.fileno(), [memoryview(raw)[done:]], offset + done)
                 if got == 0:
-                    raise MixtralOffloadError(f"{self.path}: file shrank while reading tensor {tensor.name}")
+                    raise MixtralOffloadError(f"{self.path}: file shrank while reading {what}")
                 done += got
         return raw
 
@@ -153,9 +156,29 @@ class GGUFModel:
             views[part] = (extent.qtype, extent.shape, self.reader.data[extent.offset:extent.offset + extent.nbytes])
         return views
 
+    def expert_tensor(self, layer: int, expert: int, part: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """One expert matrix ('w1', 'w3' or 'w2') dequantized by gguf.quants, [out, in], float32 or dtype."""
+        extent = self.experts[(layer, expert, part)]
+        raw = self._read_range(extent.offset, extent.nbytes, f"expert ({layer}, {expert}) {part}")
+        weight = torch.from_numpy(gguf.quants.dequantize(raw.reshape(extent.shape[0], -1), extent.qtype))
+        return weight if dtype is None else weight.to(dtype)
+
+    def expert_bytes(self) -> int:
+        """Bytes of all expert matrices as the file stores them."""
+        return sum(extent.nbytes for extent in self.experts.values())
+
+    def tokenizer_model(self) -> bytes:
+        """The serialized sentencepiece model rebuilt from the file's tokenizer metadata."""
+        return sentencepiece_model(Metadata(self.reader, self.path))
+
+    def float_dtype(self) -> str:
+        """The compute dtype 'auto' means for this file: the embedding table's, when it is a float type."""
+        stored = self.tensors["token_embd.weight"].tensor_type
+        return {QType.F32: "float32", QType.BF16: "bfloat16"}.get(stored, "float16")
+
     def tokenizer(self) -> Tokenizer:
         """The sentencepiece tokenizer rebuilt from the file's tokenizer.ggml.* metadata."""
-        return Tokenizer.from_model_bytes(sentencepiece_model(Metadata(self.reader, self.path)), str(self.path))
+        return Tokenizer.from_model_bytes(self.tokenizer_model(), str(self.path))
 
 
 def _check_extents(path: Path, reader: gguf.GGUFReader) -> None:
@@ -212,6 +235,17 @@ def _expert_extents(path: Path, tensors: dict, args: ModelArgs, layer: int, layo
                 extents[(layer, expert, part)] = Extent(tensor.tensor_type, (rows, cols),
                                                         int(tensor.data_offset), tensor.n_bytes)
     return extents
+
+
+def is_gguf(path: Path) -> bool:
+    """Whether path is a regular file that starts with GGUF's magic."""
+    if not path.is_file():  # never open a FIFO or a device: an open could block
+        return False
+    try:
+        with open(path, "rb") as file:
+            return file.read(4) == b"GGUF"
+    except OSError:
+        return False
 
 
 def verify_gguf(path: str | Path) -> str:

@@ -183,8 +183,8 @@ class ExpertPool:
         """(w1, w3, w2) as zero-copy read-only views on the mapping."""
         return block_views(self._map, self._entry(key).offset, self.slots, self.spec, self.shapes)
 
-    def views(self, buffer: np.ndarray) -> tuple[QuantizedMatrix, QuantizedMatrix, QuantizedMatrix]:
-        """(w1, w3, w2) as views on a buffer holding one block."""
+    def views(self, buffer: np.ndarray, key: Key) -> tuple[QuantizedMatrix, QuantizedMatrix, QuantizedMatrix]:
+        """(w1, w3, w2) as views on a buffer holding one block (every block has the same layout)."""
         if buffer.nbytes < self.block_nbytes:
             raise ValueError(f"buffer holds {buffer.nbytes} bytes, a block needs {self.block_nbytes}")
         return block_views(buffer, 0, self.slots, self.spec, self.shapes)
