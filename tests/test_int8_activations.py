@@ -1,4 +1,4 @@
-"""int4 x int8-activation kernels (quant/int8x.py) against NumPy references, and their effect on a model."""
+"""int2/int3/int4/int8 x int8-activation kernels (quant/int8x.py) against NumPy references, and their effect on a model."""
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -18,22 +18,23 @@ def relative(a, b):
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("group_size", [32, 64, 128])
-@pytest.mark.parametrize("rows,cols", [(1, 128), (7, 256), (67, 384), (131, 1024)])
+@pytest.mark.parametrize("rows,blocks", [(1, 1), (7, 2), (67, 3), (131, 8)])
 @pytest.mark.parametrize("tokens", [1, 2, 4, 5, 9])
-def test_matmul_equals_the_reference(bits, group_size, rows, cols, tokens):
+def test_matmul_equals_the_reference(bits, group_size, rows, blocks, tokens):
+    cols = max(int8x.BLOCK_COLS[bits], group_size) * blocks
     qm = random_quantized(QuantSpec(bits, group_size), (rows, cols), seed=rows + tokens)
     x = np.random.default_rng(tokens).standard_normal((tokens, cols)).astype(np.float32)
     assert relative(int8x.matmul(qm, x), int8x.reference_matmul(qm, x)) < 1e-5
 
 
 @settings(max_examples=60, deadline=None)
-@given(rows=st.integers(1, 150), blocks=st.integers(1, 6), tokens=st.integers(1, 9), bits=st.sampled_from([4, 8]),
+@given(rows=st.integers(1, 150), blocks=st.integers(1, 6), tokens=st.integers(1, 9), bits=st.sampled_from([2, 3, 4, 8]),
        group_size=st.sampled_from([32, 64, 128]), seed=st.integers(0, 2**16),
        x_scale=st.sampled_from([1e-6, 1.0, 1e4]), zero_groups=st.booleans())
 def test_matmul_equals_the_reference_fuzzed(rows, blocks, tokens, bits, group_size, seed, x_scale, zero_groups):
-    cols = 128 * blocks
+    cols = max(int8x.BLOCK_COLS[bits], group_size) * blocks
     qm = random_quantized(QuantSpec(bits, group_size), (rows, cols), seed=seed)
     x = np.random.default_rng(seed).standard_normal((tokens, cols)).astype(np.float32) * np.float32(x_scale)
     if zero_groups:
@@ -55,7 +56,7 @@ def test_reference_quantizes_x_per_group():
     assert relative(int8x.matmul(qm, x), int8x.reference_matmul(qm, x)) < 1e-5
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("isa", [isa for isa in int8x.ISAS if isa != int8x.ISA])
 def test_other_instruction_sets_equal_this_one(bits, isa):
     """The integer dots for other CPUs (AVX2 without VNNI, or plain vector IR for any CPU) give the same
@@ -69,8 +70,8 @@ def test_other_instruction_sets_equal_this_one(bits, isa):
         generic_rows(codes, scales, zeros, xperm, dx, xqsum, out, np.uint64(0), np.uint64(out.shape[1]), np.uint64(0),
                      np.uint64(64))
 
-    qm = random_quantized(QuantSpec(bits, 64), (9, 384), seed=3)
-    x = np.random.default_rng(3).standard_normal((5, 384)).astype(np.float32)  # a tile of 4 and one more
+    qm = random_quantized(QuantSpec(bits, 64), (9, 768), seed=3)
+    x = np.random.default_rng(3).standard_normal((5, 768)).astype(np.float32)  # a tile of 4 and one more
     xperm, dx, xqsum = int8x.quantize_activations(x, 64, bits)
     out = np.empty((5, 9), np.float32)
     codes, scales, zeros = (part.reshape(-1) for part in kernel_parts(qm))
@@ -79,11 +80,11 @@ def test_other_instruction_sets_equal_this_one(bits, isa):
     assert relative(out, int8x.matmul(qm, x)) < 1e-5
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_expert_forward_int8_equals_its_reference(bits):
     spec = QuantSpec(bits, 64)
-    w1, w3 = random_quantized(spec, (384, 256), 1), random_quantized(spec, (384, 256), 2)
-    w2 = random_quantized(spec, (256, 384), 3)
+    w1, w3 = random_quantized(spec, (512, 256), 1), random_quantized(spec, (512, 256), 2)
+    w2 = random_quantized(spec, (256, 512), 3)
     x = np.random.default_rng(0).standard_normal((6, 256)).astype(np.float32)
     xd = int8x.dequantized_activations(x, 64).astype(np.float64)
     gate, up = xd @ dequantize(w1).T.astype(np.float64), xd @ dequantize(w3).T.astype(np.float64)
@@ -97,7 +98,7 @@ def test_expert_forward_int8_equals_its_reference(bits):
     assert 1e-5 < relative(got, exact) < 0.05  # int8 differs from float32, by the activation rounding
 
 
-@pytest.mark.parametrize("bits,cols", [(4, 192), (8, 96)])
+@pytest.mark.parametrize("bits,cols", [(4, 192), (8, 96), (3, 384), (2, 128)])
 def test_unsupported_formats_fall_back_to_the_exact_kernel(bits, cols):
     qm = random_quantized(QuantSpec(bits, 32), (10, cols))
     x = np.random.default_rng(1).standard_normal((2, cols)).astype(np.float32)

@@ -324,12 +324,17 @@ def test_fuzz_bytes_of_manifest_and_header(fuzz_dir, edits, target, truncate):
 
 
 # -- synth CLI -----------------------------------------------------------------------------------------
-def test_cli_synth_then_verify(tmp_path):
+@pytest.mark.parametrize("bits", ["8", "3", "2"])
+def test_cli_synth_then_verify(tmp_path, bits):
     runner = CliRunner()
     out = tmp_path / "s"
     result = runner.invoke(cli, ["synth", str(out), "--layers", "2", "--hidden", "128", "--intermediate", "256",
-                                 "--experts", "4", "--heads", "4", "--kv-heads", "2", "--vocab", "500", "--bits", "8"])
+                                 "--experts", "4", "--heads", "4", "--kv-heads", "2", "--vocab", "500", "--bits", bits])
     assert result.exit_code == 0, result.output
     assert "ok: 8 expert blocks" in runner.invoke(cli, ["verify", str(out)]).output
+    with ExpertPool.open(out) as pool:
+        w1, _, w2 = pool.mapped((1, 3))
+        assert pool.spec.bits == int(bits) and w1.codes.shape == (256, 128 * int(bits) // 8)
+        assert 0.01 < dequantize(w2).std() < 0.04  # the synthetic weights' std, WEIGHT_STD = 0.02
     result = runner.invoke(cli, ["synth", str(out)])
     assert result.exit_code != 0 and "already exists" in result.output

@@ -9,7 +9,7 @@ from mixtral_offload.errors import MixtralOffloadError
 from mixtral_offload.quant import QuantizedMatrix, QuantSpec, dequantize, packed_nbytes, part_layout, quantize
 
 
-@pytest.mark.parametrize("bits, group_size", [(3, 64), (16, 64), (4, 16), (8, 48), (4, 256)])
+@pytest.mark.parametrize("bits, group_size", [(1, 64), (5, 64), (16, 64), (4, 16), (8, 48), (4, 256)])
 def test_bad_spec_refused(bits, group_size):
     with pytest.raises(MixtralOffloadError):
         QuantSpec(bits, group_size)
@@ -30,11 +30,14 @@ def test_part_layout_sizes():
         "zeros": (np.dtype(np.float16), (14336, 64)),
     }
     assert packed_nbytes(QuantSpec(4, 64), (14336, 4096)) == 14336 * (2048 + 256)
+    assert part_layout(QuantSpec(3, 64), (14336, 4096))["codes"] == (np.dtype(np.uint8), (14336, 1536))
+    assert part_layout(QuantSpec(2, 32), (14336, 4096))["codes"] == (np.dtype(np.uint8), (14336, 1024))
+    assert set(part_layout(QuantSpec(2, 32), (4, 64))) == {"codes", "scales", "zeros"}
     assert set(part_layout(QuantSpec(8, 32), (4, 64))) == {"codes", "scales"}
     assert QuantizedMatrix.part_layout(QuantSpec(8, 32), (4, 64))["codes"] == (np.dtype(np.int8), (4, 64))
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_from_parts_views_a_buffer_without_copying(bits):
     spec, shape = QuantSpec(bits, 32), (6, 64)
     qm = quantize(np.random.default_rng(0).standard_normal(shape).astype(np.float32), spec)

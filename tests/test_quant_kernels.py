@@ -7,7 +7,7 @@ from mixtral_offload.errors import MixtralOffloadError
 from mixtral_offload.quant import QuantSpec, dequantize, dequantize_fast, expert_forward, matmul, quantize
 from mixtral_offload.quant.float_kernels import K_CHUNK
 
-SPECS = [QuantSpec(b, g) for b in (4, 8) for g in (32, 64, 128)]
+SPECS = [QuantSpec(b, g) for b in (2, 3, 4, 8) for g in (32, 64, 128)]
 
 
 def _rel(y, ref):
@@ -56,7 +56,8 @@ def _expert_reference(w1, w3, w2, x):
     return (a / (1.0 + np.exp(-a)) * b) @ dequantize(w2).T
 
 
-@pytest.mark.parametrize("spec", [QuantSpec(4, 32), QuantSpec(4, 64), QuantSpec(8, 64), QuantSpec(8, 128)], ids=str)
+@pytest.mark.parametrize("spec", [QuantSpec(2, 32), QuantSpec(3, 64), QuantSpec(4, 32), QuantSpec(4, 64), QuantSpec(8, 64),
+                                  QuantSpec(8, 128)], ids=str)
 @pytest.mark.parametrize("tokens", [1, 5])
 def test_expert_forward_matches_reference(spec, tokens):
     rng = np.random.default_rng(tokens + spec.bits)

@@ -6,6 +6,7 @@ import json
 import click
 
 from ..offload.options import CHOICES
+from .convert import BITS
 
 
 @click.group()
@@ -21,7 +22,7 @@ def bench() -> None:
 
 @bench.command()
 @click.option("--threads", "-t", type=click.IntRange(1), multiple=True, default=(1, 2), show_default=True)
-@click.option("--bits", type=click.Choice(["4", "8"]), multiple=True, default=("4", "8"), show_default=True)
+@click.option("--bits", type=click.Choice(BITS), multiple=True, default=("4", "8"), show_default=True)
 @click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True)
 @click.option("--tokens", type=click.IntRange(1), multiple=True, default=(1,), show_default=True,
               help="Rows of x per call (1: batch-1 matvec).")

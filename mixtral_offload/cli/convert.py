@@ -5,18 +5,25 @@ import click
 
 from ..config import format_size
 
+BITS = ("2", "3", "4", "8")  # quant.format.SUPPORTED_BITS, spelled out so --help imports no kernels
+MISS_BITS = ("2", "3")
+MISS_HELP = ("Also write a low-bit copy of every expert at these bits (same group size), for the cache to read "
+             "on a miss instead of the full expert.")
+
 
 @click.command()
 @click.argument("hf_dir", metavar="HF_DIR_OR_GGUF", type=click.Path())
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--bits", type=click.Choice(["4", "8"]), default="4", show_default=True, help="Bits per expert weight.")
+@click.option("--bits", type=click.Choice(BITS), default="4", show_default=True,
+              help="Bits per expert weight (2 and 3: smaller and less faithful, see docs/quant.md).")
 @click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True,
               help="Input columns sharing one scale (and zero).")
 @click.option("--dense-dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16",
               show_default=True, help="Storage dtype of the dense (non-expert) weights.")
 @click.option("--no-refine", is_flag=True, help="Plain round-to-nearest; skip the error-minimizing refinement.")
+@click.option("--miss-bits", type=click.Choice(MISS_BITS), default=None, help=MISS_HELP)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def convert(hf_dir, out_dir, bits, group_size, dense_dtype, no_refine, quiet):
+def convert(hf_dir, out_dir, bits, group_size, dense_dtype, no_refine, miss_bits, quiet):
     """Convert an HF Mixtral checkpoint, or a llama.cpp GGUF, into a model directory with a quantized expert pool.
 
     Streams one tensor at a time and writes atomically: OUT_DIR appears only when complete. A GGUF is
@@ -30,7 +37,8 @@ def convert(hf_dir, out_dir, bits, group_size, dense_dtype, no_refine, quiet):
     from ..offload.store.convert import convert as run_convert
 
     result = run_convert(hf_dir, out_dir, bits=int(bits), group_size=int(group_size), dense_dtype=dense_dtype,
-                         refine=not no_refine, progress=False if quiet else None)
+                         refine=not no_refine, miss_bits=miss_bits and int(miss_bits),
+                         progress=False if quiet else None)
     if not quiet:
         click.echo(f"wrote {result.path}: pool {format_size(result.pool_bytes)}, dense {format_size(result.dense_bytes)} "
                    f"from {format_size(result.input_bytes)} in {result.seconds:.1f} s "
@@ -52,7 +60,7 @@ def verify(model_dir, quiet):
     from pathlib import Path
 
     from ..offload.store.gguf import is_gguf, verify_gguf
-    from ..offload.store.pool import verify_model_dir
+    from ..offload.store.verify import verify_model_dir
 
     if is_gguf(Path(model_dir)):
         click.echo(verify_gguf(model_dir))
@@ -70,14 +78,15 @@ def verify(model_dir, quiet):
 @click.option("--heads", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--kv-heads", type=click.IntRange(1), default=8, show_default=True)
 @click.option("--vocab", type=click.IntRange(1), default=32000, show_default=True)
-@click.option("--bits", type=click.Choice(["4", "8"]), default="4", show_default=True)
+@click.option("--bits", type=click.Choice(BITS), default="4", show_default=True)
 @click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True)
 @click.option("--tokenizer", type=click.Path(dir_okay=False, exists=True), default=None,
               help="A tokenizer.model to copy in (needed to generate from the result).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--miss-bits", type=click.Choice(MISS_BITS), default=None, help=MISS_HELP)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def synth(out_dir, layers, hidden, intermediate, experts, top_k, heads, kv_heads, vocab, bits, group_size,
-          tokenizer, seed, quiet):
+          tokenizer, seed, miss_bits, quiet):
     """Write a model directory of random quantized experts at any geometry, with no source checkpoint.
 
     The defaults are full Mixtral-8x7B (~24 GB pool at 4 bits): for testing at scale, not for text.
@@ -94,7 +103,7 @@ def synth(out_dir, layers, hidden, intermediate, experts, top_k, heads, kv_heads
                      num_attention_heads=heads, num_key_value_heads=kv_heads, num_local_experts=experts,
                      num_experts_per_tok=top_k, torch_dtype="float16")
     result = write_synthetic(out_dir, args, bits=int(bits), group_size=int(group_size), tokenizer=tokenizer,
-                             seed=seed, progress=False if quiet else None)
+                             seed=seed, miss_bits=miss_bits and int(miss_bits), progress=False if quiet else None)
     if not quiet:
         click.echo(f"wrote {result.path}: pool {format_size(result.pool_bytes)}, dense {format_size(result.dense_bytes)} "
                    f"in {result.seconds:.1f} s")

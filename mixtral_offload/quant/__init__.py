@@ -1,4 +1,4 @@
-"""Quantized expert formats (int4 / int8 per group), the quantizer, and Numba CPU kernels."""
+"""Quantized expert formats (int2 / int3 / int4 / int8 per group), the quantizer, and Numba CPU kernels."""
 
 from mixtral_offload.quant.format import QuantizedMatrix, QuantSpec, packed_nbytes, part_layout
 from mixtral_offload.quant.kernels import dequantize_fast, expert_forward, matmul

@@ -11,6 +11,7 @@ Two paths by token count. T < BATCH_MIN_TOKENS (decode): `_dot_rows` decodes 4 r
 product, one inner loop per format, every parallel driver written once on top of it. T >= it
 (prefill, several tokens routed to one expert): `_block_dots` decodes a 4-row x 1024-column block
 once into an L1 buffer of exact float32 weights and runs a 4-row x 4-token FMA tile over it.
+int2/int3 take that block path at every T (their fast path is int8x.py; this one is for exactness).
 
 Numba/LLVM notes (checked in the assembly): an inner loop that stores through several array views
 gets a runtime overlap check per entry; index one flat array per operand with unsigned offsets (no
@@ -23,6 +24,7 @@ import numpy as np
 from numba import njit, prange
 
 from mixtral_offload.quant.int8x import silu as _silu
+from mixtral_offload.quant.lowbit import decode_group
 
 ROW_BLOCK = 4  # rows decoded together: they share every load of x
 ROWS_PER_TASK = 64  # rows per parallel task (scratch is allocated once per task)
@@ -181,7 +183,12 @@ def _decode_block(bits, codes, scales, zeros, f16, group_size, r0, k0, kc, w):
             g = g0 + gq
             s = f16[scales[r, g]]
             ob = np.uint64(gq * group_size)
-            if bits == 4:
+            if bits < 4:
+                decode_group(codes[r], bits, group_size, g, wi, gq * group_size)
+                z = f16[zeros[r, g]]
+                for j in range(group_size):
+                    wi[ob + np.uint64(j)] = (wi[ob + np.uint64(j)] - z) * s
+            elif bits == 4:
                 z = f16[zeros[r, g]]
                 crow = codes[r]
                 cb = np.uint64(g * half)
@@ -331,7 +338,12 @@ def _dequantize_rows_kernel(bits, codes, scales, zeros, f16, group_size, r_start
         for g in range(scales.shape[1]):
             s = f16[scales[r, g]]
             base = g * group_size
-            if bits == 4:
+            if bits < 4:
+                decode_group(codes[r], bits, group_size, g, row, base)
+                z = f16[zeros[r, g]]
+                for j in range(group_size):
+                    row[base + j] = (row[base + j] - z) * s
+            elif bits == 4:
                 z = f16[zeros[r, g]]
                 for j in range(half):
                     b = np.float32(codes[r, g * half + j])

@@ -7,6 +7,9 @@ int4  codes  uint8   [rows, cols // 2]  per group of G columns, byte j (0 <= j <
                                           so a kernel reads both halves of x contiguously.
       scales float16 [rows, g]          w = (q - zero) * scale, q in 0..15 (asymmetric)
       zeros  float16 [rows, g]          float zero point (refinement moves it off the integers)
+int3  codes  uint8   [rows, 3 cols / 8]  2-bit planes + a high-bit plane, see quant/lowbit.py
+int2  codes  uint8   [rows, cols // 4]  4 codes per byte in 2-bit planes, see quant/lowbit.py
+      scales, zeros as int4, q in 0..7 (int3) or 0..3 (int2)
 int8  codes  int8    [rows, cols]
       scales float16 [rows, g]          w = q * scale, q in -127..127 (symmetric)
 
@@ -22,7 +25,8 @@ import numpy as np
 
 from mixtral_offload.errors import MixtralOffloadError
 
-SUPPORTED_BITS = (4, 8)
+SUPPORTED_BITS = (2, 3, 4, 8)
+ASYMMETRIC_BITS = (2, 3, 4)  # formats with a float zero point per group: w = (q - zero) * scale
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
 # how the CPU kernels take their input: "float32" as given, exact to the dequantized weights; "int8"
 # quantized per group for integer dot products (int8x.py), where the format allows
@@ -31,7 +35,7 @@ ACTIVATIONS = ("float32", "int8")
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """A quantization format: bits per weight (4 or 8) and group size along the input dimension."""
+    """A quantization format: bits per weight (2, 3, 4 or 8) and group size along the input dimension."""
 
     bits: int = 4
     group_size: int = 64
@@ -73,9 +77,9 @@ def part_layout(spec: QuantSpec, shape: tuple[int, int]) -> dict[str, tuple[np.d
     """Each part's name -> (dtype, shape) for a matrix of `shape` in format `spec`, in storage order."""
     rows, cols = spec.check_shape(shape)
     groups = cols // spec.group_size
-    if spec.bits == 4:
+    if spec.bits in ASYMMETRIC_BITS:
         return {
-            "codes": (np.dtype(np.uint8), (rows, cols // 2)),
+            "codes": (np.dtype(np.uint8), (rows, cols * spec.bits // 8)),
             "scales": (np.dtype(np.float16), (rows, groups)),
             "zeros": (np.dtype(np.float16), (rows, groups)),
         }
@@ -160,5 +164,5 @@ _NO_ZEROS = np.zeros((1, 1), np.uint16)  # int8 has no zero points; the kernels 
 
 def kernel_parts(qm: QuantizedMatrix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(codes, scales as uint16, zeros as uint16) in the form the Numba kernels take (no float16 there)."""
-    zeros = qm.zeros.view(np.uint16) if qm.spec.bits == 4 else _NO_ZEROS
+    zeros = qm.zeros.view(np.uint16) if qm.spec.bits in ASYMMETRIC_BITS else _NO_ZEROS
     return qm.codes, qm.scales.view(np.uint16), zeros

@@ -1,4 +1,4 @@
-"""int4 and int8 weights times int8 activations: integer dot products per 64-byte block of codes.
+"""int2, int3, int4 and int8 weights times int8 activations: integer dot products per 64-byte block of codes.
 
 The float kernels in kernels.py decode every nibble to float and stay compute-bound at ~25-30% of
 memory bandwidth. Here x is quantized once per call to int8 per weight group (symmetric, one float
@@ -12,6 +12,10 @@ the same order, [lo 64 B | hi 64 B] per block, so each block takes two `vpdpbusd
 u8 x s8 -> int32, 4 products per lane) with no shuffles, one int->float conversion, and one FMA with
 the per-lane scale s_g dx_g. Groups of 32/64/128 map to 4/8/16 int32 lanes of a block.
 
+int2 and int3 (quant/lowbit.py) are the same with four 2-bit planes per byte: a block of 64 bytes holds
+256 weights, xq is permuted to [plane 0 | 1 | 2 | 3] x 64 B, and each plane is a shift and a mask
+then one `vpdpbusd`. int3 adds a 64-bit mask per plane and block, adding 4 to the plane's bytes under it.
+
 int8 weights (symmetric, q in -127..127) are read by VNNI as u = q + 128 (an XOR of the sign bit),
 and a block of 64 takes sum u xq - 128 sum xq: two `vpdpbusd` on the same x, no zero points. x stays
 in its natural order for them.
@@ -23,7 +27,7 @@ everywhere. With AVX2 and no VNNI, pmaddubsw/pmaddwd on 256-bit halves (llama.cp
 weights as |q| against x with q's sign, so no pair sum saturates). `ISA` says which one this process
 compiled; the tests build the other two here and compare.
 
-Applies to int4 with cols % 128 == 0 and int8 with cols % 64 == 0 (whole blocks per row);
+Applies where cols is a whole number of blocks (BLOCK_COLS: 128 for int4, 256 for int2/int3, 64 for int8);
 `supports()` says so, and the callers in kernels.py keep the exact float kernels otherwise.
 Results equal the float64 reference on the dequantized weights and the dequantized int8 x
 (`reference_matmul`) within ~1e-6 relative; against the float x they differ by the activation
@@ -42,8 +46,12 @@ from numba.extending import intrinsic
 
 from mixtral_offload.quant.format import kernel_parts
 
-BLOCK_BYTES = 64  # codes per block: one zmm load, 128 int4 or 64 int8 weights
-BLOCK_COLS = {4: 2 * BLOCK_BYTES, 8: BLOCK_BYTES}  # weights (columns) per block, by bit width
+BLOCK_BYTES = 64  # codes per block: one zmm load, 128 int4, 256 int2/int3 or 64 int8 weights
+# Planes per code byte, by bit width: int4 two nibbles, int2/int3 four 2-bit fields (quant/lowbit.py;
+# int3 adds 32 high-bit bytes per block); int8 one code per byte in natural order.
+PLANES = {2: 4, 3: 4, 4: 2, 8: 1}
+PLANE_BITS = {2: 2, 3: 2, 4: 4, 8: 8}
+BLOCK_COLS = {bits: planes * BLOCK_BYTES for bits, planes in PLANES.items()}  # weights per block
 ROWS_PER_TASK = 64
 # Software prefetch of the codes 8 KiB ahead into L2 (prefetcht1). The hardware prefetchers alone
 # left one thread at 16-20 GB/s on Mixtral's w1/w2 int4 g64; with it 27 GB/s, and 2 threads 33 GB/s,
@@ -81,9 +89,10 @@ def supports(bits: int, cols: int) -> bool:
 
 
 @njit(cache=True, fastmath=True, nogil=True)
-def _quantize_activations(x, group_size, permute, xperm, dx, xqsum):
-    """Per token and group: dx = max|x| / 127, xq = round(x / dx); with permute, in int4's block order."""
-    half = group_size // 2
+def _quantize_activations(x, group_size, planes, xperm, dx, xqsum):
+    """Per token and group: dx = max|x| / 127, xq = round(x / dx), in the block order of codes with
+    `planes` planes per byte (1: natural order)."""
+    part = group_size // planes
     inv127 = np.float32(1.0 / 127.0)
     for t in range(x.shape[0]):
         for g in range(x.shape[1] // group_size):
@@ -97,13 +106,10 @@ def _quantize_activations(x, group_size, permute, xperm, dx, xqsum):
             for j in range(group_size):
                 q = np.int32(np.rint(x[t, base + j] * inv))
                 total += q
-                if not permute:
-                    xperm[t, base + j] = q
-                    continue
-                # element j < half is the low nibble of code byte p = g*half + j, j >= half the high one
-                p = g * half + (j % half)
+                # element j of the group is in plane j // part of code byte g * part + j % part
+                p = g * part + (j % part)
                 block, pos = p // BLOCK_BYTES, p % BLOCK_BYTES
-                xperm[t, block * 2 * BLOCK_BYTES + (BLOCK_BYTES if j >= half else 0) + pos] = q
+                xperm[t, (block * planes + j // part) * BLOCK_BYTES + pos] = q
             dx[t, g] = scale
             xqsum[t, g] = scale * np.float32(total)
 
@@ -111,13 +117,13 @@ def _quantize_activations(x, group_size, permute, xperm, dx, xqsum):
 def quantize_activations(x: np.ndarray, group_size: int, bits: int = 4):
     """(xperm int8 [T, cols], dx float32 [T, cols/G], xqsum float32 [T, cols/G]) for x [T, cols].
 
-    xperm is in the order the weights' codes are read: int4's block order for bits 4, natural for 8.
+    xperm is in the order the weights' codes are read: by planes of each block, natural for int8.
     """
     tokens, cols = x.shape
     xperm = np.empty((tokens, cols), np.int8)
     dx = np.empty((tokens, cols // group_size), np.float32)
     xqsum = np.empty((tokens, cols // group_size), np.float32)
-    _quantize_activations(x, group_size, bits == 4, xperm, dx, xqsum)
+    _quantize_activations(x, group_size, PLANES[bits], xperm, dx, xqsum)
     return xperm, dx, xqsum
 
 
@@ -205,7 +211,7 @@ def _int_dot(builder, acc, codes_u8, x_s8, isa):
     if isa == "vnni":
         return _call(builder, "llvm.x86.avx512.vpdpbusd.512", _V16I32,
                      [acc, builder.bitcast(codes_u8, _V16I32), builder.bitcast(x_s8, _V16I32)])
-    if isa == "avx2":  # int4 codes <= 15: a pair sum is at most 2 * 15 * 128, far from saturating
+    if isa == "avx2":  # int2-int4 codes <= 15: a pair sum is at most 2 * 15 * 128, far from saturating
         return builder.add(acc, _avx2_dot(builder, codes_u8, x_s8))
     return builder.add(acc, _generic_dot(builder, codes_u8, x_s8, codes_signed=False))
 
@@ -248,6 +254,28 @@ class _Operands:
         self.first_row, self.end_row, self.out_first, self.group_size = args[7:11]
 
 
+def _decode_planes(builder, codes, code_at, codes_b, bits):
+    """The <64 x i8> codes of each plane of the block at codes[code_at] (codes_b: its first 64 bytes).
+
+    int3: after the planes, one 64-bit mask per plane; 4 is added to plane p's bytes under mask p
+    (on AVX-512BW a mask-register load and a masked add).
+    """
+    width = PLANE_BITS[bits]
+    mask = ir.Constant(_V64I8, [(1 << width) - 1] * 64)
+    planes = []
+    for p in range(PLANES[bits]):
+        shifted = builder.lshr(codes_b, ir.Constant(_V64I8, [width * p] * 64)) if p else codes_b
+        planes.append(builder.and_(shifted, mask) if p < PLANES[bits] - 1 else shifted)
+    if bits != 3:
+        return planes
+    four = ir.Constant(_V64I8, [4] * 64)
+    for p in range(PLANES[bits]):
+        high = _load(builder, codes, builder.add(code_at, ir.Constant(_I64, BLOCK_BYTES + 8 * p)), _I64)
+        is_set = builder.bitcast(high, ir.VectorType(ir.IntType(1), 64))
+        planes[p] = builder.select(is_set, builder.add(planes[p], four), planes[p])
+    return planes
+
+
 def _emit_row_dots(builder, ops, bits, group_size, tokens, t0, code_off, scale_off, nblocks, isa, prefetch):
     """IR for the dot products of one row with x[t0 : t0 + tokens]: a list of float32 values.
 
@@ -255,9 +283,10 @@ def _emit_row_dots(builder, ops, bits, group_size, tokens, t0, code_off, scale_o
     / BLOCK_COLS[bits]. Each 64-byte block of codes is decoded once and used for every token.
     """
     block_cols = BLOCK_COLS[bits]
-    # int32 lane l of a block sums weights 4l..4l+3 of its 64 bytes: of group (4l) // (G/2) for int4
-    # (a byte holds elements j and j + G/2), (4l) // G for int8; an int8 group of 128 spans 2 blocks
-    group_bytes = group_size // 2 if bits == 4 else group_size
+    block_bytes = BLOCK_BYTES * bits // PLANE_BITS[bits]  # code bytes per block: int3 adds 32 of masks
+    # int32 lane l of a block sums weights 4l..4l+3 of each plane's 64 bytes: of group (4l) // (G/planes)
+    # (a byte holds elements j + p G/planes of its group); an int8 group of 128 spans 2 blocks
+    group_bytes = group_size // PLANES[bits]
     groups_per_block = max(1, BLOCK_BYTES // group_bytes)
     expand = ir.Constant(ir.VectorType(_I32, 16), [(4 * lane) // group_bytes for lane in range(16)])
     small = ir.VectorType(_F32, groups_per_block)
@@ -273,35 +302,33 @@ def _emit_row_dots(builder, ops, bits, group_size, tokens, t0, code_off, scale_o
         dx_rows.append(builder.gep(ops.dx, [builder.mul(t, ngroups)]))
         xqsum_rows.append(builder.gep(ops.xqsum, [builder.mul(t, ngroups)]))
     fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16F, [_V16F] * 3), "llvm.fma.v16f32")
-    low_mask = ir.Constant(_V64I8, [15] * 64)
-    four = ir.Constant(_V64I8, [4] * 64)
     accs = [[cgutils.alloca_once_value(builder, ir.Constant(_V16F, None)) for _ in range(chains)] for _ in range(tokens)]
     zero_terms = [cgutils.alloca_once_value(builder, ir.Constant(small, None)) for _ in range(tokens)]
 
     def block(b, chain):
-        code_at = builder.add(code_off, builder.mul(b, ir.Constant(_I64, BLOCK_BYTES)))
-        if prefetch:
-            _prefetch_l2(builder, builder.gep(ops.codes, [builder.add(code_at, ir.Constant(_I64, prefetch))]))
+        code_at = builder.add(code_off, builder.mul(b, ir.Constant(_I64, block_bytes)))
+        for line in range(0, block_bytes if prefetch else 0, BLOCK_BYTES):  # int3's 96-byte blocks: 2 lines
+            _prefetch_l2(builder, builder.gep(ops.codes, [builder.add(code_at, ir.Constant(_I64, prefetch + line))]))
         codes_b = _load(builder, ops.codes, code_at, _V64I8)
         g0 = builder.udiv(builder.mul(b, ir.Constant(_I64, BLOCK_BYTES)), ir.Constant(_I64, group_bytes))
         s = _halfs_to_float(builder, ops.scales, builder.add(scale_off, g0), groups_per_block)
         x_off = builder.mul(b, ir.Constant(_I64, block_cols))
-        if bits == 4:
-            low, high = builder.and_(codes_b, low_mask), builder.lshr(codes_b, four)
+        if bits != 8:
+            planes = _decode_planes(builder, ops.codes, code_at, codes_b, bits)
             sz = builder.fmul(s, _halfs_to_float(builder, ops.zeros, builder.add(scale_off, g0), groups_per_block))
         for i in range(tokens):
-            x_lo = _load(builder, x_rows[i], x_off, _V64I8)
-            if bits == 4:
-                x_hi = _load(builder, x_rows[i], builder.add(x_off, ir.Constant(_I64, BLOCK_BYTES)), _V64I8)
-                ints = _int_dot(builder, ir.Constant(_V16I32, None), low, x_lo, isa)
-                ints = _int_dot(builder, ints, high, x_hi, isa)
+            if bits != 8:
+                ints = ir.Constant(_V16I32, None)
+                for p, plane in enumerate(planes):
+                    x_p = _load(builder, x_rows[i], builder.add(x_off, ir.Constant(_I64, p * BLOCK_BYTES)), _V64I8)
+                    ints = _int_dot(builder, ints, plane, x_p, isa)
             else:
-                ints = _signed_int_dot(builder, codes_b, x_lo, isa)
+                ints = _signed_int_dot(builder, codes_b, _load(builder, x_rows[i], x_off, _V64I8), isa)
             d = _load(builder, dx_rows[i], g0, small)
             lane_scale = builder.shuffle_vector(builder.fmul(s, d), ir.Constant(small, ir.Undefined), expand)
             acc = accs[i][chain]
             builder.store(builder.call(fma, [builder.sitofp(ints, _V16F), lane_scale, builder.load(acc)]), acc)
-            if bits == 4:
+            if bits != 8:
                 zt = builder.fmul(sz, _load(builder, xqsum_rows[i], g0, small))
                 builder.store(builder.fadd(builder.load(zero_terms[i]), zt), zero_terms[i])
 
@@ -328,7 +355,12 @@ def _emit_row_dots(builder, ops, bits, group_size, tokens, t0, code_off, scale_o
 TILE = 4  # tokens per pass over a row when several tokens go through one matrix (prefill)
 # From this many tokens (by bit width), matmul and gate_up run int8x_tiles' row x token tiles: measured
 # faster from 2 tokens on for int4 and from 6 for int8 (from DRAM; in cache from 2 for both)
-TILES_MIN_TOKENS = {4: 2, 8: 6}
+TILES_MIN_TOKENS = {4: 2, 8: 6}  # int2/int3 have no tile kernel: their tokens go TILE at a time
+
+
+def _tiles(bits: int, tokens: int) -> bool:
+    """Whether int8x_tiles takes this many tokens of this bit width."""
+    return bits in TILES_MIN_TOKENS and tokens >= TILES_MIN_TOKENS[bits]
 
 
 GROUP_SIZES = (32, 64, 128)
@@ -344,7 +376,7 @@ def emit_per_group_size(builder, group_size_v, emit) -> None:
 def make_rows_kernel(bits: int, isa: str = ISA, prefetch: int = PREFETCH_BYTES):
     """An intrinsic: rows_dots(codes, scales, zeros, xperm, dx, xqsum, out, r_start, r_end, out_start, G).
 
-    For rows r_start <= r < r_end of an int4/int8 matrix (codes/scales/zeros: its flat views) with
+    For rows r_start <= r < r_end of an int2/int3/int4/int8 matrix (codes/scales/zeros: its flat views) with
     group size G and every token t of quantize_activations' output (all arrays C-contiguous):
     out[t, out_start + r - r_start] = row r . x[t]. Tokens go TILE at a time, the rest one by one.
     The row loop is in the IR: a call per row from Numba cost ~40 ns of fixed work, as much as 9
@@ -360,7 +392,7 @@ def make_rows_kernel(bits: int, isa: str = ISA, prefetch: int = PREFETCH_BYTES):
             tokens, cols, out_cols = ops.tokens, ops.cols, ops.out_cols
             first_row, end_row, out_first = ops.first_row, ops.end_row, ops.out_first
             nblocks = builder.udiv(cols, ir.Constant(_I64, BLOCK_COLS[bits]))
-            row_bytes = builder.udiv(cols, ir.Constant(_I64, 8 // bits))
+            row_bytes = builder.udiv(builder.mul(cols, ir.Constant(_I64, bits)), ir.Constant(_I64, 8))
             tiles = builder.udiv(tokens, ir.Constant(_I64, TILE))
             rest = builder.urem(tokens, ir.Constant(_I64, TILE))
 
@@ -393,7 +425,7 @@ def make_rows_kernel(bits: int, isa: str = ISA, prefetch: int = PREFETCH_BYTES):
     return rows_dots
 
 
-_rows_int4, _rows_int8 = make_rows_kernel(4), make_rows_kernel(8)
+_rows_int2, _rows_int3, _rows_int4, _rows_int8 = (make_rows_kernel(bits) for bits in (2, 3, 4, 8))
 
 
 @njit(cache=True, fastmath=True, nogil=True)
@@ -402,6 +434,10 @@ def _rows(bits, codes, scales, zeros, xperm, dx, xqsum, group_size, out, r_start
     first, end, column, group = np.uint64(r_start), np.uint64(r_end), np.uint64(out_start), np.uint64(group_size)
     if bits == 4:
         _rows_int4(codes, scales, zeros, xperm, dx, xqsum, out, first, end, column, group)
+    elif bits == 3:
+        _rows_int3(codes, scales, zeros, xperm, dx, xqsum, out, first, end, column, group)
+    elif bits == 2:
+        _rows_int2(codes, scales, zeros, xperm, dx, xqsum, out, first, end, column, group)
     else:
         _rows_int8(codes, scales, zeros, xperm, dx, xqsum, out, first, end, column, group)
 
@@ -453,7 +489,7 @@ def _gate_up_kernel(bits, codes1, scales1, zeros1, codes3, scales3, zeros3, xper
 
 def matmul(qm, x: np.ndarray) -> np.ndarray:
     """y [T, rows] = x [T, cols] @ W.T with x quantized to int8 per group (supports(...) must hold)."""
-    if x.shape[0] >= TILES_MIN_TOKENS[qm.spec.bits]:
+    if _tiles(qm.spec.bits, x.shape[0]):
         from mixtral_offload.quant import int8x_tiles  # it builds on this module's IR
 
         return int8x_tiles.matmul(qm, x)
@@ -465,7 +501,7 @@ def matmul(qm, x: np.ndarray) -> np.ndarray:
 
 def gate_up(w1, w3, x: np.ndarray) -> np.ndarray:
     """h [T, I] = silu(x @ w1.T) * (x @ w3.T) with x quantized to int8 per group."""
-    if x.shape[0] >= TILES_MIN_TOKENS[w1.spec.bits]:
+    if _tiles(w1.spec.bits, x.shape[0]):
         from mixtral_offload.quant import int8x_tiles
 
         return int8x_tiles.gate_up(w1, w3, x)

@@ -74,7 +74,7 @@ def matmul_float(qm: QuantizedMatrix, x: np.ndarray) -> np.ndarray:
     """y [T, rows] = x [T, cols] @ W.T on float32 activations, exact to the dequantized weights."""
     y = np.empty((x.shape[0], qm.rows), np.float32)
     codes, scales, zeros = kernel_parts(qm)
-    if x.shape[0] >= BATCH_MIN_TOKENS:
+    if x.shape[0] >= BATCH_MIN_TOKENS or qm.spec.bits < 4:  # int2/int3: only the block decode
         _matmul_batched_kernel(qm.spec.bits, codes, scales, zeros, F16_TABLE, x, qm.spec.group_size, y)
     else:
         xsum = _group_sums(x, qm.spec.group_size)
@@ -87,7 +87,7 @@ def gate_up_float(w1: QuantizedMatrix, w3: QuantizedMatrix, x: np.ndarray) -> np
     h = np.empty((x.shape[0], w1.rows), np.float32)
     c1, s1, z1 = kernel_parts(w1)
     c3, s3, z3 = kernel_parts(w3)
-    if x.shape[0] >= BATCH_MIN_TOKENS:
+    if x.shape[0] >= BATCH_MIN_TOKENS or w1.spec.bits < 4:
         _gate_up_batched_kernel(w1.spec.bits, c1, s1, z1, c3, s3, z3, F16_TABLE, x, w1.spec.group_size, h)
     else:
         xsum = _group_sums(x, w1.spec.group_size)

@@ -2,8 +2,9 @@
 
 Round-to-nearest (RTN) first; then, with refine=True, alternating least squares per group: with the
 codes fixed, the scale (and offset) minimizing the squared error has a closed form; with those fixed,
-the codes are re-rounded. Each group keeps whichever candidate has the lower squared error with its
-parameters rounded to float16 as stored, so refinement never makes a group worse. No calibration data.
+the codes are re-rounded. Each group keeps whichever candidate has the lower squared error, so
+refinement does not make a group worse (up to the float16 rounding of its parameters when stored;
+docs/quant.md says where that rounding happens). No calibration data.
 
 The work is one fused Numba pass per row (a group stays in L1 through all steps): a torch version of
 the same steps allocated a fresh tensor per op and took ~30 s for a 14336x4096 matrix here.
@@ -18,9 +19,12 @@ import torch
 from numba import njit, prange
 
 from mixtral_offload.errors import MixtralOffloadError
-from mixtral_offload.quant.format import QuantizedMatrix, QuantSpec
+from mixtral_offload.quant.format import ASYMMETRIC_BITS, QuantizedMatrix, QuantSpec
+from mixtral_offload.quant.lowbit import array_module, pack_row, unpack_lowbit
 
 REFINE_STEPS = 4  # ALS steps; on Gaussian weights the error stops falling after 3-4
+# Starting ranges tried before ALS (1.0: min..max; f < 1: shrunk by f about the middle); see docs/quant.md
+RANGE_SHRINKS = {4: (1.0,), 3: (1.0, 0.9, 0.8, 0.7, 0.6), 2: (1.0, 0.9, 0.8, 0.7, 0.6)}
 _FP16_MAX = 65504.0
 _FP16_MIN_NORMAL = 2.0**-14
 
@@ -36,11 +40,12 @@ def quantize(weight: np.ndarray | torch.Tensor, spec: QuantSpec, refine: bool = 
     groups = cols // spec.group_size
     steps = REFINE_STEPS if refine else 0
     scales = np.empty((rows, groups), np.float32)
-    if spec.bits == 4:
-        codes = np.empty((rows, cols // 2), np.uint8)
+    if spec.bits in ASYMMETRIC_BITS:
+        codes = np.empty((rows, cols * spec.bits // 8), np.uint8)
         zeros = np.empty((rows, groups), np.float32)
-        _quantize_int4_rows(w, spec.group_size, steps, codes, scales, zeros)
-        zeros16 = zeros.astype(np.float16)  # exact: the kernel already rounded them to float16
+        shrinks = np.array(RANGE_SHRINKS[spec.bits] if refine else (1.0,), np.float32)
+        _quantize_asym_rows(w, spec.bits, spec.group_size, steps, shrinks, codes, scales, zeros)
+        zeros16 = zeros.astype(np.float16)
     else:
         codes = np.empty((rows, cols), np.int8)
         _quantize_int8_rows(w, spec.group_size, steps, codes, scales)
@@ -75,16 +80,16 @@ def _round_fp16(x):
     return min(max(hi, np.float32(-_FP16_MAX)), np.float32(_FP16_MAX))
 
 
-# --- int4: asymmetric, w = (q - z) * s, q in 0..15 ---
+# --- int2/int3/int4: asymmetric, w = (q - z) * s, q in 0..qmax ---
 
 
 @njit(cache=True, fastmath=True, nogil=True)
-def _int4_codes_error(wg, s, z, q):
+def _asym_codes_error(wg, s, z, qmax, q):
     """Fill q with the codes for (s, z); return the squared error of the dequantized group."""
     inv = np.float32(1.0) / s
     err = np.float32(0.0)
     for j in range(wg.shape[0]):
-        c = min(max(np.round(wg[j] * inv + z), np.float32(0.0)), np.float32(15.0))
+        c = min(max(np.round(wg[j] * inv + z), np.float32(0.0)), qmax)
         q[j] = c
         d = (c - z) * s - wg[j]
         err += d * d
@@ -92,22 +97,34 @@ def _int4_codes_error(wg, s, z, q):
 
 
 @njit(cache=True, fastmath=True, nogil=True, parallel=True)
-def _quantize_int4_rows(w, group_size, steps, codes, scales, zeros):
+def _quantize_asym_rows(w, bits, group_size, steps, shrinks, codes, scales, zeros):
+    """Per group: RTN from each starting range in `shrinks` (min..max shrunk by the factor about its
+    middle, clipping the tails), the best start kept, then `steps` ALS steps; codes packed per row.
+    Scale and zero are searched in float32 and rounded to float16 when stored (see docs/quant.md).
+    """
     rows, cols = w.shape
     half = group_size // 2
     n = np.float32(group_size)
+    qmax = np.float32(2**bits - 1)
     for r in prange(rows):
         q = np.empty(group_size, np.float32)
-        best_q = np.empty(group_size, np.float32)
+        row_q = np.empty(cols, np.float32)
         for g in range(cols // group_size):
             wg = w[r, g * group_size : (g + 1) * group_size]
+            best_q = row_q[g * group_size : (g + 1) * group_size]
             lo = wg.min()
             hi = wg.max()
             floor = max(max(abs(lo), abs(hi)) / np.float32(1024.0), np.float32(2.0**-24))  # |zero| <= 1024
-            s = _round_fp16(max((hi - lo) / np.float32(15.0), floor))
-            z = _round_fp16(-lo / s)
-            best_err = _int4_codes_error(wg, s, z, best_q)
-            best_s, best_z = s, z
+            best_err = np.float32(np.inf)
+            best_s = best_z = np.float32(0.0)
+            for k in range(shrinks.shape[0]):
+                cut = (hi - lo) * (np.float32(1.0) - shrinks[k]) * np.float32(0.5)
+                s = max((hi - lo - 2 * cut) * (np.float32(1.0) / qmax), floor)
+                z = -(lo + cut) / s
+                err = _asym_codes_error(wg, s, z, qmax, q)
+                if err < best_err:
+                    best_err, best_s, best_z = err, s, z
+                    best_q[:] = q
             q[:] = best_q
             for _ in range(steps):
                 sq = np.float32(0.0)
@@ -125,16 +142,22 @@ def _quantize_int4_rows(w, group_size, steps, codes, scales, zeros):
                 s_ls = (n * sqw - sq * sw) / det
                 if s_ls <= 0:
                     break
-                s = _round_fp16(max(s_ls, floor))
-                z = _round_fp16(min(max((sq - sw / s) / n, np.float32(-2048.0)), np.float32(2048.0)))
-                err = _int4_codes_error(wg, s, z, q)
+                s = max(s_ls, floor)
+                z = min(max((sq - sw / s) / n, np.float32(-2048.0)), np.float32(2048.0))
+                err = _asym_codes_error(wg, s, z, qmax, q)
                 if err < best_err:
                     best_err, best_s, best_z = err, s, z
                     best_q[:] = q
-            for j in range(half):
-                codes[r, g * half + j] = np.uint8(best_q[j]) | (np.uint8(best_q[j + half]) << np.uint8(4))
             scales[r, g] = best_s
             zeros[r, g] = best_z
+        if bits == 4:
+            for g in range(cols // group_size):
+                for j in range(half):
+                    lo4 = np.uint8(row_q[g * group_size + j])
+                    hi4 = np.uint8(row_q[g * group_size + half + j])
+                    codes[r, g * half + j] = lo4 | (hi4 << np.uint8(4))
+        else:
+            pack_row(row_q, bits, group_size, codes[r])
 
 
 # --- int8: symmetric, w = q * s, q in -127..127 ---
@@ -186,11 +209,16 @@ def _quantize_int8_rows(w, group_size, steps, codes, scales):
 # --- reference dequantizers ---
 
 
-def unpack_int4(codes: np.ndarray, group_size: int) -> np.ndarray:
+def unpack_int4(codes, group_size: int):
     """[rows, cols/2] packed bytes -> [rows, cols] uint8 codes 0..15 (inverse of the packing above)."""
     rows = codes.shape[0]
     grouped = codes.reshape(rows, -1, group_size // 2)
-    return np.concatenate([grouped & 15, grouped >> 4], axis=2).reshape(rows, -1)
+    return array_module(codes).concatenate([grouped & 15, grouped >> 4], axis=2).reshape(rows, -1)
+
+
+def unpack_codes(codes, bits: int, group_size: int):
+    """Packed codes of an asymmetric format -> [rows, cols] uint8 codes (numpy or torch, as given)."""
+    return unpack_int4(codes, group_size) if bits == 4 else unpack_lowbit(codes, bits, group_size)
 
 
 def dequantize(qm: QuantizedMatrix) -> np.ndarray:
@@ -198,8 +226,8 @@ def dequantize(qm: QuantizedMatrix) -> np.ndarray:
     rows, cols = qm.shape
     g = qm.spec.group_size
     scales = qm.scales.astype(np.float32)[:, :, None]
-    if qm.spec.bits == 4:
-        q = unpack_int4(qm.codes, g).astype(np.float32).reshape(rows, -1, g)
+    if qm.spec.bits in ASYMMETRIC_BITS:
+        q = unpack_codes(qm.codes, qm.spec.bits, g).astype(np.float32).reshape(rows, -1, g)
         w = (q - qm.zeros.astype(np.float32)[:, :, None]) * scales
     else:
         w = qm.codes.astype(np.float32).reshape(rows, -1, g) * scales
@@ -220,9 +248,8 @@ def dequantize_parts_torch(spec: QuantSpec, shape: tuple[int, int], parts: dict[
     rows, cols = shape
     g = spec.group_size
     scales = parts["scales"].float()[:, :, None]
-    if spec.bits == 4:
-        grouped = parts["codes"].reshape(rows, -1, g // 2)
-        q = torch.cat([grouped & 15, grouped >> 4], dim=2).float()
+    if spec.bits in ASYMMETRIC_BITS:
+        q = unpack_codes(parts["codes"], spec.bits, g).float().reshape(rows, -1, g)
         w = (q - parts["zeros"].float()[:, :, None]) * scales
     else:
         w = parts["codes"].float().reshape(rows, -1, g) * scales

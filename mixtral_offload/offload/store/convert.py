@@ -30,7 +30,7 @@ from .checkpoint import EXPERT_PARTS, Checkpoint, dense_shapes, expert_shapes, p
 from .gguf import GGUFModel, is_gguf
 from ...cache.source import PAGE
 from ..mapped_embedding import SAFETENSORS_DTYPES
-from .pool import (CONFIG_NAME, DENSE_NAME, FORMAT_VERSION, MANIFEST_NAME, POOL_NAME, TOKENIZER_NAME,
+from .pool import (CONFIG_NAME, COPIES, DENSE_NAME, FORMAT_VERSION, TOKENIZER_NAME,
                    BlockEntry, align, block_layout, manifest_dict, pack_header)
 
 _SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
@@ -161,6 +161,38 @@ class PoolWriter:
         self.file.close()
 
 
+class PoolWriters:
+    """One PoolWriter per expert copy (pool.COPIES): the full one, and with --miss-bits the low-bit one."""
+
+    def __init__(self, out_dir: Path, args: ModelArgs, specs: dict[str, QuantSpec]):
+        self.out_dir, self.specs, self.writers = out_dir, specs, {}
+        try:
+            for copy, spec in specs.items():
+                self.writers[copy] = PoolWriter(out_dir / COPIES[copy][0], args, spec)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(writer.total_bytes for writer in self.writers.values())
+
+    def finish(self) -> int:
+        """Write each pool's header and its manifest beside it, both synced; the pools' bytes."""
+        for copy, writer in self.writers.items():
+            write_bytes_synced(self.out_dir / COPIES[copy][1], writer.finish())
+        return sum((self.out_dir / COPIES[copy][0]).stat().st_size for copy in self.writers)
+
+    def close(self) -> None:
+        for writer in self.writers.values():
+            writer.close()
+
+
+def copy_specs(spec: QuantSpec, miss_bits: int | None) -> dict[str, QuantSpec]:
+    """The format of each expert copy a model directory will hold."""
+    return {"full": spec} | ({"miss": QuantSpec(miss_bits, spec.group_size)} if miss_bits else {})
+
+
 def write_bytes_synced(path: Path, data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data)
@@ -168,11 +200,14 @@ def write_bytes_synced(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def model_config(args: ModelArgs, spec: QuantSpec, dense_dtype: str, method: str, refine: bool) -> dict:
-    """config.json of a converted model: the ModelArgs dict plus its quantization section."""
+def model_config(args: ModelArgs, specs: dict[str, QuantSpec], dense_dtype: str, method: str, refine: bool) -> dict:
+    """config.json of a converted model: the ModelArgs dict plus its quantization section (copy_specs)."""
     config = dataclasses.replace(args, torch_dtype=dense_dtype).to_dict()
+    spec = specs["full"]
     config["quantization"] = {"format_version": FORMAT_VERSION, "bits": spec.bits, "group_size": spec.group_size,
                               "refine": refine, "method": method, "dense_dtype": dense_dtype}
+    if "miss" in specs:
+        config["quantization"]["miss"] = specs["miss"].to_dict()
     return config
 
 
@@ -197,15 +232,17 @@ class ConvertResult:
 
 
 def convert(hf_dir: str | Path, out_dir: str | Path, *, bits: int = 4, group_size: int = 64,
-            dense_dtype: str = "float16", refine: bool = True, progress: bool | None = None) -> ConvertResult:
+            dense_dtype: str = "float16", refine: bool = True, miss_bits: int | None = None,
+            progress: bool | None = None) -> ConvertResult:
     """Convert an HF Mixtral checkpoint directory, or a GGUF file, into a pool model directory at out_dir.
 
-    A GGUF's blocks are dequantized by gguf.quants, then quantized by this runtime's quantizer.
+    A GGUF's blocks are dequantized by gguf.quants, then quantized by this runtime's quantizer. miss_bits:
+    also a low-bit copy of every expert (pool.COPIES["miss"]).
     """
     import time
 
     start = time.perf_counter()
-    spec = QuantSpec(bits, group_size)
+    specs = copy_specs(QuantSpec(bits, group_size), miss_bits)
     dense_torch = parse_dtype(dense_dtype)
     out_dir = Path(out_dir)
     if out_dir.exists():
@@ -213,36 +250,36 @@ def convert(hf_dir: str | Path, out_dir: str | Path, *, bits: int = 4, group_siz
     checkpoint = GGUFModel.open(hf_dir) if is_gguf(Path(hf_dir)) else Checkpoint.open(hf_dir)
     args = checkpoint.args
     for shape in expert_shapes(args).values():
-        spec.check_shape(shape)
+        specs["full"].check_shape(shape)
     input_itemsize = 4 if args.torch_dtype == "float32" else 2
     dense_input = input_itemsize * sum(int(np.prod(s)) for s in dense_shapes(args).values())
     total = dense_input + checkpoint.expert_bytes()
     with staging_dir(out_dir) as tmp, progress_bar(total, progress, "convert") as bar:
         write_dense(tmp / DENSE_NAME, args, dense_torch, checkpoint.dense_tensors(),
                     on_tensor=lambda t: bar.update(t.nbytes))
-        writer = PoolWriter(tmp / POOL_NAME, args, spec)
+        writers = PoolWriters(tmp, args, specs)
         try:
             for layer in range(args.num_hidden_layers):
                 for expert in range(args.num_local_experts):
-                    matrices = []
+                    matrices = {copy: [] for copy in specs}
                     for part in EXPERT_PARTS:
                         weight = checkpoint.expert_tensor(layer, expert, part)
-                        matrices.append(quantize(weight, spec, refine=refine))
+                        for copy, spec in specs.items():
+                            matrices[copy].append(quantize(weight, spec, refine=refine))
                         bar.update(weight.nbytes)
                         del weight
-                    writer.add(layer, expert, tuple(matrices))
-            manifest = writer.finish()
+                    for copy, writer in writers.writers.items():
+                        writer.add(layer, expert, tuple(matrices[copy]))
+            pool_bytes = writers.finish()
         finally:
-            writer.close()
-        write_bytes_synced(tmp / MANIFEST_NAME, manifest)
+            writers.close()
         if isinstance(checkpoint, GGUFModel):
             write_bytes_synced(tmp / TOKENIZER_NAME, checkpoint.tokenizer_model())
         elif checkpoint.tokenizer_path.is_file():
             shutil.copyfile(checkpoint.tokenizer_path, tmp / TOKENIZER_NAME)
             fsync_file(tmp / TOKENIZER_NAME)
-        config = model_config(args, spec, dense_dtype, "rtn+als" if refine else "rtn", refine)
+        config = model_config(args, specs, dense_dtype, "rtn+als" if refine else "rtn", refine)
         write_bytes_synced(tmp / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
-        pool_bytes = (tmp / POOL_NAME).stat().st_size
         dense_bytes = (tmp / DENSE_NAME).stat().st_size
     return ConvertResult(out_dir, total, pool_bytes, dense_bytes, time.perf_counter() - start)
 

@@ -32,6 +32,9 @@ from .checkpoint import expert_shapes
 FORMAT_VERSION = 1
 POOL_NAME, MANIFEST_NAME, CONFIG_NAME, DENSE_NAME = "experts.pool", "manifest.json", "config.json", "dense.safetensors"
 TOKENIZER_NAME = "tokenizer.model"
+# A pool may carry a second, low-bit copy of every expert (convert/synth --miss-bits) in the same
+# format, beside the first: copy name -> (pool file, manifest file).
+COPIES = {"full": (POOL_NAME, MANIFEST_NAME), "miss": ("experts.miss.pool", "manifest.miss.json")}
 PART_ALIGN = 64           # part alignment inside a block: a cache line, for the kernels' loads
 
 MAGIC = b"MXOPOOL\x00"
@@ -115,8 +118,8 @@ class ExpertPool:
     """A read-only, memory-mapped pool of quantized experts, validated before use."""
 
     def __init__(self, path: Path, args: ModelArgs, spec: QuantSpec, blocks: dict[tuple[int, int], BlockEntry],
-                 fd: int, mapping: mmap.mmap, file_bytes: int):
-        self.path, self.args, self.spec = path, args, spec
+                 fd: int, mapping: mmap.mmap, file_bytes: int, copy: str = "full"):
+        self.path, self.args, self.spec, self.copy = path, args, spec, copy
         self.shapes = expert_shapes(args)
         self.slots, self.block_nbytes = block_layout(spec, self.shapes)
         self.blocks = blocks
@@ -125,15 +128,20 @@ class ExpertPool:
 
     # -- opening and validation -----------------------------------------------------------------
     @classmethod
-    def open(cls, model_dir: str | Path) -> "ExpertPool":
-        """Open model_dir/experts.pool; raises MixtralOffloadError on anything inconsistent."""
+    def open(cls, model_dir: str | Path, copy: str = "full") -> "ExpertPool":
+        """Open model_dir's experts (copy "miss": their low-bit copy); MixtralOffloadError on anything inconsistent."""
         model_dir = Path(model_dir)
-        pool_path = model_dir / POOL_NAME
+        pool_name, manifest_name = COPIES[copy]
+        pool_path = model_dir / pool_name
         if not pool_path.is_file():
-            raise MixtralOffloadError(f"{model_dir}: not a converted model directory (no {POOL_NAME})")
+            raise MixtralOffloadError(f"{model_dir}: not a converted model directory (no {POOL_NAME})" if copy == "full"
+                                      else f"{model_dir}: no low-bit copy of the experts ({pool_name}); convert "
+                                           f"or synth with --miss-bits")
         args = ModelArgs.from_file(model_dir / CONFIG_NAME)
         config_quant = read_json(model_dir / CONFIG_NAME).get("quantization")
-        manifest_path = model_dir / MANIFEST_NAME
+        if copy == "miss":
+            config_quant = config_quant.get("miss") if isinstance(config_quant, dict) else None
+        manifest_path = model_dir / manifest_name
         try:
             manifest_raw = manifest_path.read_bytes()
         except OSError as exc:
@@ -150,12 +158,12 @@ class ExpertPool:
         except BaseException:
             os.close(fd)
             raise
-        return cls(model_dir, args, spec, blocks, fd, mapping, file_bytes)
+        return cls(model_dir, args, spec, blocks, fd, mapping, file_bytes, copy)
 
     # -- access (cache.source.BlockSource) -----------------------------------------------------
     @property
     def name(self) -> str:
-        return str(self.path / POOL_NAME)
+        return str(self.path / COPIES[self.copy][0])
 
     def fileno(self) -> int:
         """The pool file's descriptor."""
@@ -262,7 +270,7 @@ def _check_header(pool_path: Path, raw: bytes, file_bytes: int, manifest_raw: by
     if file_bytes != pool_bytes:
         raise MixtralOffloadError(f"{pool_path}: {file_bytes} bytes, the header says {pool_bytes}")
     if manifest_bytes != len(manifest_raw) or manifest_crc != zlib.crc32(manifest_raw):
-        raise MixtralOffloadError(f"{pool_path}: {MANIFEST_NAME} does not belong to this pool "
+        raise MixtralOffloadError(f"{pool_path}: its manifest does not belong to this pool "
                                   f"(length or crc32 differs from the pool header): damaged or mixed files")
 
 
@@ -357,26 +365,3 @@ def manifest_dict(args: ModelArgs, spec: QuantSpec, blocks: dict[tuple[int, int]
         "blocks": [{"layer": layer, "expert": expert, "offset": b.offset, "size": b.size, "crc32": b.crc32,
                     "parts": parts} for (layer, expert), b in sorted(blocks.items())],
     }
-
-
-def verify_model_dir(model_dir: str | Path, progress: bool | None = None) -> str:
-    """Open and fully verify a converted model's pool; a one-line summary, or MixtralOffloadError."""
-    import sys
-
-    from tqdm import tqdm
-
-    from ...config import format_size
-
-    with ExpertPool.open(model_dir) as pool:
-        total = sum(b.size for b in pool.blocks.values())
-        show = sys.stderr.isatty() if progress is None else progress
-        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="verify", disable=not show,
-                  file=sys.stderr) as bar:
-            report = pool.verify(progress=bar.update)
-        if not report.ok:
-            first = ", ".join(f"({layer}, {expert})" for layer, expert in report.bad[:4])
-            raise MixtralOffloadError(f"{pool.path / POOL_NAME}: {len(report.bad)} of {report.blocks} expert blocks "
-                                      f"fail their crc32 check, e.g. (layer, expert) {first}")
-        return (f"ok: {report.blocks} expert blocks ({pool.args.num_hidden_layers} layers x "
-                f"{pool.args.num_local_experts} experts), {format_size(report.bytes_checked)} checked, "
-                f"int{pool.spec.bits} g{pool.spec.group_size}")

@@ -19,8 +19,9 @@ import torch
 from ...config import ModelArgs
 from ...quant.format import QuantSpec
 from .checkpoint import dense_shapes, parse_dtype
-from .convert import PoolWriter, fsync_file, model_config, progress_bar, staging_dir, write_bytes_synced, write_dense
-from .pool import CONFIG_NAME, DENSE_NAME, MANIFEST_NAME, POOL_NAME, TOKENIZER_NAME
+from .convert import (PoolWriters, copy_specs, fsync_file, model_config, progress_bar, staging_dir, write_bytes_synced,
+                      write_dense)
+from .pool import CONFIG_NAME, DENSE_NAME, TOKENIZER_NAME
 
 WEIGHT_STD = 0.02  # std of the random weights (dense and dequantized experts), as in HF's initializer
 
@@ -37,36 +38,36 @@ class SynthResult:
 
 def write_synthetic(out_dir: str | Path, args: ModelArgs, *, bits: int = 4, group_size: int = 64,
                     dense_dtype: str = "float16", tokenizer: str | Path | None = None, seed: int = 0,
-                    progress: bool | None = None) -> SynthResult:
-    """Write a converted-format model directory of random weights with args' geometry."""
+                    miss_bits: int | None = None, progress: bool | None = None) -> SynthResult:
+    """Write a converted-format model directory of random weights with args' geometry (miss_bits: and a
+    low-bit copy of every expert, random too)."""
     start = time.perf_counter()
-    spec = QuantSpec(bits, group_size)
+    specs = copy_specs(QuantSpec(bits, group_size), miss_bits)
     dense_torch = parse_dtype(dense_dtype)
     rng = np.random.Generator(np.random.SFC64(seed))
     with staging_dir(out_dir) as tmp:
-        writer = PoolWriter(tmp / POOL_NAME, args, spec)
+        writers = PoolWriters(tmp, args, specs)
         dense_bytes = torch.empty((), dtype=dense_torch).element_size() * sum(
             int(np.prod(s)) for s in dense_shapes(args).values())
         try:
-            with progress_bar(writer.total_bytes + dense_bytes, progress, "synth") as bar:
+            with progress_bar(writers.total_bytes + dense_bytes, progress, "synth") as bar:
                 write_dense(tmp / DENSE_NAME, args, dense_torch, _random_dense(args, dense_torch, seed),
                             on_tensor=lambda t: bar.update(t.numel() * dense_torch.itemsize))
-                views = writer.part_views()
+                views = {copy: writer.part_views() for copy, writer in writers.writers.items()}
                 for layer in range(args.num_hidden_layers):
                     for expert in range(args.num_local_experts):
-                        _fill_random_block(views, spec, rng)
-                        writer.add(layer, expert)
-                        bar.update(writer.stride)
-            manifest = writer.finish()
+                        for copy, writer in writers.writers.items():
+                            _fill_random_block(views[copy], specs[copy], rng)
+                            writer.add(layer, expert)
+                            bar.update(writer.stride)
+            pool_bytes = writers.finish()
         finally:
-            writer.close()
-        write_bytes_synced(tmp / MANIFEST_NAME, manifest)
+            writers.close()
         if tokenizer is not None:
             shutil.copyfile(tokenizer, tmp / TOKENIZER_NAME)
             fsync_file(tmp / TOKENIZER_NAME)
-        config = model_config(args, spec, dense_dtype, "synthetic", False)
+        config = model_config(args, specs, dense_dtype, "synthetic", False)
         write_bytes_synced(tmp / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
-        pool_bytes = (tmp / POOL_NAME).stat().st_size
     return SynthResult(Path(out_dir), pool_bytes, dense_bytes, time.perf_counter() - start)
 
 
@@ -79,12 +80,14 @@ def _fill_random_block(views: dict[tuple[str, str], np.ndarray], spec: QuantSpec
             flat[...] = raw
             if spec.bits == 8:  # symmetric int8 codes lie in -127..127
                 np.maximum(view, -127, out=view)
-        elif name == "scales":
-            code_std = np.sqrt((16**2 - 1) / 12) if spec.bits == 4 else np.sqrt((255**2 - 1) / 12)
+        elif name == "scales":  # random bits: codes uniform over 2^bits levels (int8: 255 levels)
+            levels = 255 if spec.bits == 8 else 2**spec.bits
+            code_std = np.sqrt((levels**2 - 1) / 12)
             jitter = rng.uniform(0.8, 1.2, size=view.shape)
             view[...] = (WEIGHT_STD / code_std * jitter).astype(np.float16)
-        else:  # zeros of int4: the middle of 0..15, a little off the integers
-            view[...] = rng.uniform(7.0, 8.0, size=view.shape).astype(np.float16)
+        else:  # zeros: the middle of 0..2^bits - 1, a little off the integers
+            middle = (2**spec.bits - 1) / 2
+            view[...] = rng.uniform(middle - 0.5, middle + 0.5, size=view.shape).astype(np.float16)
 
 
 def _random_dense(args: ModelArgs, dtype: torch.dtype, seed: int) -> Iterator[tuple[str, torch.Tensor]]:
