@@ -220,7 +220,8 @@ def test_gguf_bench_rows_cover_every_type(monkeypatch):
     from mixtral_offload.quant.gguf_bench import run_gguf_bench
 
     monkeypatch.setattr(quant_bench, "ROTATION_BYTES", 1 << 20)
-    rows = run_gguf_bench((1,), (1, 3), repeats=2, bandwidth={1: 10.0}, shapes=((64, 256),))
+    rows = run_gguf_bench((1,), (1, 3), repeats=2, bandwidth={1: 10.0}, peak={1: 100.0},
+                          shapes=((64, 256),))
     quantized = [bt for bt in BLOCK_TYPES.values() if bt.quantized]
     assert len(rows) == 2 * (2 * len(quantized) + len(BLOCK_TYPES) - len(quantized))
     assert {r["kernel"] for r in rows} >= {"gguf Q4_K matvec", "gguf Q6_K matmul T=3 int8-x", "gguf BF16 matvec"}

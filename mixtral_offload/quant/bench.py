@@ -157,7 +157,7 @@ def run_kernel_bench(
     if gguf:
         from mixtral_offload.quant.gguf_bench import run_gguf_bench  # it builds on this module's helpers
 
-        results += run_gguf_bench(threads, tokens, repeats, bandwidth, matrix_shapes)
+        results += run_gguf_bench(threads, tokens, repeats, bandwidth, peak, matrix_shapes)
     return {
         "bandwidth_gbs": max(bandwidth.values()),
         "bandwidth_by_threads": {str(t): round(v, 2) for t, v in bandwidth.items()},

@@ -18,7 +18,8 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from mixtral_offload.quant.int8x import _I64, _V16I32, _V64I8, ISA, BLOCK_BYTES, _data_pointer, _int_dot, _load
+from mixtral_offload.quant.int8x import BLOCK_BYTES
+from mixtral_offload.quant.int8x_ir import _I64, _V16I32, _V64I8, ISA, _data_pointer, _int_dot, _load
 
 ACCUMULATORS = 12  # independent dot chains: enough to cover vpdpbusd's latency on 2 ports
 MACS_PER_DOT = BLOCK_BYTES

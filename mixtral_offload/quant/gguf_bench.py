@@ -39,8 +39,9 @@ def bits_per_weight(qtype: GGMLQuantizationType) -> float:
 
 
 def run_gguf_bench(threads: tuple[int, ...], tokens: tuple[int, ...], repeats: int, bandwidth: dict[int, float],
-                   shapes: tuple[tuple[int, int], ...] = MIXTRAL_SHAPES) -> list[dict]:
-    """Rows timing gguf_matmul for every supported type on `shapes` (bandwidth: GB/s by thread count)."""
+                   peak: dict[int, float], shapes: tuple[tuple[int, int], ...] = MIXTRAL_SHAPES) -> list[dict]:
+    """Rows timing gguf_matmul for every supported type on `shapes` (bandwidth: GB/s and peak: int8 G MAC/s,
+    by thread count)."""
     results = []
     for shape in shapes:
         x_all = np.random.default_rng(1).standard_normal((max(tokens), shape[1])).astype(np.float32)
@@ -55,6 +56,6 @@ def run_gguf_bench(threads: tuple[int, ...], tokens: tuple[int, ...], repeats: i
                         name = f"gguf {bt.name} " + ("matvec" if n == 1 else f"matmul T={n}")
                         name += " int8-x" if activations == "int8" else ""
                         results.append(_row(name, round(bits_per_weight(qtype), 2), shape, t, n, seconds, nbytes,
-                                            bandwidth[t], activations))
+                                            bandwidth[t], activations, shape[0] * shape[1] * n, peak[t]))
             del copies
     return results

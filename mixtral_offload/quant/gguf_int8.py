@@ -22,9 +22,10 @@ from numba.extending import intrinsic
 
 from mixtral_offload.quant.gguf_blocks import BlockType
 from mixtral_offload.quant.gguf_vectors import BUFFERED, CodeUnit
-from mixtral_offload.quant.int8x import (
-    _F32, _I64, _V16F, _V16I32, _V64I8, ISA, BLOCK_BYTES, PREFETCH_BYTES, _data_pointer, _horizontal_sum, _int_dot,
-    _load, _prefetch_l2, _signed_int_dot,
+from mixtral_offload.quant.int8x import BLOCK_BYTES, PREFETCH_BYTES
+from mixtral_offload.quant.int8x_ir import (
+    _F32, _I64, _V16F, _V16I32, _V64I8, ISA, _data_pointer, _horizontal_sum, _int_dot, _load, _prefetch_l2,
+    _signed_int_dot,
 )
 
 

@@ -16,7 +16,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from mixtral_offload.quant.int8x import _F32, _I8, _I16, _I32, _I64, _data_pointer, _load
+from mixtral_offload.quant.int8x_ir import _F32, _I8, _I16, _I32, _I64, _data_pointer, _load
 
 
 def _splat(builder, value, vector_type):

@@ -25,9 +25,11 @@ from numba.extending import intrinsic
 
 from mixtral_offload.quant.format import kernel_parts
 from mixtral_offload.quant.int8x import (
-    _F32, _I32, _I64, _V16F, _V16I32, _V64I8, BLOCK_BYTES, BLOCK_COLS, ISA, PREFETCH_BYTES,
-    ROWS_PER_TASK, _halfs_to_float, _horizontal_sum, _int_dot, _load, _Operands, _prefetch_l2, _signed_int_dot,
-    emit_per_group_size, quantize_activations, silu,
+    BLOCK_BYTES, BLOCK_COLS, PREFETCH_BYTES, ROWS_PER_TASK, emit_per_group_size, quantize_activations, silu,
+)
+from mixtral_offload.quant.int8x_ir import (
+    _F32, _I32, _I64, _V16F, _V16I32, _V64I8, ISA, _halfs_to_float, _horizontal_sum, _int_dot, _load, _Operands,
+    _prefetch_l2, _signed_int_dot,
 )
 
 TILE_ROWS = 4
