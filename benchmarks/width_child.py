@@ -69,7 +69,7 @@ class Runtime:
         experts = self.runtime.model.experts
         if self.stats is None:
             return {}
-        return {"expert_bytes": experts.pool.block_nbytes, "slots": len(experts.free) + len(experts.slot_of),
+        return {"expert_bytes": experts.source.block_nbytes, "slots": self.runtime.memory_plan.slots,
                 "total_experts": self.runtime.args.num_hidden_layers * self.runtime.args.num_local_experts}
 
 
