@@ -45,7 +45,7 @@ def verify(model_dir, quiet):
     Example:
       mixtral-offload verify ./mixtral-int4
     """
-    from ..offload.store.pool import verify_model_dir
+    from ..offload.store.verify import verify_model_dir
 
     click.echo(verify_model_dir(model_dir, progress=False if quiet else None))
 

@@ -16,6 +16,7 @@ from ..cache.nf4_slots import NF4DeviceSlots, import_bitsandbytes, nf4_slot_byte
 from ..cache.slots import DeviceSlots
 from ..config import ModelArgs, format_size, parse_size
 from ..errors import MixtralOffloadError
+from ..validate import check_no_loop
 from .store.checkpoint import dense_shapes, parse_dtype
 from .store.pool import CONFIG_NAME, DENSE_NAME, POOL_NAME, TOKENIZER_NAME, ExpertPool
 from ..quant.kernels import check_activations_mode
@@ -60,6 +61,9 @@ def load(path: str | Path, dtype: str = "auto", max_context: int | None = None, 
     path = Path(path)
     if not path.exists():
         raise MixtralOffloadError(f"{path}: no such model directory")
+    check_no_loop(path / POOL_NAME)
+    if ram_budget is not None:
+        parse_size(ram_budget)  # a bad value is refused even on the CPU, where the budget goes unused
     torch_device = resolve_device(device)
     if (path / POOL_NAME).exists():
         return load_converted(path, dtype, max_context, memory_budget=memory_budget, ram_budget=ram_budget,

@@ -32,8 +32,9 @@ class MappedEmbedding:
         stored, start, end = _locate(self.file, name, self.shape)
         # map the table's pages only: the kernel's fault-around then cannot map other tensors' pages
         first_page = start // mmap.ALLOCATIONGRANULARITY * mmap.ALLOCATIONGRANULARITY
-        with open(self.file, "rb") as handle:
-            self.mapping = mmap.mmap(handle.fileno(), end - first_page, access=mmap.ACCESS_READ, offset=first_page)
+        self.handle = open(self.file, "rb")  # kept open: its size is checked before each lookup
+        self.end = end
+        self.mapping = mmap.mmap(self.handle.fileno(), end - first_page, access=mmap.ACCESS_READ, offset=first_page)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*not writable.*")  # read-only mapping; never written
             self.table = torch.frombuffer(self.mapping, dtype=stored, count=shape[0] * shape[1],
@@ -41,6 +42,8 @@ class MappedEmbedding:
 
     def lookup(self, tokens: torch.Tensor) -> torch.Tensor:
         """The rows of `tokens` [T] as [T, D] in dtype; the table's mapped pages are released after."""
+        if os.fstat(self.handle.fileno()).st_size < self.end:  # reading past the end would be SIGBUS
+            raise MixtralOffloadError(f"{self.file}: cut short while in use: the model files changed under this process")
         rows = self.table[tokens.to(torch.long)].to(self.dtype)
         self.mapping.madvise(mmap.MADV_DONTNEED)
         return rows

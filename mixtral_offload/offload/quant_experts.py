@@ -44,6 +44,7 @@ class PoolExperts:
 
     def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Weighted sum of each token's routed experts, [T, D] in x's dtype."""
+        self.pool.check_size()                                    # a file cut short: an error, not SIGBUS
         x32 = x.detach().float().numpy()                          # [T, D]
         out = np.zeros_like(x32)
         w = weights.float().numpy()                               # [T, K]

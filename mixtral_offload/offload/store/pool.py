@@ -13,7 +13,6 @@ a single view. The pool holds no caching policy: a cache wraps it (read_block_in
 """
 from __future__ import annotations
 
-import json
 import mmap
 import os
 import struct
@@ -23,13 +22,17 @@ from pathlib import Path
 
 import numpy as np
 
-from ...config import ModelArgs, read_json
+from ...config import ModelArgs
 from ...errors import MixtralOffloadError
+from ...validate import MANIFEST_LIMIT, check_no_loop, open_regular, parse_json, read_json_object, read_regular
+from .digests import check_digests, parse_digests
 from ...quant.format import QuantizedMatrix, QuantSpec, part_layout
 
 FORMAT_VERSION = 1
 POOL_NAME, MANIFEST_NAME, CONFIG_NAME, DENSE_NAME = "experts.pool", "manifest.json", "config.json", "dense.safetensors"
 TOKENIZER_NAME = "tokenizer.model"
+CHECKED_FILES = (CONFIG_NAME, DENSE_NAME, TOKENIZER_NAME)  # sha256 in the manifest's 'files' (digests.py)
+HASHED_AT_LOAD = (CONFIG_NAME, TOKENIZER_NAME)  # small; at load dense.safetensors' size only, `verify` hashes it
 PAGE = 4096               # block alignment: one expert miss is one page-aligned contiguous read
 PART_ALIGN = 64           # part alignment inside a block: a cache line, for the kernels' loads
 MATRICES = ("w1", "w3", "w2")
@@ -121,8 +124,9 @@ class ExpertPool:
     """A read-only, memory-mapped pool of quantized experts, validated before use."""
 
     def __init__(self, path: Path, args: ModelArgs, spec: QuantSpec, blocks: dict[tuple[int, int], BlockEntry],
-                 fd: int, mapping: mmap.mmap, file_bytes: int):
+                 fd: int, mapping: mmap.mmap, file_bytes: int, files: dict[str, dict] | None = None):
         self.path, self.args, self.spec = path, args, spec
+        self.files = files or {}  # the manifest's checksums of the other files (digests.py)
         self.shapes = expert_matrix_shapes(args)
         self.slots, self.block_nbytes = block_layout(spec, self.shapes)
         self.blocks = blocks
@@ -135,28 +139,24 @@ class ExpertPool:
         """Open model_dir/experts.pool; raises MixtralOffloadError on anything inconsistent."""
         model_dir = Path(model_dir)
         pool_path = model_dir / POOL_NAME
-        if not pool_path.is_file():
+        check_no_loop(pool_path)
+        if not pool_path.exists():
             raise MixtralOffloadError(f"{model_dir}: not a converted model directory (no {POOL_NAME})")
         args = ModelArgs.from_file(model_dir / CONFIG_NAME)
-        config_quant = read_json(model_dir / CONFIG_NAME).get("quantization")
+        config_quant = read_json_object(model_dir / CONFIG_NAME).get("quantization")
         manifest_path = model_dir / MANIFEST_NAME
-        try:
-            manifest_raw = manifest_path.read_bytes()
-        except OSError as exc:
-            raise MixtralOffloadError(f"{manifest_path}: cannot read ({exc.strerror or exc})") from None
-        try:
-            fd = os.open(pool_path, os.O_RDONLY)
-        except OSError as exc:
-            raise MixtralOffloadError(f"{pool_path}: cannot open ({exc.strerror or exc})") from None
+        manifest_raw = read_regular(manifest_path, MANIFEST_LIMIT, "manifest")
+        fd = open_regular(pool_path, POOL_NAME)
         try:
             file_bytes = os.fstat(fd).st_size
             _check_header(pool_path, os.pread(fd, _HEADER.size, 0), file_bytes, manifest_raw)
-            spec, blocks = _parse_manifest(manifest_path, manifest_raw, args, config_quant, file_bytes)
+            spec, blocks, files = _parse_manifest(manifest_path, manifest_raw, args, config_quant, file_bytes)
+            check_digests(model_dir, files, HASHED_AT_LOAD)
             mapping = mmap.mmap(fd, file_bytes, access=mmap.ACCESS_READ)
         except BaseException:
             os.close(fd)
             raise
-        return cls(model_dir, args, spec, blocks, fd, mapping, file_bytes)
+        return cls(model_dir, args, spec, blocks, fd, mapping, file_bytes, files)
 
     # -- access ---------------------------------------------------------------------------------
     def _entry(self, layer: int, expert: int) -> BlockEntry:
@@ -167,7 +167,16 @@ class ExpertPool:
 
     def expert(self, layer: int, expert: int) -> tuple[QuantizedMatrix, QuantizedMatrix, QuantizedMatrix]:
         """(w1, w3, w2) as zero-copy read-only views on the mapping."""
+        self.check_size()
         return block_views(self._map, self._entry(layer, expert).offset, self.slots, self.spec, self.shapes)
+
+    def check_size(self) -> None:
+        """Refuse to compute on the mapping once the file was cut short under this process (a SIGBUS
+        otherwise): one fstat, before each use of mapped views."""
+        size = os.fstat(self._fd).st_size
+        if size < self.file_bytes:
+            raise MixtralOffloadError(f"{self.path / POOL_NAME}: cut short to {size} bytes while in use "
+                                      f"(was {self.file_bytes}): the model files changed under this process")
 
     def read_block_into(self, layer: int, expert: int, buffer: np.ndarray) -> int:
         """Copy one expert's block into buffer (uint8, C-contiguous, >= block_nbytes) with one read; bytes read."""
@@ -276,11 +285,8 @@ def _check_header(pool_path: Path, raw: bytes, file_bytes: int, manifest_raw: by
 
 
 def _parse_manifest(path: Path, raw: bytes, args: ModelArgs, config_quant, file_bytes: int
-                    ) -> tuple[QuantSpec, dict[tuple[int, int], BlockEntry]]:
-    try:
-        manifest = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise MixtralOffloadError(f"{path}: not valid JSON ({exc})") from None
+                    ) -> tuple[QuantSpec, dict[tuple[int, int], BlockEntry], dict[str, dict]]:
+    manifest = parse_json(raw, str(path))
     try:
         return _check_manifest(path, manifest, args, config_quant, file_bytes)
     except (KeyError, TypeError, ValueError, AttributeError, OverflowError, RecursionError) as exc:
@@ -346,10 +352,11 @@ def _check_manifest(path: Path, manifest: dict, args: ModelArgs, config_quant, f
     for before, after in zip(ordered, ordered[1:]):
         if before.offset + before.size > after.offset:
             fail(f"blocks at offsets {before.offset} and {after.offset} overlap")
-    return spec, blocks
+    return spec, blocks, parse_digests(manifest.get("files"), CHECKED_FILES, str(path))
 
 
-def manifest_dict(args: ModelArgs, spec: QuantSpec, blocks: dict[tuple[int, int], BlockEntry]) -> dict:
+def manifest_dict(args: ModelArgs, spec: QuantSpec, blocks: dict[tuple[int, int], BlockEntry],
+                  files: dict[str, dict]) -> dict:
     """The manifest.json object of a pool holding these blocks."""
     shapes = expert_matrix_shapes(args)
     slots, _ = block_layout(spec, shapes)
@@ -365,27 +372,5 @@ def manifest_dict(args: ModelArgs, spec: QuantSpec, blocks: dict[tuple[int, int]
         "shapes": {m: list(shapes[m]) for m in MATRICES},
         "blocks": [{"layer": layer, "expert": expert, "offset": b.offset, "size": b.size, "crc32": b.crc32,
                     "parts": parts} for (layer, expert), b in sorted(blocks.items())],
+        "files": files,  # {name in CHECKED_FILES: {"bytes", "sha256"}}
     }
-
-
-def verify_model_dir(model_dir: str | Path, progress: bool | None = None) -> str:
-    """Open and fully verify a converted model's pool; a one-line summary, or MixtralOffloadError."""
-    import sys
-
-    from tqdm import tqdm
-
-    from ...config import format_size
-
-    with ExpertPool.open(model_dir) as pool:
-        total = sum(b.size for b in pool.blocks.values())
-        show = sys.stderr.isatty() if progress is None else progress
-        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="verify", disable=not show,
-                  file=sys.stderr) as bar:
-            report = pool.verify(progress=bar.update)
-        if not report.ok:
-            first = ", ".join(f"({layer}, {expert})" for layer, expert in report.bad[:4])
-            raise MixtralOffloadError(f"{pool.path / POOL_NAME}: {len(report.bad)} of {report.blocks} expert blocks "
-                                      f"fail their crc32 check, e.g. (layer, expert) {first}")
-        return (f"ok: {report.blocks} expert blocks ({pool.args.num_hidden_layers} layers x "
-                f"{pool.args.num_local_experts} experts), {format_size(report.bytes_checked)} checked, "
-                f"int{pool.spec.bits} g{pool.spec.group_size}")

@@ -7,8 +7,6 @@ at int4) is written with ~100 MB of memory, as fast as the disk takes it.
 from __future__ import annotations
 
 import dataclasses
-import json
-import shutil
 import time
 from pathlib import Path
 from typing import Iterator
@@ -19,8 +17,10 @@ import torch
 from ...config import ModelArgs
 from ...quant.format import QuantSpec
 from .checkpoint import dense_shapes, parse_dtype
-from .convert import PoolWriter, fsync_file, model_config, progress_bar, staging_dir, write_bytes_synced, write_dense
-from .pool import CONFIG_NAME, DENSE_NAME, MANIFEST_NAME, POOL_NAME, TOKENIZER_NAME
+from .convert import (PoolWriter, check_tokenizer, model_config, progress_bar, staging_dir, write_bytes_synced,
+                      write_dense, write_model_files)
+from .digests import file_digests
+from .pool import CHECKED_FILES, DENSE_NAME, MANIFEST_NAME, POOL_NAME
 
 WEIGHT_STD = 0.02  # std of the random weights (dense and dequantized experts), as in HF's initializer
 
@@ -43,7 +43,10 @@ def write_synthetic(out_dir: str | Path, args: ModelArgs, *, bits: int = 4, grou
     spec = QuantSpec(bits, group_size)
     dense_torch = parse_dtype(dense_dtype)
     rng = np.random.Generator(np.random.SFC64(seed))
+    if tokenizer is not None:
+        check_tokenizer(Path(tokenizer), args)
     with staging_dir(out_dir) as tmp:
+        write_model_files(tmp, model_config(args, spec, dense_dtype, "synthetic", False), tokenizer)
         writer = PoolWriter(tmp / POOL_NAME, args, spec)
         dense_bytes = torch.empty((), dtype=dense_torch).element_size() * sum(
             int(np.prod(s)) for s in dense_shapes(args).values())
@@ -57,15 +60,10 @@ def write_synthetic(out_dir: str | Path, args: ModelArgs, *, bits: int = 4, grou
                         _fill_random_block(views, spec, rng)
                         writer.add(layer, expert)
                         bar.update(writer.stride)
-            manifest = writer.finish()
+            manifest = writer.finish(file_digests(tmp, CHECKED_FILES))
         finally:
             writer.close()
         write_bytes_synced(tmp / MANIFEST_NAME, manifest)
-        if tokenizer is not None:
-            shutil.copyfile(tokenizer, tmp / TOKENIZER_NAME)
-            fsync_file(tmp / TOKENIZER_NAME)
-        config = model_config(args, spec, dense_dtype, "synthetic", False)
-        write_bytes_synced(tmp / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
         pool_bytes = (tmp / POOL_NAME).stat().st_size
     return SynthResult(Path(out_dir), pool_bytes, dense_bytes, time.perf_counter() - start)
 
