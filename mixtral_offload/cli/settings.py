@@ -55,7 +55,8 @@ def read_config(path: str | Path) -> dict:
 
 def check_value(param: click.Parameter, value, where: str) -> None:
     """A config value of the type the option takes: a bool for a flag, an integer (not 1e300) for an
-    integer option, a finite number for a float option, a string for the rest."""
+    integer option, a finite number for a float option, a string (or a number, for an untyped option)
+    for the rest."""
     kind = param.type
     try:
         if getattr(param, "is_flag", False) or isinstance(kind, click.types.BoolParamType):
@@ -64,6 +65,8 @@ def check_value(param: click.Parameter, value, where: str) -> None:
             int_field(value, where, -UINT64_MAX, UINT64_MAX)
         elif isinstance(kind, click.types.FloatParamType):
             float_field(value, where)
+        elif isinstance(kind, click.types.StringParamType) and isinstance(value, (int, float)):
+            float_field(value, where)  # an untyped option takes a number as its text
         else:
             str_field(value, where)
     except MixtralOffloadError as exc:
