@@ -16,7 +16,7 @@ from ..cache.nf4_slots import NF4DeviceSlots, import_bitsandbytes, nf4_slot_byte
 from ..cache.slots import DeviceSlots
 from ..config import ModelArgs, format_size, parse_size
 from ..errors import MixtralOffloadError
-from ..validate import check_no_loop
+from ..validate import check_no_loop, regular_file_size
 from .store.checkpoint import dense_shapes, parse_dtype
 from .store.pool import CONFIG_NAME, DENSE_NAME, POOL_NAME, TOKENIZER_NAME, ExpertPool
 from ..quant.kernels import check_activations_mode
@@ -210,6 +210,7 @@ def read_dense(file: Path, args: ModelArgs, dtype: torch.dtype, quantized: bool 
     """
     shapes = dense_shapes(args)
     dense = {}
+    regular_file_size(file, DENSE_NAME)  # a FIFO or a device would hang or fill memory
     try:
         with safe_open(file, framework="pt") as handle:
             missing = sorted(set(shapes) - set(handle.keys()))
