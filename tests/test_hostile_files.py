@@ -41,6 +41,13 @@ def synth_dir(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def small_hf(tmp_path_factory):
+    path = tmp_path_factory.mktemp("hf-small")
+    write_checkpoint(path, num_hidden_layers=1, hidden_size=64, intermediate_size=64, shard_size="200KB")
+    return path
+
+
 @pytest.fixture
 def model(synth_dir, tmp_path):
     """A fresh copy of the tiny synthetic model (with file checksums) to damage."""
@@ -53,6 +60,14 @@ def one_line_error(call, *args, **kwargs) -> str:
     message = str(info.value)
     assert "\n" not in message and message
     return message
+
+
+def resign(model_dir: Path, manifest: dict) -> None:
+    """Write manifest.json and make the pool header vouch for it."""
+    raw = json.dumps(manifest).encode()
+    (model_dir / "manifest.json").write_bytes(raw)
+    with open(model_dir / "experts.pool", "r+b") as f:
+        f.write(pack_header((model_dir / "experts.pool").stat().st_size, raw))
 
 
 def edit_config(model_dir: Path, **changes) -> None:
@@ -88,7 +103,7 @@ def test_bad_config_fields_are_one_line_errors(model, changes, needle):
     ("[" * 100000 + "]" * 100000, "not valid JSON"),
     ('{"rope_theta": NaN}', "NaN is not valid JSON"),
     ("[1, 2]", "expected a JSON object"),
-])
+], ids=["5000-digits", "deep-nesting", "nan", "not-an-object"])
 def test_malformed_config_json(model, text, needle):
     (model / "config.json").write_text(text)
     assert needle in one_line_error(load, model)
@@ -146,27 +161,29 @@ FIFO_SCRIPT = """
 import sys
 from mixtral_offload.errors import MixtralOffloadError
 from mixtral_offload.offload.loading import load
-try:
-    load(sys.argv[1])
-except MixtralOffloadError as exc:
-    print(exc)
+for path in sys.argv[1:]:
+    try:
+        load(path)
+    except MixtralOffloadError as exc:
+        print(exc)
 """
 
 
-@pytest.mark.parametrize("name", ["manifest.json", "dense.safetensors"])
-def test_fifo_in_place_of_a_model_file_does_not_hang(model, name):
-    (model / name).unlink()
-    os.mkfifo(model / name)
-    if name == "dense.safetensors":  # an old pool without checksums: the dense reader itself must refuse it
-        manifest = json.loads((model / "manifest.json").read_text())
-        del manifest["files"]
-        raw = json.dumps(manifest).encode()
-        (model / "manifest.json").write_bytes(raw)
-        with open(model / "experts.pool", "r+b") as f:
-            f.write(pack_header((model / "experts.pool").stat().st_size, raw))
-    done = subprocess.run([sys.executable, "-c", FIFO_SCRIPT, str(model)], capture_output=True, text=True,
+def test_fifo_in_place_of_a_model_file_does_not_hang(synth_dir, tmp_path):
+    models = []
+    for name in ("manifest.json", "dense.safetensors"):
+        model = Path(shutil.copytree(synth_dir, tmp_path / name))
+        (model / name).unlink()
+        os.mkfifo(model / name)
+        models.append(str(model))
+    # dense.safetensors in an old pool without checksums: the dense reader itself must refuse the FIFO
+    manifest = json.loads((tmp_path / "dense.safetensors" / "manifest.json").read_text())
+    del manifest["files"]
+    resign(tmp_path / "dense.safetensors", manifest)
+    done = subprocess.run([sys.executable, "-c", FIFO_SCRIPT, *models], capture_output=True, text=True,
                           timeout=120, env={**os.environ, "PYTHONPATH": os.getcwd()})
-    assert "not a regular file (a FIFO)" in done.stdout, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert len(lines) == 2 and all("not a regular file (a FIFO)" in line for line in lines), done.stderr[-2000:]
 
 
 def test_self_looping_pool_symlink(model):
@@ -177,8 +194,8 @@ def test_self_looping_pool_symlink(model):
 
 # -- 14: checkpoint index naming files outside the directory -------------------------------------------
 @pytest.mark.parametrize("shard", ["/etc/passwd", "../outside.safetensors"])
-def test_weight_map_outside_the_checkpoint(tiny_checkpoint, tmp_path, shard):
-    path = Path(shutil.copytree(tiny_checkpoint[0], tmp_path / "hf"))
+def test_weight_map_outside_the_checkpoint(small_hf, tmp_path, shard):
+    path = Path(shutil.copytree(small_hf, tmp_path / "hf"))
     index = json.loads((path / "model.safetensors.index.json").read_text())
     index["weight_map"]["lm_head.weight"] = shard
     (path / "model.safetensors.index.json").write_text(json.dumps(index))
@@ -212,10 +229,7 @@ def test_verify_refuses_nan_scales(model):
         crc = zlib.crc32(f.read(block.size))
     manifest = json.loads((model / "manifest.json").read_text())  # checksums that vouch for the NaN
     next(b for b in manifest["blocks"] if (b["layer"], b["expert"]) == (1, 2))["crc32"] = crc
-    raw = json.dumps(manifest).encode()
-    (model / "manifest.json").write_bytes(raw)
-    with open(model / "experts.pool", "r+b") as f:
-        f.write(pack_header((model / "experts.pool").stat().st_size, raw))
+    resign(model, manifest)
     assert "1 expert blocks hold NaN or inf scales, e.g. (layer, expert) (1, 2)" in one_line_error(
         verify_model_dir, model, progress=False)
 
@@ -229,13 +243,6 @@ def test_dense_overflowing_float16_is_refused_naming_the_tensor(tmp_path):
     tensors[1] = (tensors[1][0], torch.full(tensors[1][1].shape, 1e6, dtype=torch.bfloat16))
     message = one_line_error(write_dense, tmp_path / "d.safetensors", args, torch.float16, iter(tensors))
     assert f"dense tensor {tensors[1][0]} holds NaN or inf once stored as torch.float16" in message
-
-
-@pytest.fixture(scope="module")
-def small_hf(tmp_path_factory):
-    path = tmp_path_factory.mktemp("hf-small")
-    write_checkpoint(path, num_hidden_layers=1, hidden_size=64, intermediate_size=64)
-    return path
 
 
 @pytest.mark.parametrize("damage, needle", [("missing", "missing; a converted model needs"),
@@ -289,22 +296,25 @@ CUT_SCRIPT = """
 import os, sys
 from mixtral_offload.errors import MixtralOffloadError
 from mixtral_offload.offload.loading import load
-runtime = load(sys.argv[1], max_context=64)
-tokens = runtime.generate("The", max_new_tokens=40)
-next(tokens)
-os.truncate(os.path.join(sys.argv[1], sys.argv[2]), 8192)  # as another process would, mid-generation
-try:
-    for _ in tokens:
-        pass
-except MixtralOffloadError as exc:
-    print("clean:", exc)
+for model, name in zip(sys.argv[1::2], sys.argv[2::2]):
+    runtime = load(model, max_context=64)
+    tokens = runtime.generate("The", max_new_tokens=40)
+    next(tokens)
+    os.truncate(os.path.join(model, name), 8192)  # as another process would, mid-generation
+    try:
+        for _ in tokens:
+            pass
+    except MixtralOffloadError as exc:
+        print("clean:", exc)
 """
 
 
-@pytest.mark.parametrize("name", ["experts.pool", "dense.safetensors"])
-def test_file_cut_short_mid_run_is_an_error_not_sigbus(tmp_path, name):
-    model = Path(shutil.copytree(DEMO_DIR, tmp_path / "demo"))
-    done = subprocess.run([sys.executable, "-c", CUT_SCRIPT, str(model), name], capture_output=True, text=True,
+def test_file_cut_short_mid_run_is_an_error_not_sigbus(tmp_path):
+    args = []
+    for name in ("experts.pool", "dense.safetensors"):
+        args += [str(shutil.copytree(DEMO_DIR, tmp_path / name)), name]
+    done = subprocess.run([sys.executable, "-c", CUT_SCRIPT, *args], capture_output=True, text=True,
                           timeout=300, env={**os.environ, "PYTHONPATH": os.getcwd()})
-    assert done.returncode == 0, f"rc {done.returncode}: {done.stderr[-2000:]}"
-    assert "clean:" in done.stdout and "cut short" in done.stdout, done.stdout
+    assert done.returncode == 0, f"rc {done.returncode} (-7 is SIGBUS): {done.stderr[-2000:]}"
+    lines = done.stdout.splitlines()
+    assert len(lines) == 2 and all(line.startswith("clean:") and "cut short" in line for line in lines), done.stdout
