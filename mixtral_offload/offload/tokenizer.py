@@ -31,6 +31,8 @@ class Tokenizer:
             self.sp.LoadFromSerializedProto(data)
             self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
             self.vocab_size = self.sp.GetPieceSize()
+            for piece_id in range(self.vocab_size):  # a damaged piece would fail only when decoded
+                self.sp.IdToPiece(piece_id)
         except (RuntimeError, OSError, ValueError, UnicodeDecodeError) as exc:
             raise MixtralOffloadError(f"{path}: not a sentencepiece model ({str(exc)[:200]})") from None
         if min(self.bos_id, self.eos_id) < 0 or max(self.bos_id, self.eos_id) >= self.vocab_size:
