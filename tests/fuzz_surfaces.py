@@ -59,12 +59,14 @@ class Base:
 
 
 def make_base(root: Path) -> Base:
-    model = root / "model"
-    write_synthetic(model, TINY, tokenizer=DEMO_DIR / "tokenizer.model", progress=False)
+    """The base in root, written there unless an earlier call (another worker's parent) did."""
+    model, profile = root / "model", root / "profile.json"
+    if not model.exists():
+        write_synthetic(model, TINY, tokenizer=DEMO_DIR / "tokenizer.model", progress=False)
+    if not profile.exists():
+        result = CliRunner().invoke(cli, ["generate", str(model), "-p", "Hi", "-n", "3", "--profile", str(profile)])
+        assert result.exit_code == 0, result.output
     runtime = load(model)
-    profile = root / "profile.json"
-    result = CliRunner().invoke(cli, ["generate", str(model), "-p", "Hi", "-n", "3", "--profile", str(profile)])
-    assert result.exit_code == 0, result.output
     return Base(model, runtime.logits(PROBE_IDS), runtime.tokenizer.encode(PROBE_TEXT), profile)
 
 
@@ -231,13 +233,18 @@ SAMPLING_OPTIONS = ["-t", "--top-p", "--top-k", "--seed", "-n", "--max-context",
 COUNT_VALUES = ["0", "-1", "1", "2", "nan", "abc", "", "2.5", "1" + "0" * 400]  # -n: no long generations
 
 
-def cli_case(base: Base, work: Path, rng: np.random.Generator) -> tuple[str, str]:
-    args = ["generate", str(base.model), "-p", "Hi", "-n", "2"]
+def cli_args(model: Path, rng: np.random.Generator) -> list[str]:
+    """`generate` with one to three fuzzed sampling or budget options."""
+    args = ["generate", str(model), "-p", "Hi", "-n", "2"]
     for _ in range(int(rng.integers(1, 4))):
         option = SAMPLING_OPTIONS[int(rng.integers(0, len(SAMPLING_OPTIONS)))]
         values = COUNT_VALUES if option == "-n" else OPTION_VALUES
         args += [option, values[int(rng.integers(0, len(values)))]]
-    return guarded_cli(args)
+    return args
+
+
+def cli_case(base: Base, work: Path, rng: np.random.Generator) -> tuple[str, str]:
+    return guarded_cli(cli_args(base.model, rng))
 
 
 TOML_KEYS = ["model", "memory_budget", "temperature", "seed", "top_p", "top_k", "max_new_tokens", "max_context",
