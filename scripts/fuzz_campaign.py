@@ -24,6 +24,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 WORKER_ENV = {**os.environ, "PYTHONPATH": str(ROOT), "NUMBA_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
 STALL_SECONDS = 90   # a worker silent this long is hung in something SIGALRM cannot interrupt
 CLI_SECONDS = 120    # one real CLI process
+CLI_THREADS = 2      # real CLI processes at a time, beside the workers
 MARKER = re.compile(r"<!-- campaign -->.*<!-- /campaign -->", re.S)
 
 
@@ -52,27 +53,31 @@ def run_chunk(surface: str, start: int, end: int, base_dir: str, deadline: float
     the seconds it took."""
     began = time.perf_counter()
     while start < end and time.time() < deadline:
+        errors = tempfile.TemporaryFile()  # a pipe could fill and block the worker
         process = subprocess.Popen([sys.executable, __file__, "--worker", surface, "--start", str(start),
                                     "--end", str(end), "--base", base_dir, "--deadline", str(deadline)],
-                                   stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True, env=WORKER_ENV)
+                                   stdout=subprocess.PIPE, stderr=errors, text=True, env=WORKER_ENV)
         stalled = threading.Event()
-        timer = threading.Timer(STALL_SECONDS, lambda: (stalled.set(), process.kill()))
-        timer.start()
+        timer = None
         current = None
-        for line in process.stdout:
-            timer.cancel()
-            timer = threading.Timer(STALL_SECONDS, lambda: (stalled.set(), process.kill()))
-            timer.start()
-            word, case, *rest = line.rstrip("\n").split(" ", 3)
+        for line in process.stdout:  # a case silent for STALL_SECONDS is a hang (the worker's start is not timed)
+            word, case, *rest = line.rstrip("\n").split(" ", 3) + [""] * (line.count(" ") < 1)
+            if word not in ("start", "done"):  # anything else a library printed
+                continue
+            if timer is not None:
+                timer.cancel()
             if word == "start":
                 current = int(case)
+                timer = threading.Timer(STALL_SECONDS, lambda: (stalled.set(), process.kill()))
+                timer.start()
             else:
                 record(surface, rest[0], json.loads(rest[1]) if len(rest) > 1 else "", int(case))
-                current, start = None, int(case) + 1
-        timer.cancel()
-        stderr = process.stderr.read()
+                current, start, timer = None, int(case) + 1, None
+        if timer is not None:
+            timer.cancel()
         process.wait()
+        errors.seek(0)
+        stderr = errors.read().decode(errors="replace")
         if current is not None:  # died or stalled inside a case
             kind = "hang" if stalled.is_set() else "crash"
             record(surface, kind, f"rc {process.returncode}: {stderr[-300:]}", current)
@@ -129,7 +134,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", type=int, default=1000, help="cases per surface")
     parser.add_argument("--cli-cases", type=int, default=50, help="cases of the CLI in its own process")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="worker processes, shared evenly by the surfaces (rounded up to a multiple of them)")
     parser.add_argument("--seconds", type=float, default=float("inf"),
                         help="stop starting cases after this long (the table counts what ran)")
     parser.add_argument("--surfaces", nargs="*", default=None, help="default: all")
@@ -160,7 +166,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as base_dir:
         make_base(Path(base_dir))
         deadline = time.time() + options.seconds
-        chunks = max(1, round(2 * options.workers / len(surfaces)))  # per surface: all surfaces share the workers
+        chunks = -(-options.workers // len(surfaces))  # per surface; every surface runs all the time
         size = -(-options.cases // chunks)
 
         def chunk(job):
@@ -169,10 +175,17 @@ def main() -> None:
             with lock:
                 seconds[surface] += taken
 
-        with ThreadPoolExecutor(options.workers) as pool:
-            list(pool.map(chunk, [(surface, first) for first in range(0, options.cases, size) for surface in surfaces]))
-            list(pool.map(lambda case: cli_process_case(base_dir, case, record, seconds, lock),
-                          range(options.cli_cases)))
+        def cli_cases(offset):
+            for case in range(offset, options.cli_cases, CLI_THREADS):
+                if time.time() < deadline:
+                    cli_process_case(base_dir, case, record, seconds, lock)
+
+        jobs = [(surface, first) for surface in surfaces for first in range(0, options.cases, size)]
+        with ThreadPoolExecutor(len(jobs) + CLI_THREADS) as pool:
+            futures = [pool.submit(chunk, job) for job in jobs]
+            futures += [pool.submit(cli_cases, offset) for offset in range(CLI_THREADS)]
+            for future in futures:
+                future.result()
     result = table(counts, seconds)
     print(result)
     print("\n".join(failures[:40]) or "no tracebacks, crashes, hangs or silent-wrong results")
