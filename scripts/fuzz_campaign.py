@@ -24,7 +24,6 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 WORKER_ENV = {**os.environ, "PYTHONPATH": str(ROOT), "NUMBA_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
 STALL_SECONDS = 90   # a worker silent this long is hung in something SIGALRM cannot interrupt
 CLI_SECONDS = 120    # one real CLI process
-CLI_THREADS = 2      # real CLI processes at a time, beside the workers
 MARKER = re.compile(r"<!-- campaign -->.*<!-- /campaign -->", re.S)
 
 
@@ -135,9 +134,9 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=1000, help="cases per surface")
     parser.add_argument("--cli-cases", type=int, default=50, help="cases of the CLI in its own process")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                        help="worker processes, shared evenly by the surfaces (rounded up to a multiple of them)")
+                        help="worker processes (or real CLI processes) at a time")
     parser.add_argument("--seconds", type=float, default=float("inf"),
-                        help="stop starting cases after this long (the table counts what ran)")
+                        help="each surface and the real CLI get an equal share of this (the table counts what ran)")
     parser.add_argument("--surfaces", nargs="*", default=None, help="default: all")
     parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "reliability.md")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -165,27 +164,28 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as base_dir:
         make_base(Path(base_dir))
-        deadline = time.time() + options.seconds
-        chunks = -(-options.workers // len(surfaces))  # per surface; every surface runs all the time
-        size = -(-options.cases // chunks)
+        share = options.seconds / (len(surfaces) + 1)  # one surface at a time, each with its share of the time
+        size = -(-options.cases // options.workers)
+        for surface in surfaces:
+            deadline = time.time() + share
 
-        def chunk(job):
-            surface, first = job
-            taken = run_chunk(surface, first, min(first + size, options.cases), base_dir, deadline, record)
-            with lock:
-                seconds[surface] += taken
+            def chunk(first, surface=surface, deadline=deadline):
+                taken = run_chunk(surface, first, min(first + size, options.cases), base_dir, deadline, record)
+                with lock:
+                    seconds[surface] += taken
+
+            with ThreadPoolExecutor(options.workers) as pool:
+                list(pool.map(chunk, range(0, options.cases, size)))
+            print(f"{surface}: {dict(counts[surface])}", flush=True)
+        deadline = time.time() + share
 
         def cli_cases(offset):
-            for case in range(offset, options.cli_cases, CLI_THREADS):
+            for case in range(offset, options.cli_cases, options.workers):
                 if time.time() < deadline:
                     cli_process_case(base_dir, case, record, seconds, lock)
 
-        jobs = [(surface, first) for surface in surfaces for first in range(0, options.cases, size)]
-        with ThreadPoolExecutor(len(jobs) + CLI_THREADS) as pool:
-            futures = [pool.submit(chunk, job) for job in jobs]
-            futures += [pool.submit(cli_cases, offset) for offset in range(CLI_THREADS)]
-            for future in futures:
-                future.result()
+        with ThreadPoolExecutor(options.workers) as pool:
+            list(pool.map(cli_cases, range(options.workers)))
     result = table(counts, seconds)
     print(result)
     print("\n".join(failures[:40]) or "no tracebacks, crashes, hangs or silent-wrong results")
