@@ -9,10 +9,9 @@
 import os
 
 # torch and the Numba kernels each bring an OpenMP runtime; with the default spin-waiting their idle
-# threads burn the cores the other one needs (decode measured 5-19x slower on 2 busy cores). Passive
-# waiting after a short spin (2000 turns) measured best on both a loaded and an idle 2-core machine
-# (idle: 22.5 vs 27.5 ms/token passive, 20.5 fully active; loaded: passive-like, active 1.5-3x worse).
-# Must be set before either library starts its threads; an explicit user setting wins.
+# threads burn the cores the other one needs. Passive waiting after a short spin measured best on a
+# loaded and an idle machine (docs/architecture.md, Threads). Must be set before either library starts
+# its threads; an explicit user setting wins.
 OPENMP_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "2000"}
 OPENMP_SET_HERE = [name for name in OPENMP_DEFAULTS if name not in os.environ]  # other programs must not inherit
 for _name in OPENMP_SET_HERE:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -198,44 +197,15 @@ def _disk_read_bytes() -> int:
     return 0
 
 
-def _active_bytes(args, pool, itemsize: int, dense_format: str = "stored") -> int:
+def _active_bytes(args, source, itemsize: int, dense_format: str = "stored") -> int:
     """Bytes one decode step must read: every dense weight but the embedding table (int8 where
     `--dense int8` holds it so), plus top_k experts per layer."""
-    from .offload.loading import dense_nbytes
+    from .offload.memory_plan import dense_nbytes
 
     dense = dense_nbytes(args, itemsize, quantized=dense_format == "int8")
     if not args.tie_word_embeddings:  # a step gathers one row of the table, not the table
         dense -= itemsize * args.vocab_size * args.hidden_size
-    return dense + args.num_hidden_layers * args.num_experts_per_tok * pool.block_nbytes
-
-
-class _FractionBudget:
-    """Make load()'s memory plan size the budget so the cache holds `fraction` of all experts.
-
-    load() measures the baseline RSS itself, just before planning; the budget is computed from that
-    same plan (fixed parts + wanted slots + half a slot), so it is what a user would have to pass.
-    """
-
-    def __init__(self, fraction: float):
-        self.fraction, self.budget = fraction, None
-
-    def __enter__(self):
-        from .offload import loading
-
-        self.loading, self.original = loading, loading.plan_memory
-
-        def plan(args, budget, dense_bytes, slot_bytes, *rest, **kwargs):
-            probe = self.original(args, 1 << 60, dense_bytes, slot_bytes, *rest, **kwargs)
-            wanted = max(probe.min_slots, math.ceil(self.fraction * probe.total_experts))
-            self.budget = probe.fixed + wanted * slot_bytes + slot_bytes // 2
-            return self.original(args, self.budget, dense_bytes, slot_bytes, *rest,
-                                 **{**kwargs, "baseline": probe.baseline})
-
-        loading.plan_memory = plan
-        return self
-
-    def __exit__(self, *exc):
-        self.loading.plan_memory = self.original
+    return dense + args.num_hidden_layers * args.num_experts_per_tok * source.block_nbytes
 
 
 def run_spec(spec: DecodeSpec) -> dict:
@@ -243,8 +213,8 @@ def run_spec(spec: DecodeSpec) -> dict:
     import numba
     import torch
 
-    from .config import parse_size
     from .offload.loading import load
+    from .quant.linear import QuantizedLinear
     from .offload.memory_plan import current_rss
 
     numba.set_num_threads(min(spec.threads, numba.config.NUMBA_NUM_THREADS))
@@ -252,16 +222,11 @@ def run_spec(spec: DecodeSpec) -> dict:
     path = Path(spec.model)
     max_context = max(spec.prompt_tokens, spec.decode_prompt_tokens + spec.decode_tokens + 1) + 8
     baseline = current_rss()
-    budget = spec.budget
     start = time.perf_counter()
-    if spec.experts_fraction is None:
-        runtime = load(path, dtype=spec.dtype, max_context=max_context, memory_budget=budget, policy=spec.policy,
-                       prefetch=spec.prefetch, activations=spec.activations, dense=spec.dense)
-    else:
-        with _FractionBudget(spec.experts_fraction) as sized:
-            runtime = load(path, dtype=spec.dtype, max_context=max_context, memory_budget=1 << 60,
-                           policy=spec.policy, prefetch=spec.prefetch, activations=spec.activations, dense=spec.dense)
-        budget = sized.budget
+    runtime = load(path, dtype=spec.dtype, max_context=max_context, memory_budget=spec.budget,
+                   experts_fraction=spec.experts_fraction, policy=spec.policy, prefetch=spec.prefetch,
+                   activations=spec.activations, dense=spec.dense)
+    budget = runtime.memory_plan.budget if runtime.memory_plan else None
     load_seconds = time.perf_counter() - start
     runtime.tokenizer.eos_id = -1  # a fixed number of tokens: a random model may pick </s> at any step
     vocab = runtime.args.vocab_size
@@ -290,32 +255,26 @@ def run_spec(spec: DecodeSpec) -> dict:
         runtime.reset()
         record = next(iter(runtime.generate(long_prompt, max_new_tokens=1)))
         prompt_runs.append(spec.prompt_tokens / record.prompt_seconds)
-    experts = runtime.model.experts
-    pool = getattr(experts, "pool", None)
-    dense_held = "stored" if isinstance(runtime.model.layers[0].wq, torch.Tensor) else "int8"  # what auto chose
-    itemsize = runtime.model.embed.element_size()
+    source = runtime.model.experts.source  # a converted model's pool
+    dense_held = "int8" if isinstance(runtime.model.layers[0].wq, QuantizedLinear) else "stored"  # what auto chose
+    itemsize = torch.empty((), dtype=runtime.model.dtype).element_size()
     return {
         "label": spec.label, "model": str(path), "experts_fraction": spec.experts_fraction,
-        "budget": None if budget is None else parse_size(budget),
+        "budget": budget,
         "threads": spec.threads, "policy": spec.policy if stats else None, "activations": spec.activations, "dense": dense_held,
         "decode_tps": statistics.median(decode_runs), "decode_tps_runs": decode_runs,
         "prompt_tps": statistics.median(prompt_runs), "prompt_tps_runs": prompt_runs,
         "decode_prompt_tokens": spec.decode_prompt_tokens, "decode_tokens": spec.decode_tokens,
         "prompt_tokens": spec.prompt_tokens, "baseline_rss": baseline, "load_seconds": load_seconds,
-        "slots": _slot_count(experts) if stats else None,
+        "slots": runtime.memory_plan.slots if runtime.memory_plan else None,
         "total_experts": runtime.args.num_hidden_layers * runtime.args.num_local_experts,
         "hit_rate": cache.get("hit_rate"), "cache_bytes_per_token": cache.get("cache_bytes_per_token"),
         "disk_bytes_per_token": cache["disk_bytes_per_token"],
         **{k: cache.get(k) for k in ("misses_per_token", "prefetches_per_token", "prefetch_hits_per_token",
                                      "prefetch_waste_per_token")},
-        "active_bytes_per_token": _active_bytes(runtime.args, pool, itemsize, dense_held) if pool is not None else None,
+        "active_bytes_per_token": _active_bytes(runtime.args, source, itemsize, dense_held),
         "peak_rss_hwm": _peak_rss_hwm(),
     }
-
-
-def _slot_count(cache) -> int:
-    """Expert slots of an ExpertCache: the free ones plus the filled ones."""
-    return len(cache.free) + len(cache.slot_of)
 
 
 def _peak_rss_hwm() -> int:

@@ -107,6 +107,15 @@ def open_regular(path: str | Path, what: str = "file") -> int:
     return fd
 
 
+def require_size(fd: int, size: int, name: str) -> None:
+    """Refuse to touch a mapping of fd once its file is shorter than the size validated at open (a read
+    past the end of a mapped file is SIGBUS, not an exception): one fstat."""
+    now = os.fstat(fd).st_size
+    if now < size:
+        _fail(name, f"cut short to {now} bytes while in use (was {size}): the model files changed under "
+                    f"this process")
+
+
 def read_regular(path: str | Path, limit: int, what: str = "file") -> bytes:
     """The whole of a regular file of at most limit bytes."""
     fd = open_regular(path, what)

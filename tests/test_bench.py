@@ -24,8 +24,8 @@ def test_decode_takes_several_values_after_one_flag(monkeypatch, tiny_converted)
         return {"results": []}
 
     monkeypatch.setattr(benchmark, "decode_report", fake_report)
-    result = CliRunner().invoke(cli, ["bench", "decode", "--experts-fraction", "0.5", "0.25", "--budget", "1GiB",
-                                      "2GiB", str(tiny_converted), "--repeats", "1", "--json"])
+    result = CliRunner().invoke(cli, ["bench", "decode", "--experts-fraction", "0.5", "--experts-fraction", "0.25",
+                                      "--budget", "1GiB", "--budget", "2GiB", str(tiny_converted), "--repeats", "1", "--json"])
     assert result.exit_code == 0, result.output
     specs = seen["specs"]
     assert [s.label for s in specs] == ["resident", "budget 1GiB", "budget 2GiB", "50% of experts", "25% of experts"]

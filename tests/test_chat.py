@@ -5,6 +5,7 @@ import pytest
 from click.testing import CliRunner
 
 from mixtral_offload.cli.main import cli
+from mixtral_offload.cache.expert_cache import CacheStats
 from mixtral_offload.cli.chat import Conversation, cache_hit_rate, run_repl
 from mixtral_offload.offload.loading import load
 from mixtral_offload.offload.tokenizer import Message
@@ -121,24 +122,11 @@ def test_ctrl_c_at_prompt_exits_cleanly(runtime):
     run_repl(Conversation(runtime), read, dict(max_new_tokens=2))  # returns, no exception
 
 
-class Stats:
-    hits, misses = 3, 1
-
-
-class StatsWithRate:
-    def hit_rate(self):
-        return 0.25
-
-
-@pytest.mark.parametrize("stats, rate", [(None, None), ({"hit_rate": 0.5}, 0.5), (Stats(), 0.75),
-                                         (lambda: {"hits": 1, "misses": 1}, 0.5),
-                                         (lambda: None, None), (lambda: StatsWithRate(), 0.25),
-                                         ({"hits": 0, "misses": 0}, None)])
+@pytest.mark.parametrize("stats, rate", [(None, None), (CacheStats(2, hits=[3, 0], misses=[0, 1]), 0.75),
+                                         (CacheStats(2), None)])
 def test_cache_hit_rate_is_optional(stats, rate):
     class Runtime:
-        pass
+        def cache_stats(self):
+            return stats
 
-    runtime = Runtime()
-    if stats is not None:
-        runtime.cache_stats = stats
-    assert cache_hit_rate(runtime) == rate
+    assert cache_hit_rate(Runtime()) == rate

@@ -67,7 +67,7 @@ def transformers_on_dequantized(model_dir: Path, hf_dir: Path, tmp: Path):
     with ExpertPool.open(model_dir) as pool:
         for layer in range(pool.args.num_hidden_layers):
             for expert in range(pool.args.num_local_experts):
-                for part, qm in zip(EXPERT_PARTS, pool.expert(layer, expert)):
+                for part, qm in zip(EXPERT_PARTS, pool.mapped((layer, expert))):
                     state[hf_expert_name(layer, expert, part)] = torch.from_numpy(dequantize(qm))
     ref_dir = tmp / "dequantized-hf"
     ref_dir.mkdir()
@@ -114,7 +114,7 @@ def test_pool_holds_the_quantized_checkpoint(hf_dir, converted):
     checkpoint = Checkpoint.open(hf_dir)
     with ExpertPool.open(converted(4)) as pool:
         for layer, expert in [(0, 0), (1, 3)]:
-            for part, qm in zip(EXPERT_PARTS, pool.expert(layer, expert)):
+            for part, qm in zip(EXPERT_PARTS, pool.mapped((layer, expert))):
                 expected = quantize(checkpoint.expert_tensor(layer, expert, part), qm.spec, refine=True)
                 for name, array in expected.parts().items():
                     np.testing.assert_array_equal(getattr(qm, name), array)

@@ -11,9 +11,10 @@ from click.testing import CliRunner
 from mixtral_offload.cli.main import cli
 from mixtral_offload.config import ModelArgs
 from mixtral_offload.errors import MixtralOffloadError
-from mixtral_offload.offload.loading import dense_nbytes, load
+from mixtral_offload.offload.loading import load
+from mixtral_offload.offload.memory_plan import dense_nbytes
 from mixtral_offload.offload.runtime import PREFILL_CHUNK
-from mixtral_offload.quant.linear import QuantizedLinear, is_quantized_dense, quantize_dense
+from mixtral_offload.quant.linear import QuantizedLinear, TensorLinear, is_quantized_dense, quantize_dense
 
 IDS = [1, 415, 5565, 302, 4843, 349, 5465, 28723, 330, 1215, 264, 1215]
 TEXT = "Quantized attention weights should leave the next-token distribution almost where it was. " * 3
@@ -35,7 +36,7 @@ def test_int8_dense_equals_the_model_on_its_dequantized_weights(converted_int4):
     ref_places = [(layer, name) for layer in reference.model.layers for name in ("wq", "wk", "wv", "wo")]
     ref_places.append((reference.model, "lm_head"))
     for (owner, name), (ref_owner, ref_name) in zip(places, ref_places):
-        setattr(ref_owner, ref_name, getattr(owner, name).dequantized(torch.float32))
+        setattr(ref_owner, ref_name, TensorLinear(getattr(owner, name).dequantized(torch.float32)))
     got, expected = quantized.logits(IDS), reference.logits(IDS)
     assert float((got - expected).abs().max() / expected.abs().max()) < 1e-4
 
@@ -67,7 +68,7 @@ def test_the_plan_counts_what_is_held(converted_int4):
     model = runtime.model
     held = [model.norm, model.lm_head] + [getattr(layer, name) for layer in model.layers
                                           for name in ("attn_norm", "moe_norm", "wq", "wk", "wv", "wo", "gate")]
-    nbytes = sum(w.nbytes if isinstance(w, QuantizedLinear) else w.numel() * w.element_size() for w in held)
+    nbytes = sum(w.nbytes if isinstance(w, (QuantizedLinear, TensorLinear)) else w.numel() * w.element_size() for w in held)
     table_rows = PREFILL_CHUNK * (args.hidden_size * 2 + 65536)  # the mapped table: one chunk's rows, faulted around
     assert dense_nbytes(args, 2, quantized=True, mapped_embedding=True) == nbytes + table_rows
     assert dense_nbytes(args, 2, quantized=True) < dense_nbytes(args, 2, quantized=False)
@@ -86,16 +87,16 @@ def test_only_whole_groups_are_quantized():
     assert not is_quantized_dense("layers.0.wq", (96, 96))  # 96 columns are not whole groups of 64
     assert not is_quantized_dense("layers.0.gate", (8, 128)) and not is_quantized_dense("embed", (100, 128))
     weight = quantize_dense(torch.randn(40, 128))
-    assert weight.linear(torch.randn(3, 128)).shape == (3, 40)
+    assert weight(torch.randn(3, 128)).shape == (3, 40)
 
 
 def test_int8_dense_refused_where_it_cannot_run(tiny_checkpoint, converted_int4):
     path, _ = tiny_checkpoint
     with pytest.raises(MixtralOffloadError, match="--dense int8 needs a converted model"):
         load(path, dense="int8")
-    assert isinstance(load(path, dense="auto").model.layers[0].wq, torch.Tensor)  # auto: stored for HF checkpoints
+    assert isinstance(load(path, dense="auto").model.layers[0].wq, TensorLinear)  # auto: stored for HF checkpoints
     assert isinstance(load(converted_int4).model.layers[0].wq, QuantizedLinear)  # auto: int8 for a pool on the CPU
-    with pytest.raises(MixtralOffloadError, match="unknown dense format"):
+    with pytest.raises(MixtralOffloadError, match="unknown dense"):
         load(converted_int4, dense="int4")
 
 
@@ -126,7 +127,7 @@ def test_loading_int8_dense_keeps_no_freed_temporaries(wide_model):
 import torch
 from pathlib import Path
 from mixtral_offload.config import ModelArgs
-from mixtral_offload.offload.loading import read_dense
+from mixtral_offload.offload.store.dense import read_dense
 from mixtral_offload.offload.memory_plan import current_rss
 from mixtral_offload.quant.linear import QuantizedLinear, quantize_dense
 path = Path({str(wide_model)!r})

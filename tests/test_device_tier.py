@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from mixtral_offload.cache.expert_cache import ExpertCache, MissCosts
-from mixtral_offload.cache.slots import DeviceSlots
+from mixtral_offload.cache.device_slots import DeviceSlots
 from mixtral_offload.errors import MixtralOffloadError
 from mixtral_offload.offload.loading import load, resolve_device
-from mixtral_offload.offload.quant_experts import expert_forward
+from mixtral_offload.quant.kernels import expert_kernel
 from mixtral_offload.quant.quantize import dequantize_parts_torch
 
 IDS = [1, 415, 5565, 302, 4843, 349, 5465, 28723, 330, 1215, 264, 1215]
@@ -25,9 +25,10 @@ def relative_error(a, b):
 def test_device_slots_on_cpu_match_the_pool(converted_int4, slots, prefetch):
     runtime = load(converted_int4, dtype="float32", device="cpu", activations="float32")
     expected = runtime.logits(IDS)
-    pool = runtime.model.experts.pool
-    store = DeviceSlots(pool, slots, "cpu", torch.float32, dequantize_parts_torch, expert_forward)
-    cache = ExpertCache(pool, 4, 2, slots, policy="lru", prefetch=prefetch, store=store)
+    pool = runtime.model.experts.source
+    kernel = expert_kernel(pool.spec, pool.args.hidden_size, pool.args.intermediate_size, "float32")
+    store = DeviceSlots(pool, slots, "cpu", torch.float32, dequantize_parts_torch, kernel)
+    cache = ExpertCache(pool, 4, 2, store, policy="lru", prefetch=prefetch)
     runtime.model.experts, runtime.model.prefetch_hints = cache, prefetch > 0
     got = runtime.logits(IDS)
     cache.close()

@@ -8,7 +8,9 @@ import torch
 
 from mixtral_offload.config import ModelArgs
 from mixtral_offload.errors import MixtralOffloadError
-from mixtral_offload.offload.loading import load, read_dense
+from mixtral_offload.offload.loading import load
+from mixtral_offload.offload.model import TensorEmbedding
+from mixtral_offload.offload.store.dense import read_dense
 from mixtral_offload.offload.mapped_embedding import MappedEmbedding
 
 IDS = [1, 415, 5565, 302, 4843, 349, 5465, 28723, 330, 1215, 264, 1215]
@@ -33,13 +35,13 @@ def test_logits_equal_a_resident_table(converted_int4):
     assert isinstance(runtime.model.embed, MappedEmbedding)
     mapped = runtime.logits(IDS)
     args = ModelArgs.from_file(converted_int4 / "config.json")
-    runtime.model.embed = read_dense(converted_int4 / "dense.safetensors", args, torch.float32)["embed"]
+    runtime.model.embed = TensorEmbedding(read_dense(converted_int4 / "dense.safetensors", args, torch.float32)["embed"])
     assert torch.equal(runtime.logits(IDS), mapped)
 
 
 def test_looked_up_pages_leave_rss(converted_int4):
     table = load(converted_int4, dtype="float16").model.embed
-    rows = table.lookup(torch.arange(0, table.shape[0], 7))  # touches every page of the table
+    rows = table(torch.arange(0, table.shape[0], 7))  # touches every page of the table
     assert resident_rss_of_mapping(table.table.data_ptr()) == 0
     assert rows.shape == (len(range(0, table.shape[0], 7)), table.shape[1]) and rows.dtype == torch.float16
     assert torch.equal(rows[3], table.table[21])
@@ -48,7 +50,7 @@ def test_looked_up_pages_leave_rss(converted_int4):
 def test_out_of_range_token_is_an_error(converted_int4):
     table = load(converted_int4).model.embed
     with pytest.raises(IndexError):
-        table.lookup(torch.tensor([table.shape[0]]))
+        table(torch.tensor([table.shape[0]]))
 
 
 def broken_copy(model_dir, tmp_path, edit):

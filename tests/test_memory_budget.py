@@ -1,5 +1,4 @@
 """--memory-budget: exact tokens under any budget, and a child process's peak RSS under the budget."""
-import functools
 import os
 import re
 import subprocess
@@ -9,13 +8,13 @@ import time
 import pytest
 from checkpoints import mixtral_tokenizer_path
 
-from mixtral_offload.cache.expert_cache import ExpertCache
+from mixtral_offload.cache.expert_cache import ExpertCache, HostSlots
 from mixtral_offload.cache.simulate import prefetch_recall
 from mixtral_offload.config import ModelArgs
 from mixtral_offload.errors import MixtralOffloadError
 from mixtral_offload.offload.loading import load, warm_up_kernels
 from mixtral_offload.offload.store.pool import ExpertPool
-from mixtral_offload.offload.quant_experts import expert_forward
+from mixtral_offload.quant.kernels import expert_kernel
 from mixtral_offload.offload.store.synthetic import write_synthetic
 
 PROMPT = "The cache keeps the experts it will need again, and reads the rest from disk."
@@ -31,9 +30,9 @@ def tokens(runtime, n=12):
 def test_cached_runs_give_the_same_tokens(converted_int4, policy, slots, prefetch, activations):
     runtime = load(converted_int4, dtype="float32", activations=activations)
     expected = tokens(runtime)
-    pool = runtime.model.experts.pool
-    run_expert = functools.partial(expert_forward, activations=activations)
-    cache = ExpertCache(pool, 4, 2, slots, run_expert, policy=policy, prefetch=prefetch)
+    pool = runtime.model.experts.source
+    kernel = expert_kernel(pool.spec, pool.args.hidden_size, pool.args.intermediate_size, activations)
+    cache = ExpertCache(pool, 4, 2, HostSlots(pool, slots, kernel), policy=policy, prefetch=prefetch)
     runtime.model.experts, runtime.model.prefetch_hints = cache, prefetch > 0
     runtime.reset()
     assert tokens(runtime) == expected
@@ -101,7 +100,8 @@ def big_pool(tmp_path_factory):
                      num_key_value_heads=2, max_position_embeddings=1024)
     write_synthetic(out, args, bits=4, tokenizer=mixtral_tokenizer_path(), progress=False)
     with ExpertPool.open(out) as pool:  # compile into Numba's on-disk cache, so the child only loads kernels
-        warm_up_kernels(pool, functools.partial(expert_forward, activations="int8"), dense_activations="int8")
+        warm_up_kernels(pool, expert_kernel(pool.spec, args.hidden_size, args.intermediate_size, "int8"),
+                        dense_activations="int8")
     return out
 
 

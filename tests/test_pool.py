@@ -20,6 +20,7 @@ from checkpoints import mixtral_tokenizer_path
 from mixtral_offload.cli.main import cli
 from mixtral_offload.config import ModelArgs
 from mixtral_offload.errors import MixtralOffloadError
+from mixtral_offload.cache.expert_cache import read_extents
 from mixtral_offload.offload.loading import load
 from mixtral_offload.offload.store.pool import PAGE, ExpertPool, pack_header
 from mixtral_offload.offload.store.synthetic import write_synthetic
@@ -68,19 +69,19 @@ def test_views_buffers_and_release_agree(pool_dir):
         assert pool.verify().ok and len(pool.blocks) == 8
         buffer = np.empty(pool.block_nbytes + 100, np.uint8)
         for layer, expert in [(0, 0), (1, 3)]:
-            mapped = pool.expert(layer, expert)
-            assert pool.read_block_into(layer, expert, buffer) == pool.block_nbytes
-            for a, b in zip(mapped, pool.views_from_buffer(buffer)):
+            mapped = pool.mapped((layer, expert))
+            assert read_extents(pool, (layer, expert), buffer) == pool.block_nbytes
+            for a, b in zip(mapped, pool.views(buffer)):
                 assert not a.codes.flags.writeable
                 np.testing.assert_array_equal(dequantize(a), dequantize(b))
             before = [dequantize(m) for m in mapped]
-            pool.release(layer, expert, drop_cache=True)
-            for old, m in zip(before, pool.expert(layer, expert)):
+            pool.release((layer, expert), drop_cache=True)
+            for old, m in zip(before, pool.mapped((layer, expert))):
                 np.testing.assert_array_equal(old, dequantize(m))
         with pytest.raises(ValueError):
-            pool.read_block_into(0, 0, np.empty(10, np.uint8))
+            pool.views(np.empty(10, np.uint8))
         with pytest.raises(IndexError):
-            pool.expert(2, 0)
+            pool.mapped((2, 0))
 
 
 def test_release_returns_mapped_pages(tmp_path):
@@ -91,30 +92,43 @@ def test_release_returns_mapped_pages(tmp_path):
     with ExpertPool.open(tmp_path / "m") as pool:
         start = process.memory_info().rss
         for key in pool.blocks:
-            for qm in pool.expert(*key):
+            for qm in pool.mapped(key):
                 int(qm.codes.sum())
         touched = process.memory_info().rss
         for key in pool.blocks:
-            pool.release(*key)
+            pool.release(key)
         released = process.memory_info().rss
     assert touched - start > 20e6 and touched - released > 20e6, (start, touched, released)
 
 
+def reference_expert_forward(w1, w3, w2, x: np.ndarray) -> np.ndarray:
+    """w2 (silu(w1 x) * w3 x) for x [T, D] float32 via the plain dequantizer: [T, D] float32."""
+    gate = x @ dequantize(w1).T
+    up = x @ dequantize(w3).T
+    return (gate / (1.0 + np.exp(-gate)) * up) @ dequantize(w2).T
+
+
 def test_pool_experts_kernel_matches_reference(pool_dir):
-    from mixtral_offload.offload.quant_experts import PoolExperts, expert_forward, reference_expert_forward
+    from mixtral_offload.offload.experts import PoolExperts
+    from mixtral_offload.offload.model import group_tokens
+    from mixtral_offload.quant.kernels import expert_forward, expert_kernel
 
     x = torch.randn(5, SMALL.hidden_size, generator=torch.Generator().manual_seed(0))
     ids = torch.tensor([[0, 1], [1, 3], [2, 0], [3, 2], [1, 0]])
     weights = torch.full((5, 2), 0.5)
     with ExpertPool.open(pool_dir) as pool:
-        out = PoolExperts(pool, release_pages=True).forward(1, x, ids, weights)
+        kernel = expert_kernel(pool.spec, SMALL.hidden_size, SMALL.intermediate_size, "float32")
+        routing = group_tokens(ids, weights)
+        out = torch.zeros_like(x)
+        for group, y in PoolExperts(pool, kernel, release_pages=True).run(1, x, routing):
+            out[group.rows] += y * 0.5
         expected = torch.zeros_like(x)
         for t in range(5):
             for k in range(2):
-                y = reference_expert_forward(*pool.expert(1, int(ids[t, k])), x[t:t + 1].numpy())
+                y = reference_expert_forward(*pool.mapped((1, int(ids[t, k]))), x[t:t + 1].numpy())
                 expected[t] += 0.5 * torch.from_numpy(y[0])
         assert (out - expected).abs().max() <= 1e-4 * expected.abs().max()
-        w = pool.expert(0, 2)
+        w = pool.mapped((0, 2))
         xs = x.numpy()
         np.testing.assert_allclose(expert_forward(*w, xs), reference_expert_forward(*w, xs), rtol=1e-4, atol=1e-6)
 
@@ -240,7 +254,7 @@ def _open_and_use(model_dir: Path) -> None:
         return
     with pool:
         for key in pool.blocks:
-            for qm in pool.expert(*key):
+            for qm in pool.mapped(key):
                 int(qm.codes[-1, -1]) + float(qm.scales[-1, -1])
         pool.verify()
 

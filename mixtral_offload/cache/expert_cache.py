@@ -1,27 +1,104 @@
-"""The runtime expert cache: fixed slots filled from the pool, with pluggable eviction and prefetch.
+"""The runtime expert cache: fixed slots filled from a BlockSource, with pluggable eviction and prefetch.
 
-It implements the model's ExpertBackend. It deals in (layer, expert) keys and a slot store
-(cache/slots.py: RAM slots computed by the CPU kernels, or device slots computed by torch); it knows
-no model classes and no file formats.
+It implements the model's ExpertBackend. It deals in (layer, expert) keys, extents to read and slot
+stores (RAM slots here, computed by the CPU kernels; device slots in device_slots.py); it knows no
+model classes and no file formats.
 """
 from __future__ import annotations
 
+import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Iterator, Protocol
 
+import numba
 import numpy as np
 import torch
 
 from ..errors import MixtralOffloadError
 from ..profiling import NULL_PROFILER
 from .policies import EvictionPolicy, make_policy
-from .slots import DeviceSlots, HostSlots
 from .simulate import partition_capacities
+from .source import BlockSource, Key, page_rounded
 from .traces import TraceRecorder
 
-Key = tuple[int, int]  # (layer, expert)
+
+def read_extents(source: BlockSource, key: Key, buffer: np.ndarray) -> int:
+    """Read expert `key`'s extents into buffer (uint8, >= block_nbytes) with preadv; bytes read."""
+    view = memoryview(buffer).cast("B")
+    done = 0
+    for extent in source.extents(key):
+        got = 0
+        while got < extent.nbytes:  # one preadv per extent; loops only on a short read
+            n = os.preadv(source.fileno(), [view[extent.dest + got:extent.dest + extent.nbytes]], extent.offset + got)
+            if n == 0:
+                raise MixtralOffloadError(f"{source.name}: unexpected end of file in block {key}")
+            got += n
+        done += got
+    return done
+
+
+class SlotStore(Protocol):
+    """Where cached experts live and how they are computed: RAM slots here, device slots in device_slots.py."""
+
+    num_slots: int
+    device: torch.device
+    direct_choice: bool          # whether a miss may instead be computed where it lies, when cheaper
+    decode_threads: int | None   # CPU kernel threads for a decode step while the reader fills slots
+
+    def fill(self, slot: int, key: Key) -> int:
+        """Read expert `key` into `slot` (on the reader thread); bytes read."""
+        ...
+
+    def run(self, slot: int, x: torch.Tensor) -> torch.Tensor:
+        """The expert in `slot` on x [T, D] -> [T, D]."""
+        ...
+
+    def run_direct(self, key: Key, x: torch.Tensor) -> torch.Tensor:
+        """Expert `key` computed where it lies in the file mapping."""
+        ...
+
+
+class HostSlots:
+    """Slots in RAM (numpy, page-rounded, allocated once); experts computed by the CPU kernels.
+
+    `decode_threads`: decode steps run the CPU kernels on one core fewer than Numba has, because the
+    reader thread fills slots meanwhile and a parallel kernel waits for its slowest thread
+    (docs/architecture.md, Threads); a prefill is compute-bound and keeps every core.
+    """
+
+    device = torch.device("cpu")
+    direct_choice = False  # a fill reads the same bytes the CPU would: a miss always fills a slot
+
+    def __init__(self, source: BlockSource, num_slots: int, kernel, decode_threads: int | None = None):
+        self.source, self.kernel, self.num_slots = source, kernel, num_slots
+        self.decode_threads = decode_threads or max(1, numba.get_num_threads() - 1)
+        self.slot_bytes = page_rounded(source.block_nbytes)
+        self.buffers = np.empty((num_slots, self.slot_bytes), dtype=np.uint8)  # pages touched on first fill
+        self.views = [source.views(buffer) for buffer in self.buffers]  # fixed: contents change
+
+    def fill(self, slot: int, key: Key) -> int:
+        """Read one expert into a slot; bytes read."""
+        return read_extents(self.source, key, self.buffers[slot])
+
+    def run(self, slot: int, x: torch.Tensor) -> torch.Tensor:
+        """The expert in `slot` on x [T, D] -> [T, D] float32."""
+        return torch.from_numpy(self.kernel(*self.views[slot], np.ascontiguousarray(x.detach().float().numpy())))
+
+    def run_direct(self, key: Key, x: torch.Tensor) -> torch.Tensor:
+        """The expert computed where it lies in the mapped file."""
+        return run_on_mapping(self.source, self.kernel, key, x)
+
+
+def run_on_mapping(source: BlockSource, kernel, key: Key, x: torch.Tensor) -> torch.Tensor:
+    """One expert computed by the CPU kernel on the file mapping; its mapped pages are given back after."""
+    x32 = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
+    try:
+        y = kernel(*source.mapped(key), x32)
+    finally:
+        source.release(key)
+    return torch.from_numpy(y).to(x.device)
 
 
 @dataclass
@@ -69,16 +146,16 @@ class MissCosts:
 
 
 class ExpertCache:
-    """Experts of a pool paged into a slot store; computes routed experts on them."""
+    """Experts of a BlockSource paged into a slot store; runs routed experts on them (an ExpertBackend)."""
 
-    def __init__(self, pool, num_layers: int, top_k: int, num_slots: int,
-                 compute: Callable[[object, object, object, np.ndarray], np.ndarray] | None = None,
-                 policy: str = "lru", prefetch: int = 0, partition: str = "auto",
-                 recorder: TraceRecorder | None = None, read_threads: int = 1, store=None):
+    def __init__(self, source: BlockSource, num_layers: int, top_k: int, store: SlotStore, policy: str = "lru",
+                 prefetch: int = 0, partition: str = "auto", recorder: TraceRecorder | None = None,
+                 read_threads: int = 1):
+        num_slots = store.num_slots
         if num_slots < top_k + prefetch:
             raise MixtralOffloadError(
                 f"an expert cache of {num_slots} slots is below the minimum of top_k + prefetch = {top_k + prefetch}")
-        self.pool, self.compute = pool, compute
+        self.source, self.store = source, store
         self.num_layers, self.top_k, self.prefetch = num_layers, top_k, prefetch
         if partition == "auto":
             # Measured on the demo model's recorded trace (docs/cache.md): with prefetch, one shared pool
@@ -90,12 +167,9 @@ class ExpertCache:
         sizes = partition_capacities(num_slots, num_layers, partition, top_k)
         self.capacity = sizes if partition == "layer" else None
         self.policies: list[EvictionPolicy] = [make_policy(policy) for _ in sizes]
-        self.store = store if store is not None else HostSlots(pool, num_slots, compute)
-        # With device slots a miss may be cheaper on the CPU, where the expert lies; RAM slots are
-        # filled by the same bytes the CPU would read, so there a miss always fills a slot.
-        self.costs = MissCosts() if isinstance(self.store, DeviceSlots) else None
-        # CPU kernel threads for a forward pass (the runtime applies it): RAM slots leave a core to the reader
-        self.kernel_threads = getattr(self.store, "compute_threads", None)
+        # With device slots a miss may be cheaper on the CPU, where the expert lies (store.direct_choice)
+        self.costs = MissCosts() if store.direct_choice else None
+        self.decode_threads = store.decode_threads
         self.free = list(range(num_slots - 1, -1, -1))
         self.slot_of: dict[Key, int] = {}
         self.loading: dict[Key, Future] = {}
@@ -109,6 +183,10 @@ class ExpertCache:
         self.recorder = recorder
         self.profiler = NULL_PROFILER
         self.now = 0
+
+    def set_profiler(self, profiler) -> None:
+        """Record reads, waits, hits and misses into profiler."""
+        self.profiler = profiler
 
     # -- slots ----------------------------------------------------------------------------------
     def _policy(self, layer: int) -> EvictionPolicy:
@@ -142,7 +220,7 @@ class ExpertCache:
 
     def _read(self, key: Key, slot: int) -> tuple[int, float]:
         start = time.perf_counter()
-        with self.profiler.span("pool_read", layer=key[0], expert=key[1], bytes=self.pool.block_nbytes):
+        with self.profiler.span("pool_read", layer=key[0], expert=key[1], bytes=self.source.block_nbytes):
             got = self.store.fill(slot, key)
         return got, time.perf_counter() - start
 
@@ -171,22 +249,18 @@ class ExpertCache:
             mass = probs.float().sum(dim=0)
             self.hints[layer] = torch.topk(mass, min(self.prefetch, mass.shape[0])).indices.tolist()
 
-    def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Weighted sum of each token's routed experts, [T, D] in x's dtype; misses are read into slots."""
-        ids = expert_ids.cpu().numpy()
-        w = weights.float()
-        w_cpu = w.cpu().numpy()
-        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    def run(self, layer: int, x: torch.Tensor, routing) -> Iterator[tuple[object, torch.Tensor]]:
+        """Each routed expert of the layer (routing: offload.model.Routing) on its tokens, resident ones
+        first, then those being read, then misses; misses are read into slots while others compute."""
         if self.recorder is not None:
-            self.recorder.record(layer, ids, w_cpu, predicted_next=self.token_guesses.pop(layer + 1, None))
-        experts, inverse = np.unique(ids, return_inverse=True)
-        inverse = inverse.reshape(ids.shape)
-        keys = [(layer, int(e)) for e in experts]
-        for index, key in enumerate(keys):
-            self._policy(layer).on_access(key, float(w_cpu[inverse == index].sum()), self.now)
+            self.recorder.record(layer, routing.expert_ids, routing.weights,
+                                 predicted_next=self.token_guesses.pop(layer + 1, None))
+        group_of = {(layer, group.expert): group for group in routing.groups}
+        keys = list(group_of)
+        for key, group in group_of.items():
+            self._policy(layer).on_access(key, group.gate_mass, self.now)
             self.now += 1
         self._count_prefetch(layer, keys)
-        # resident and loaded first, then those in flight, then misses
         order = sorted(keys, key=lambda k: (k in self.loading, k not in self.slot_of))
         wanted = set(keys)
         direct = set()
@@ -202,9 +276,8 @@ class ExpertCache:
         self._read_ahead(order, wanted, direct)
         self._start_prefetch(layer + 1, wanted)
         for key in order:
-            rows, rank = np.nonzero(inverse == keys.index(key))
-            rows_t, rank_t = torch.from_numpy(rows).to(x.device), torch.from_numpy(rank).to(x.device)
-            xs = x[rows_t]
+            group = group_of[key]
+            xs = x[torch.from_numpy(group.rows).to(x.device)]
             if key not in self.slot_of and key not in direct:
                 slot = self._reserve(key, set())
                 if slot is not None:
@@ -214,20 +287,17 @@ class ExpertCache:
                 self._wait(key)
                 self.pinned.add(key)
                 with self.profiler.span(f"expert_{self.store.device.type}", layer=layer, expert=key[1],
-                                        tokens=len(rows)):
+                                        tokens=len(group.rows)):
                     y = self.store.run(self.slot_of[key], xs)
                 self.pinned.discard(key)
             else:  # computed where it lies: no slot could be had, or the CPU measured cheaper than a fill
                 self.stats.direct += 1
                 start = time.perf_counter()
-                with self.profiler.span("expert_pool", layer=layer, expert=key[1], tokens=len(rows)):
+                with self.profiler.span("expert_pool", layer=layer, expert=key[1], tokens=len(group.rows)):
                     y = self.store.run_direct(key, xs)
                 if self.costs is not None:
-                    self.costs.record("direct", time.perf_counter() - start, self.pool.block_nbytes)
-            # a token meets each expert once, so rows are distinct: a plain indexed add (index_add_
-            # wakes torch's thread pool, ~0.15 ms a call on the CPU, more than the add itself)
-            out[rows_t] += y.float() * w[rows_t, rank_t, None]
-        return out.to(x.dtype)
+                    self.costs.record("direct", time.perf_counter() - start, self.source.block_nbytes)
+            yield group, y
 
     def _try_direct(self, chosen: int) -> bool:
         """Whether a miss should be computed on the pool: measured cheaper, or not yet measured once."""

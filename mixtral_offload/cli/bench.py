@@ -5,34 +5,7 @@ import json
 
 import click
 
-
-def _is_value(flag: str, arg: str) -> bool:
-    """Whether arg reads as a value of flag (a fraction, or a size), not a path or an option."""
-    from ..config import parse_size
-
-    try:
-        float(arg) if flag == "--experts-fraction" else parse_size(arg)
-        return True
-    except Exception:  # parse_size raises the project's error; float() ValueError
-        return False
-
-
-class MultiValueCommand(click.Command):
-    """Let one --budget or --experts-fraction take several values: `--experts-fraction 0.5 0.25`."""
-
-    multi = ("--budget", "-m", "--experts-fraction")
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        out, flag = [], None
-        for arg in args:
-            if arg in self.multi:
-                flag = arg
-            elif flag and out[-1] != flag and _is_value(flag, arg):
-                out.append(flag)
-            elif not (flag and out[-1] == flag):
-                flag = None
-            out.append(arg)
-        return super().parse_args(ctx, out)
+from ..offload.options import CHOICES
 
 
 @click.group()
@@ -42,7 +15,7 @@ def bench() -> None:
     \b
     Examples:
       mixtral-offload bench kernels --json
-      mixtral-offload bench decode ./mixtral-int4 --experts-fraction 0.5 0.25
+      mixtral-offload bench decode ./mixtral-int4 --experts-fraction 0.5 --experts-fraction 0.25
     """
 
 
@@ -69,13 +42,13 @@ def kernels(threads, bits, group_size, tokens, repeats, no_torch, as_json):
     click.echo(json.dumps(result, indent=2) if as_json else format_kernel_bench(result))
 
 
-@bench.command(cls=MultiValueCommand)
+@bench.command()
 @click.argument("model", type=click.Path(file_okay=False, exists=True))
 @click.option("--budget", "-m", "budgets", multiple=True, metavar="SIZE",
-              help="A --memory-budget to measure (repeatable, or several after one flag), e.g. 2GiB.")
+              help="A --memory-budget to measure (repeatable: --budget 2GiB --budget 1GiB).")
 @click.option("--experts-fraction", "fractions", multiple=True, type=click.FloatRange(0, 1, min_open=True),
               metavar="F", help="A budget sized by the memory plan so the cache holds this fraction of the "
-                                "experts (repeatable, or several after one flag), e.g. 0.5 0.25.")
+                                "experts (repeatable: --experts-fraction 0.5 --experts-fraction 0.25).")
 @click.option("--no-resident", is_flag=True, help="Skip the configuration without a budget.")
 @click.option("--prompt-tokens", type=click.IntRange(2), default=256, show_default=True,
               help="Length of the prompt-speed run.")
@@ -84,14 +57,13 @@ def kernels(threads, bits, group_size, tokens, repeats, no_torch, as_json):
 @click.option("--decode-tokens", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--repeats", type=click.IntRange(1), default=3, show_default=True, help="Speeds are medians.")
 @click.option("--threads", "-t", type=click.IntRange(1), default=2, show_default=True)
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
-              show_default=True)
-@click.option("--policy", type=click.Choice(["gate", "lru", "lfu"]), default="gate", show_default=True)
+@click.option("--dtype", type=click.Choice(CHOICES["dtype"]), default="auto", show_default=True)
+@click.option("--policy", type=click.Choice(CHOICES["policy"]), default="gate", show_default=True)
 @click.option("--prefetch/--no-prefetch", default=True, show_default=True)
-@click.option("--activations", type=click.Choice(["int8", "float32"]), multiple=True, default=("int8",),
+@click.option("--activations", type=click.Choice(CHOICES["activations"]), multiple=True, default=("int8",),
               show_default=True, help="The CPU kernels' input (see generate --help); give it twice to "
                                       "measure both side by side: --activations int8 --activations float32.")
-@click.option("--dense", type=click.Choice(["auto", "stored", "int8"]), default="auto", show_default=True,
+@click.option("--dense", type=click.Choice(CHOICES["dense"]), default="auto", show_default=True,
               help="Attention and output weights: auto, stored or int8 (see generate --help).")
 @click.option("--bandwidth-gbs", type=click.FloatRange(0, min_open=True), default=None,
               help="Memory read bandwidth for the floor [default: measured now at --threads].")
@@ -102,13 +74,12 @@ def decode(model, budgets, fractions, no_resident, prompt_tokens, decode_prompt_
 
     Reports medians of --repeats, the child's peak RSS, and with a budget the cache hit rate and
     the bytes read per decoded token; beside them the bandwidth floor (active bytes per token /
-    measured read bandwidth). Extra values after --budget or --experts-fraction are accepted:
-    `--experts-fraction 0.5 0.25`.
+    measured read bandwidth).
 
     \b
     Examples:
       mixtral-offload bench decode ./mini-int4
-      mixtral-offload bench decode ./mini-int4 --no-resident --experts-fraction 0.5 0.25 --json
+      mixtral-offload bench decode ./mini-int4 --no-resident --experts-fraction 0.5 --experts-fraction 0.25
       mixtral-offload bench decode ./mixtral-int4 --budget 8GiB --decode-tokens 8 --repeats 1
     """
     from ..benchmark import DecodeSpec, decode_report, format_decode_report

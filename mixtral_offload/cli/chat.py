@@ -100,27 +100,11 @@ class Conversation:
 
 
 def cache_hit_rate(runtime) -> float | None:
-    """The expert cache hit rate if the runtime exposes `cache_stats` (a mapping or an object), else None."""
-    stats = getattr(runtime, "cache_stats", None)
-    if stats is None:
+    """The expert cache's hit rate, or None without a cache or before its first lookup."""
+    stats = runtime.cache_stats()
+    if stats is None or not sum(stats.hits) + sum(stats.misses):
         return None
-    if callable(stats):
-        stats = stats()
-
-    def get(name):
-        return stats.get(name) if isinstance(stats, dict) else getattr(stats, name, None)
-
-    try:
-        rate = get("hit_rate")
-        rate = rate() if callable(rate) else rate
-    except ZeroDivisionError:  # no lookups yet
-        return None
-    if rate is not None:
-        return None if rate != rate else float(rate)  # NaN: no lookups yet
-    hits, misses = get("hits"), get("misses")
-    if hits is None or misses is None or hits + misses == 0:
-        return None
-    return hits / (hits + misses)
+    return stats.hit_rate
 
 
 def footer(record: GenerationRecord, runtime) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import click
 
 from ..demo import DEMO_DESCRIPTION, demo_model_dir
+from ..offload.options import CHOICES
 
 
 def _model_or_demo(ctx: click.Context, param: click.Parameter, model: str | None) -> str:
@@ -34,13 +35,13 @@ def load_options(command):
                           "working set the command says what the minimum is. [env: MIXTRAL_OFFLOAD_MEMORY_BUDGET]"),
         click.option("--ram-budget", default=None,
                      help="With --device cuda: ceiling of host memory (the budget then bounds VRAM)."),
-        click.option("--policy", type=click.Choice(["gate", "lru", "lfu"]), default="gate", show_default=True,
-                     help="Expert cache eviction: gate-weighted recency/frequency, LRU or LFU."),
+        click.option("--policy", type=click.Choice(CHOICES["policy"]), default="gate", show_default=True,
+                     help="Expert cache eviction: gate-weighted recency/frequency, LRU or LFU (docs/cache.md)."),
         click.option("--prefetch/--no-prefetch", default=True, show_default=True,
                      help="Read the next layer's likely experts while this layer computes."),
-        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+        click.option("--device", type=click.Choice(CHOICES["device"]), default="auto", show_default=True,
                      help="Where to compute: auto picks CUDA when torch sees a GPU."),
-        click.option("--device-format", type=click.Choice(["dequantize", "nf4"]), default="dequantize",
+        click.option("--device-format", type=click.Choice(CHOICES["device_format"]), default="dequantize",
                      show_default=True,
                      help="How cached experts are held in VRAM (with --device cuda, converted models). "
                           "dequantize: the pool's int4/int8 blocks, dequantized to the compute dtype on every "
@@ -48,13 +49,13 @@ def load_options(command):
                           "as int4 g64 blocks, 1.8x smaller than int8 blocks, 3.6x smaller than float16) and "
                           "computed on the packed weights; re-quantizing the pool's int4 adds error. Needs "
                           "bitsandbytes."),
-        click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+        click.option("--dtype", type=click.Choice(CHOICES["dtype"]), default="auto",
                      show_default=True, help="Compute dtype of the dense weights; auto: as stored."),
-        click.option("--activations", type=click.Choice(["int8", "float32"]), default="int8", show_default=True,
+        click.option("--activations", type=click.Choice(CHOICES["activations"]), default="int8", show_default=True,
                      help="How the CPU kernels take their input (converted models): int8 quantizes it per "
                           "group for integer dot products (1.4-1.7x faster decode measured); float32 is exact "
                           "to the dequantized weights."),
-        click.option("--dense", type=click.Choice(["auto", "stored", "int8"]), default="auto", show_default=True,
+        click.option("--dense", type=click.Choice(CHOICES["dense"]), default="auto", show_default=True,
                      help="How the attention and output weights are held: int8 quantizes them at load (per "
                           "group of 64, 0.6% error) and computes them with the CPU kernels, halving their "
                           "memory and bytes per token; stored keeps them in --dtype. auto: int8 for a "

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MixtralOffloadError
+from ..validate import require_size
 
 SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 # Linux maps up to this much around a faulting address when the pages are in the page cache
@@ -28,7 +29,7 @@ class MappedEmbedding:
     """Rows [V, D] of one safetensors tensor, looked up from the file mapping in `dtype`."""
 
     def __init__(self, file: Path, name: str, shape: tuple[int, int], dtype: torch.dtype):
-        self.file, self.shape, self.dtype, self.device = Path(file), tuple(shape), dtype, torch.device("cpu")
+        self.file, self.shape, self.dtype = Path(file), tuple(shape), dtype
         stored, start, end = _locate(self.file, name, self.shape)
         # map the table's pages only: the kernel's fault-around then cannot map other tensors' pages
         first_page = start // mmap.ALLOCATIONGRANULARITY * mmap.ALLOCATIONGRANULARITY
@@ -40,18 +41,12 @@ class MappedEmbedding:
             self.table = torch.frombuffer(self.mapping, dtype=stored, count=shape[0] * shape[1],
                                           offset=start - first_page).view(shape)
 
-    def lookup(self, tokens: torch.Tensor) -> torch.Tensor:
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         """The rows of `tokens` [T] as [T, D] in dtype; the table's mapped pages are released after."""
-        if os.fstat(self.handle.fileno()).st_size < self.end:  # reading past the end would be SIGBUS
-            raise MixtralOffloadError(f"{self.file}: cut short while in use: the model files changed under this process")
+        require_size(self.handle.fileno(), self.end, str(self.file))  # reading past the end would be SIGBUS
         rows = self.table[tokens.to(torch.long)].to(self.dtype)
         self.mapping.madvise(mmap.MADV_DONTNEED)
         return rows
-
-    def element_size(self) -> int:
-        """Bytes per element of the rows it returns."""
-        return torch.empty((), dtype=self.dtype).element_size()
-
 
 def _locate(file: Path, name: str, shape: tuple[int, int]) -> tuple[torch.dtype, int, int]:
     """(stored dtype, first byte, end byte) of tensor `name` in a safetensors file, every field checked."""

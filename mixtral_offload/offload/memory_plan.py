@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import ctypes
+import math
 from dataclasses import dataclass
 
 import psutil
 
 from ..config import ModelArgs, format_size
 from ..errors import MixtralOffloadError
+from ..quant.linear import is_quantized_dense, quantized_dense_bytes
+from .mapped_embedding import FAULT_AROUND_BYTES
+from .store.checkpoint import dense_shapes
 
-PAGE = 4096
 # Allocator slack, thread stacks and library scratch not visible in any tensor size; measured on
 # tiny models as the gap between the plan and the peak RSS of a budgeted child process.
 SLACK_BYTES = 64 << 20
@@ -57,6 +60,21 @@ def work_bytes(args: ModelArgs, max_context: int, chunk: int, itemsize: int, sco
     activations = chunk * (4 * I + 12 * D) * 4       # expert intermediates and residual copies, float32
     rope = 2 * max_context * args.head_dim * 4
     return logits + scores + activations + rope + SLACK_BYTES
+
+
+def dense_nbytes(args: ModelArgs, itemsize: int, quantized: bool, mapped_embedding: bool = False,
+                 chunk: int = 256) -> int:
+    """Bytes the dense weights take resident: itemsize per weight, or int8 per group where quantized;
+    a mapped embedding table only the rows one prefill chunk looks up (its pages are released after)."""
+    total = 0
+    for name, shape in dense_shapes(args).items():
+        if name == "embed" and mapped_embedding:
+            total += chunk * (shape[1] * itemsize + FAULT_AROUND_BYTES)  # each row's fault maps up to 64 KiB
+        elif quantized and is_quantized_dense(name, shape):
+            total += quantized_dense_bytes(shape)
+        else:
+            total += itemsize * math.prod(shape)
+    return total
 
 
 def kv_cache_bytes(args: ModelArgs, max_context: int, itemsize: int) -> int:

@@ -9,7 +9,7 @@ G = key/value heads, hd = head dim, E = experts, K = experts per token, V = voca
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Iterator, Protocol
 
 import numpy as np
 import torch
@@ -19,63 +19,73 @@ from ..config import ModelArgs
 from ..errors import MixtralOffloadError
 from ..profiling import NULL_PROFILER
 from .nonfinite import require_finite
+from ..quant.linear import Linear, compute_dtype
+
+
+@dataclass(frozen=True)
+class ExpertGroup:
+    """The tokens one expert gets in one MoE layer."""
+
+    expert: int
+    rows: np.ndarray    # token indices [n] (int64)
+    ranks: np.ndarray   # each token's top-k rank of this expert [n]
+    gate_mass: float    # the tokens' summed gate weights for it (what gate-guided eviction weighs)
+
+
+@dataclass(frozen=True)
+class Routing:
+    """One MoE layer's routing: every token's experts and weights, and the tokens grouped by expert."""
+
+    expert_ids: np.ndarray   # [T, K] int64
+    weights: np.ndarray      # [T, K] float32, renormalised over the K
+    groups: list[ExpertGroup]
 
 
 class ExpertBackend(Protocol):
-    """Computes the routed experts of one MoE layer."""
+    """Runs routed experts; the MoE block (`Mixtral._moe`) groups the tokens and combines the outputs.
 
-    def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x [T, D], expert_ids [T, K] int64, weights [T, K] float32 -> sum_k weights * expert_k(x), [T, D]."""
+    Backends only say where an expert's weights are and run it: torch tensors (`offload/experts.py`),
+    the mapped pool, or the paging cache (`cache/expert_cache.py`).
+    """
+
+    stats: object | None           # what a cache did (cache.expert_cache.CacheStats); None without a cache
+    decode_threads: int | None     # CPU kernel threads for a decode step (None: all)
+
+    def run(self, layer: int, x: torch.Tensor, routing: Routing) -> Iterator[tuple[ExpertGroup, torch.Tensor]]:
+        """Each group's expert on x[group.rows] ([n, D] -> [n, D]), in the order the backend prefers."""
         ...
 
     def hint(self, layer: int, probs: torch.Tensor) -> None:
         """A guess of layer `layer`'s router probabilities [T, E], made one layer early (for prefetch)."""
         ...
 
+    def set_profiler(self, profiler) -> None:
+        """Record the backend's spans and counters into profiler."""
+        ...
+
 
 @dataclass
 class LayerWeights:
-    """Dense weights of one decoder layer, [out, in] like nn.Linear. The projections may instead be
-    quantized weights that multiply themselves (`weight.linear(x)`, see `linear`)."""
+    """Dense weights of one decoder layer: norms and the router as tensors, projections as layers
+    (quant/linear.py: float tensors or int8 weights; the model only calls them)."""
 
     attn_norm: torch.Tensor  # [D]
     moe_norm: torch.Tensor   # [D]
-    wq: torch.Tensor         # [H*hd, D]
-    wk: torch.Tensor         # [G*hd, D]
-    wv: torch.Tensor         # [G*hd, D]
-    wo: torch.Tensor         # [D, H*hd]
-    gate: torch.Tensor       # [E, D]  the router, always a tensor
+    wq: Linear               # [H*hd, D]
+    wk: Linear               # [G*hd, D]
+    wv: Linear               # [G*hd, D]
+    wo: Linear               # [D, H*hd]
+    gate: torch.Tensor       # [E, D]  the router: its precision decides the experts
 
 
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype to multiply x's rows in: float32 for several float16 rows on the CPU, else x's own.
+class TensorEmbedding:
+    """An embedding table held as a tensor: `embed(tokens)` gathers rows [T, D]."""
 
-    torch's CPU float16 GEMM ran 4x slower than float32 here (256x1024 by 1024x1024: 12.5 ms vs
-    3.1 ms, bfloat16 1.2 ms, 2 threads), while a float16 GEMV (one row) is the fastest: memory-bound.
-    float16 -> float32 is exact and both accumulate in float32, so the result is the same.
-    """
-    if x.dtype == torch.float16 and x.device.type == "cpu" and x.dim() >= 2 and x.shape[-2] > 1:
-        return torch.float32
-    return x.dtype
+    def __init__(self, table: torch.Tensor):
+        self.table = table
 
-
-def linear(x: torch.Tensor, weight) -> torch.Tensor:
-    """x @ weight.T in x's dtype, multiplied in compute_dtype(x); a weight that is not a tensor (a
-    quantized one) multiplies itself: weight.linear(x)."""
-    if not isinstance(weight, torch.Tensor):
-        return weight.linear(x)
-    dtype = compute_dtype(x)
-    if dtype == x.dtype:
-        return F.linear(x, weight)
-    return F.linear(x.to(dtype), weight.to(dtype)).to(x.dtype)
-
-
-def embedding(tokens: torch.Tensor, table) -> torch.Tensor:
-    """Rows of the embedding table for tokens [T]; a table that is not a tensor (one read from a file
-    mapping) looks its rows up itself: table.lookup(tokens)."""
-    if not isinstance(table, torch.Tensor):
-        return table.lookup(tokens)
-    return F.embedding(tokens.to(table.device), table)
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.embedding(tokens.to(self.table.device), self.table)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -104,9 +114,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """One query per head q [H, 1, hd] against the cached keys/values [G, S, hd]: [H, 1, hd].
 
-    Query heads h of a group share key head h // (H / G). Computed in float32 with two batched
-    matmuls: torch's scaled_dot_product_attention took 143 us at S=100 and 20 ms at S=4000 for this
-    one-query case on the CPU (fp16, 2 threads), this 105 us and 0.34 ms.
+    Query heads h of a group share key head h // (H / G). Two batched float32 matmuls: torch's
+    scaled_dot_product_attention is much slower for one query on the CPU (docs/architecture.md).
     """
     H, _, hd = q.shape
     G = keys.shape[0]
@@ -126,20 +135,21 @@ def route(x: torch.Tensor, gate: torch.Tensor, top_k: int) -> tuple[torch.Tensor
 class Mixtral:
     """The Mixtral decoder with a KV cache for one sequence; `forward` appends tokens to it."""
 
-    def __init__(self, args: ModelArgs, embed: torch.Tensor, layers: list[LayerWeights], norm: torch.Tensor,
-                 lm_head: torch.Tensor, experts: ExpertBackend, max_context: int, prefetch_hints: bool = False):
+    def __init__(self, args: ModelArgs, embed, layers: list[LayerWeights], norm: torch.Tensor, lm_head: Linear,
+                 experts: ExpertBackend, max_context: int, dtype: torch.dtype, device: torch.device,
+                 prefetch_hints: bool = False):
         self.args = args
-        self.embed, self.layers, self.norm, self.lm_head = embed, layers, norm, lm_head
+        self.embed, self.layers, self.norm, self.lm_head = embed, layers, norm, lm_head  # embed(tokens) -> [T, D]
         self.experts = experts
         self.max_context = max_context
         self.prefetch_hints = prefetch_hints
-        self.dtype, self.device = embed.dtype, embed.device
+        self.dtype, self.device = dtype, torch.device(device)
         G, hd = args.num_key_value_heads, args.head_dim
         shape = (args.num_hidden_layers, G, max_context, hd)
-        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)   # [L, G, S, hd]
-        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.k_cache = torch.zeros(shape, dtype=dtype, device=self.device)   # [L, G, S, hd]
+        self.v_cache = torch.zeros(shape, dtype=dtype, device=self.device)
         # in the compute dtype once (apply_rope casts them to the activations' dtype, as transformers does)
-        self.cos, self.sin = (table.to(self.device, self.dtype) for table in rope_tables(args, max_context))
+        self.cos, self.sin = (table.to(self.device, dtype) for table in rope_tables(args, max_context))
         self.position = 0  # tokens already in the cache
         self.profiler = NULL_PROFILER
 
@@ -150,6 +160,11 @@ class Mixtral:
     def truncate(self, length: int) -> None:
         """Keep only the first `length` cached positions."""
         self.position = min(self.position, length)
+
+    def set_profiler(self, profiler) -> None:
+        """Record the model's spans and its expert backend's into profiler."""
+        self.profiler = profiler
+        self.experts.set_profiler(profiler)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, last_only: bool = False) -> torch.Tensor:
@@ -164,7 +179,7 @@ class Mixtral:
                 f"context limit reached: {start + T} tokens do not fit in the context of {self.max_context}")
         profiler = self.profiler
         profiler.token("prefill" if T > 1 else "decode")
-        h = embedding(tokens, self.embed)                                      # [T, D]
+        h = self.embed(tokens)                                                 # [T, D]
         cos, sin = self.cos[start:start + T], self.sin[start:start + T]
         for index, layer in enumerate(self.layers):
             with profiler.span("attention", layer=index):
@@ -174,14 +189,14 @@ class Mixtral:
         self.position = start + T
         with profiler.span("lm_head"):
             h = rms_norm(h[-1:] if last_only else h, self.norm, self.args.rms_norm_eps)
-            return linear(h, self.lm_head).float().cpu()                      # [T, V]
+            return self.lm_head(h).float().cpu()                               # [T, V]
 
     def _attention(self, index: int, layer: LayerWeights, x: torch.Tensor, cos, sin) -> torch.Tensor:
         args, T, start = self.args, x.shape[0], self.position
         H, G, hd = args.num_attention_heads, args.num_key_value_heads, args.head_dim
-        q = linear(x, layer.wq).view(T, H, hd).transpose(0, 1)                 # [H, T, hd]
-        k = linear(x, layer.wk).view(T, G, hd).transpose(0, 1)                 # [G, T, hd]
-        v = linear(x, layer.wv).view(T, G, hd).transpose(0, 1)                 # [G, T, hd]
+        q = layer.wq(x).view(T, H, hd).transpose(0, 1)                         # [H, T, hd]
+        k = layer.wk(x).view(T, G, hd).transpose(0, 1)                         # [G, T, hd]
+        v = layer.wv(x).view(T, G, hd).transpose(0, 1)                         # [G, T, hd]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         end = start + T
         self.k_cache[index, :, start:end] = k
@@ -194,9 +209,10 @@ class Mixtral:
             dtype = compute_dtype(q)
             out = F.scaled_dot_product_attention(q.to(dtype), keys.to(dtype), values.to(dtype), attn_mask=mask,
                                                  enable_gqa=H != G).to(q.dtype)  # [H, T, hd]
-        return linear(out.transpose(0, 1).reshape(T, H * hd), layer.wo)       # [T, D]
+        return layer.wo(out.transpose(0, 1).reshape(T, H * hd))               # [T, D]
 
     def _moe(self, index: int, layer: LayerWeights, h: torch.Tensor) -> torch.Tensor:
+        """The MoE block: route, group tokens by expert, let the backend run each expert, combine."""
         args = self.args
         with self.profiler.span("router", layer=index):
             x = rms_norm(h, layer.moe_norm, args.rms_norm_eps)                 # [T, D]
@@ -207,41 +223,29 @@ class Mixtral:
                 upcoming = self.layers[index + 1]
                 guess = F.softmax(F.linear(rms_norm(h, upcoming.moe_norm, args.rms_norm_eps), upcoming.gate).float(), -1)
                 self.experts.hint(index + 1, guess)
+            routing = group_tokens(expert_ids, weights)
         with self.profiler.span("experts", layer=index):
-            return self.experts.forward(index, x, expert_ids, weights)
+            out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # [T, D]
+            w = weights.to(x.device)
+            for group, y in self.experts.run(index, x, routing):
+                rows = torch.from_numpy(group.rows).to(x.device)
+                ranks = torch.from_numpy(group.ranks).to(x.device)
+                # a token meets each expert once, so rows are distinct: a plain indexed add (index_add_
+                # wakes torch's thread pool on the CPU, which costs more than the add itself)
+                out[rows] += y.float() * w[rows, ranks, None]
+            return out.to(x.dtype)
 
 
-class TorchExperts:
-    """All experts resident as torch tensors: the float reference backend."""
-
-    def __init__(self, w1: list[torch.Tensor], w3: list[torch.Tensor], w2: list[torch.Tensor]):
-        self.w1, self.w3, self.w2 = w1, w3, w2  # per layer: [E, I, D], [E, I, D], [E, D, I]
-
-    def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Weighted sum of each token's routed experts, [T, D]."""
-        out = torch.zeros_like(x)
-        for expert, rows, ranks in tokens_by_expert(expert_ids):
-            token_idx = torch.from_numpy(rows).to(x.device)
-            xs = x[token_idx]
-            y = linear(F.silu(linear(xs, self.w1[layer][expert])) * linear(xs, self.w3[layer][expert]),
-                         self.w2[layer][expert])
-            out.index_add_(0, token_idx, (y * weights[token_idx, torch.from_numpy(ranks).to(x.device), None]).to(x.dtype))
-        return out
-
-    def hint(self, layer: int, probs: torch.Tensor) -> None:
-        """Everything is resident: nothing to prefetch."""
-
-
-def tokens_by_expert(expert_ids: torch.Tensor):
-    """For each expert used in expert_ids [T, K]: (expert, token indices, top-k rank of each), ascending expert.
-
-    Indices come back as int64 NumPy arrays (cheap to make; torch and NumPy both index with them).
-    """
+def group_tokens(expert_ids: torch.Tensor, weights: torch.Tensor) -> Routing:
+    """Tokens grouped by expert (ascending expert id) from top-k routing ids [T, K] and weights [T, K]."""
     ids = expert_ids.cpu().numpy()
+    w = weights.float().cpu().numpy()
     if ids.shape[0] == 1:  # decode: one token, its K experts are distinct
-        return [(int(e), np.zeros(1, np.int64), np.array([k])) for k, e in sorted(enumerate(ids[0]), key=lambda p: p[1])]
-    groups = []
-    for expert in np.unique(ids):
-        rows, ranks = np.nonzero(ids == expert)
-        groups.append((int(expert), rows, ranks))
-    return groups
+        groups = [ExpertGroup(int(e), np.zeros(1, np.int64), np.array([k]), float(w[0, k]))
+                  for k, e in sorted(enumerate(ids[0]), key=lambda p: p[1])]
+    else:
+        groups = []
+        for expert in np.unique(ids):
+            rows, ranks = np.nonzero(ids == expert)
+            groups.append(ExpertGroup(int(expert), rows, ranks, float(w[rows, ranks].sum())))
+    return Routing(ids, w, groups)

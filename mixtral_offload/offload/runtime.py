@@ -1,6 +1,7 @@
 """The public runtime: load a model directory, then generate, chat or score text."""
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -8,12 +9,12 @@ from typing import Iterator
 
 import torch
 
+import numba
+
 from ..config import ModelArgs
 from ..errors import MixtralOffloadError
-from .store.checkpoint import Checkpoint, parse_dtype
-from ..quant.kernels import kernel_threads
 from .generate import GenerationRecord, SamplingParams, generate_tokens
-from .model import ExpertBackend, LayerWeights, Mixtral, TorchExperts
+from .model import Mixtral
 from .nonfinite import located, require_finite
 from .tokenizer import Message, StreamDecoder, Tokenizer
 
@@ -30,20 +31,12 @@ class PerplexityResult:
     nll: list[float] = field(repr=False)  # per scored token, in nats
 
 
-def build_model(args: ModelArgs, dense: dict[str, torch.Tensor], experts: ExpertBackend, max_context: int,
-                prefetch_hints: bool = False) -> Mixtral:
-    """A Mixtral from dense tensors keyed by runtime name (see checkpoint.dense_shapes)."""
-    layers = [LayerWeights(**{name: dense[f"layers.{i}.{name}"] for name in LayerWeights.__dataclass_fields__})
-              for i in range(args.num_hidden_layers)]
-    lm_head = dense["embed"] if args.tie_word_embeddings else dense["lm_head"]
-    return Mixtral(args, dense["embed"], layers, dense["norm"], lm_head, experts, max_context, prefetch_hints)
-
-
 class Runtime:
     """A loaded model with its tokenizer; keeps the KV cache of the last sequence to reuse its prefix."""
 
-    def __init__(self, model: Mixtral, tokenizer: Tokenizer, path: Path | None = None):
+    def __init__(self, model: Mixtral, tokenizer: Tokenizer, path: Path | None = None, memory_plan=None):
         self.model, self.tokenizer, self.path = model, tokenizer, path
+        self.memory_plan = memory_plan  # the budget's plan (offload.memory_plan.MemoryPlan) when experts are cached
         self.args = model.args
         self.cached_ids: list[int] = []
         if tokenizer.vocab_size > self.args.vocab_size:
@@ -57,20 +50,17 @@ class Runtime:
 
     def set_profiler(self, profiler) -> None:
         """Record spans and counters of the model and of its expert backend into profiler."""
-        self.model.profiler = profiler
-        if hasattr(self.model.experts, "profiler"):
-            self.model.experts.profiler = profiler
+        self.model.set_profiler(profiler)
 
     def cache_stats(self):
         """The expert cache's CacheStats, or None when experts are not cached."""
-        return getattr(self.model.experts, "stats", None)
+        return self.model.experts.stats
 
     # -- feeding tokens -------------------------------------------------------------------------
     def _forward(self, ids: list[int], last_only: bool = False) -> torch.Tensor:
         # decode steps leave a core to the expert cache's reader when it asks; a prefill is compute-bound
-        # and keeps them all (on 2 cores one thread cut prompt speed under a budget from 459 to 267 tok/s)
-        threads = getattr(self.model.experts, "kernel_threads", None) if len(ids) == 1 else None
-        with kernel_threads(threads), located(self.model, ids):
+        # and keeps them all (docs/architecture.md, Threads)
+        with kernel_threads(self.model.experts.decode_threads if len(ids) == 1 else None), located(self.model, ids):
             logits = require_finite(self.model.forward(torch.tensor(ids, dtype=torch.long), last_only), "the logits")
         self.cached_ids += ids
         return logits
@@ -133,23 +123,6 @@ class Runtime:
         return PerplexityResult(math.exp(sum(nll) / len(nll)), len(nll), nll)
 
 
-def load_checkpoint(path: str | Path, dtype: str = "float32", max_context: int | None = None,
-                    device: torch.device | str = "cpu") -> Runtime:
-    """Load an HF Mixtral checkpoint directory with every expert resident as torch tensors on device."""
-    checkpoint = Checkpoint.open(path)
-    tokenizer = Tokenizer(checkpoint.tokenizer_path)
-    args, torch_dtype = checkpoint.args, parse_dtype(dtype)
-    dense = {name: tensor.to(device) for name, tensor in checkpoint.dense_tensors(torch_dtype)}
-    stacks = {part: [] for part in ("w1", "w3", "w2")}
-    for layer in range(args.num_hidden_layers):
-        for part, stack in stacks.items():
-            stack.append(torch.stack([checkpoint.expert_tensor(layer, e, part, torch_dtype)
-                                      for e in range(args.num_local_experts)]).to(device))
-    experts = TorchExperts(stacks["w1"], stacks["w3"], stacks["w2"])
-    context = default_context(args, max_context)
-    return Runtime(build_model(args, dense, experts, context), tokenizer, Path(path))
-
-
 def default_context(args: ModelArgs, max_context: int | None) -> int:
     """The KV cache length: the requested one, else min(4096, the model's maximum)."""
     if max_context is None:
@@ -157,3 +130,17 @@ def default_context(args: ModelArgs, max_context: int | None) -> int:
     if not 1 < max_context <= args.max_position_embeddings:
         raise MixtralOffloadError(f"--max-context must be between 2 and {args.max_position_embeddings}")
     return max_context
+
+
+@contextlib.contextmanager
+def kernel_threads(count: int | None):
+    """Run this thread's parallel Numba kernels on `count` threads for a block (None: leave them as they are)."""
+    if count is None:
+        yield
+        return
+    saved = numba.get_num_threads()
+    numba.set_num_threads(max(1, min(count, numba.config.NUMBA_NUM_THREADS)))
+    try:
+        yield
+    finally:
+        numba.set_num_threads(saved)

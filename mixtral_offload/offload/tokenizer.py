@@ -26,17 +26,27 @@ class Tokenizer:
 
     def __init__(self, path: str | Path):
         data = read_regular(path, TOKENIZER_LIMIT, "tokenizer.model")
+        self._load(lambda sp: sp.LoadFromSerializedProto(data), str(path))
+
+    @classmethod
+    def from_model_bytes(cls, model: bytes, source: str) -> "Tokenizer":
+        """A tokenizer from a serialized sentencepiece model (e.g. rebuilt from a GGUF); source names it in errors."""
+        tokenizer = cls.__new__(cls)
+        tokenizer._load(lambda sp: sp.LoadFromSerializedProto(model), source)
+        return tokenizer
+
+    def _load(self, load, source: str) -> None:
         self.sp = sentencepiece.SentencePieceProcessor()
         try:
-            self.sp.LoadFromSerializedProto(data)
+            load(self.sp)
             self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
             self.vocab_size = self.sp.GetPieceSize()
             for piece_id in range(self.vocab_size):  # a damaged piece would fail only when decoded
                 self.sp.IdToPiece(piece_id)
         except (RuntimeError, OSError, ValueError, UnicodeDecodeError) as exc:
-            raise MixtralOffloadError(f"{path}: not a sentencepiece model ({str(exc)[:200]})") from None
+            raise MixtralOffloadError(f"{source}: not a sentencepiece model ({str(exc)[:200]})") from None
         if min(self.bos_id, self.eos_id) < 0 or max(self.bos_id, self.eos_id) >= self.vocab_size:
-            raise MixtralOffloadError(f"{path}: the tokenizer has no usable <s> and </s> ids "
+            raise MixtralOffloadError(f"{source}: the tokenizer has no usable <s> and </s> ids "
                                       f"(bos {self.bos_id}, eos {self.eos_id}, {self.vocab_size} pieces)")
 
     def encode(self, text: str, bos: bool = True) -> list[int]:

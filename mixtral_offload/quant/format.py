@@ -24,6 +24,9 @@ from mixtral_offload.errors import MixtralOffloadError
 
 SUPPORTED_BITS = (4, 8)
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
+# how the CPU kernels take their input: "float32" as given, exact to the dequantized weights; "int8"
+# quantized per group for integer dot products (int8x.py), where the format allows
+ACTIVATIONS = ("float32", "int8")
 
 
 @dataclass(frozen=True)

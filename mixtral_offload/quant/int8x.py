@@ -456,6 +456,11 @@ def gate_up(w1, w3, x: np.ndarray) -> np.ndarray:
     return h
 
 
+def expert_forward(w1, w3, w2, x: np.ndarray) -> np.ndarray:
+    """y [T, D] = (silu(x @ w1.T) * (x @ w3.T)) @ w2.T, both halves on int8 activations."""
+    return matmul(w2, gate_up(w1, w3, x))
+
+
 def reference_matmul(qm, x: np.ndarray) -> np.ndarray:
     """float64 NumPy reference of matmul: dequantized W times the dequantized int8 x."""
     from mixtral_offload.quant.quantize import dequantize

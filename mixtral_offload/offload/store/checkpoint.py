@@ -13,6 +13,7 @@ import torch
 from safetensors import safe_open
 
 from ...config import ModelArgs
+from ...cache.source import MATRICES as EXPERT_PARTS  # SwiGLU: w2(silu(w1 x) * w3 x)
 from ...errors import MixtralOffloadError
 from ...validate import confined, read_json_object
 
@@ -33,7 +34,6 @@ _DENSE_NAMES = {
     "layers.{layer}.gate": "model.layers.{layer}.block_sparse_moe.gate.weight",
 }
 _EXPERT_NAME = "model.layers.{layer}.block_sparse_moe.experts.{expert}.{part}.weight"
-EXPERT_PARTS = ("w1", "w3", "w2")  # SwiGLU: w2(silu(w1 x) * w3 x)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

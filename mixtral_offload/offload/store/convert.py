@@ -28,11 +28,13 @@ from ...quant.format import QuantizedMatrix, QuantSpec
 from ...quant.quantize import quantize
 from ..tokenizer import Tokenizer
 from .digests import file_digests
-from .checkpoint import EXPERT_PARTS, Checkpoint, dense_shapes, parse_dtype
-from .pool import (CHECKED_FILES, CONFIG_NAME, DENSE_NAME, FORMAT_VERSION, MANIFEST_NAME, PAGE, POOL_NAME, TOKENIZER_NAME,
-                   BlockEntry, align, block_layout, expert_matrix_shapes, manifest_dict, pack_header)
+from .checkpoint import EXPERT_PARTS, Checkpoint, dense_shapes, expert_shapes, parse_dtype
+from ...cache.source import PAGE
+from ..mapped_embedding import SAFETENSORS_DTYPES
+from .pool import (CHECKED_FILES, CONFIG_NAME, DENSE_NAME, FORMAT_VERSION, MANIFEST_NAME, POOL_NAME, TOKENIZER_NAME,
+                   BlockEntry, align, block_layout, manifest_dict, pack_header)
 
-_SAFETENSORS_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
+_SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 
 # -- atomic output directory ----------------------------------------------------------------------
@@ -88,7 +90,7 @@ def write_dense(path: Path, args: ModelArgs, dtype: torch.dtype, tensors: Iterab
     header, offset = {}, 0
     for name, shape in shapes.items():
         nbytes = itemsize * int(np.prod(shape))
-        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {"dtype": _SAFETENSORS_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     header["__metadata__"] = {"format": "pt"}
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -120,7 +122,7 @@ class PoolWriter:
 
     def __init__(self, path: Path, args: ModelArgs, spec: QuantSpec):
         self.args, self.spec = args, spec
-        self.shapes = expert_matrix_shapes(args)
+        self.shapes = expert_shapes(args)
         self.slots, self.block_nbytes = block_layout(spec, self.shapes)
         self.stride = align(self.block_nbytes, PAGE)
         self.buffer = np.zeros(self.stride, np.uint8)  # one block; padding between parts stays zero
@@ -220,7 +222,7 @@ def convert(hf_dir: str | Path, out_dir: str | Path, *, bits: int = 4, group_siz
         raise MixtralOffloadError(f"{out_dir}: already exists; remove it or choose another output directory")
     checkpoint = Checkpoint.open(hf_dir)
     args = checkpoint.args
-    for shape in expert_matrix_shapes(args).values():
+    for shape in expert_shapes(args).values():
         spec.check_shape(shape)
     input_itemsize = 4 if args.torch_dtype == "float32" else 2
     dense_input = input_itemsize * sum(int(np.prod(s)) for s in dense_shapes(args).values())

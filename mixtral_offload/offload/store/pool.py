@@ -9,7 +9,7 @@ File layout (see docs/pool-format.md):
 
 The manifest holds the quantization spec, the expert shapes and, per block, its offset, size, part
 table and crc32. `ExpertPool.open` checks all of it against the file and config.json before it makes
-a single view. The pool holds no caching policy: a cache wraps it (read_block_into + views_from_buffer).
+a single view. The pool holds no caching policy: it is a cache.source.BlockSource (extents + views).
 """
 from __future__ import annotations
 
@@ -22,20 +22,20 @@ from pathlib import Path
 
 import numpy as np
 
+from ...cache.source import MATRICES, PAGE, Extent, Key
 from ...config import ModelArgs
 from ...errors import MixtralOffloadError
-from ...validate import MANIFEST_LIMIT, check_no_loop, open_regular, parse_json, read_json_object, read_regular
-from .digests import check_digests, parse_digests
+from ...validate import MANIFEST_LIMIT, check_no_loop, open_regular, parse_json, read_json_object, read_regular, require_size
 from ...quant.format import QuantizedMatrix, QuantSpec, part_layout
+from .checkpoint import expert_shapes
+from .digests import check_digests, parse_digests
 
 FORMAT_VERSION = 1
 POOL_NAME, MANIFEST_NAME, CONFIG_NAME, DENSE_NAME = "experts.pool", "manifest.json", "config.json", "dense.safetensors"
 TOKENIZER_NAME = "tokenizer.model"
 CHECKED_FILES = (CONFIG_NAME, DENSE_NAME, TOKENIZER_NAME)  # sha256 in the manifest's 'files' (digests.py)
 HASHED_AT_LOAD = (CONFIG_NAME, TOKENIZER_NAME)  # small; at load dense.safetensors' size only, `verify` hashes it
-PAGE = 4096               # block alignment: one expert miss is one page-aligned contiguous read
 PART_ALIGN = 64           # part alignment inside a block: a cache line, for the kernels' loads
-MATRICES = ("w1", "w3", "w2")
 
 MAGIC = b"MXOPOOL\x00"
 # magic, format version, alignment, pool bytes, manifest bytes, manifest crc32
@@ -58,12 +58,6 @@ class PartSlot:
 
     def to_dict(self) -> dict:
         return {"offset": self.offset, "dtype": self.dtype.name, "shape": list(self.shape)}
-
-
-def expert_matrix_shapes(args: ModelArgs) -> dict[str, tuple[int, int]]:
-    """[out, in] of each expert matrix."""
-    D, I = args.hidden_size, args.intermediate_size
-    return {"w1": (I, D), "w3": (I, D), "w2": (D, I)}
 
 
 def block_layout(spec: QuantSpec, shapes: dict[str, tuple[int, int]]) -> tuple[list[PartSlot], int]:
@@ -127,7 +121,7 @@ class ExpertPool:
                  fd: int, mapping: mmap.mmap, file_bytes: int, files: dict[str, dict] | None = None):
         self.path, self.args, self.spec = path, args, spec
         self.files = files or {}  # the manifest's checksums of the other files (digests.py)
-        self.shapes = expert_matrix_shapes(args)
+        self.shapes = expert_shapes(args)
         self.slots, self.block_nbytes = block_layout(spec, self.shapes)
         self.blocks = blocks
         self.file_bytes = file_bytes
@@ -158,43 +152,32 @@ class ExpertPool:
             raise
         return cls(model_dir, args, spec, blocks, fd, mapping, file_bytes, files)
 
-    # -- access ---------------------------------------------------------------------------------
-    def _entry(self, layer: int, expert: int) -> BlockEntry:
+    # -- access (cache.source.BlockSource) -----------------------------------------------------
+    @property
+    def name(self) -> str:
+        return str(self.path / POOL_NAME)
+
+    def fileno(self) -> int:
+        """The pool file's descriptor."""
+        return self._fd
+
+    def _entry(self, key: Key) -> BlockEntry:
         try:
-            return self.blocks[(layer, expert)]
+            return self.blocks[key]
         except KeyError:
-            raise IndexError(f"no expert ({layer}, {expert}) in {self.path}") from None
+            raise IndexError(f"no expert {key} in {self.path}") from None
 
-    def expert(self, layer: int, expert: int) -> tuple[QuantizedMatrix, QuantizedMatrix, QuantizedMatrix]:
-        """(w1, w3, w2) as zero-copy read-only views on the mapping."""
-        self.check_size()
-        return block_views(self._map, self._entry(layer, expert).offset, self.slots, self.spec, self.shapes)
+    def extents(self, key: Key) -> list[Extent]:
+        """One page-aligned contiguous read per expert: its whole block (validated at open)."""
+        return [Extent(self._entry(key).offset, self.block_nbytes, 0)]
 
-    def check_size(self) -> None:
-        """Refuse to compute on the mapping once the file was cut short under this process (a SIGBUS
-        otherwise): one fstat, before each use of mapped views."""
-        size = os.fstat(self._fd).st_size
-        if size < self.file_bytes:
-            raise MixtralOffloadError(f"{self.path / POOL_NAME}: cut short to {size} bytes while in use "
-                                      f"(was {self.file_bytes}): the model files changed under this process")
+    def mapped(self, key: Key) -> tuple[QuantizedMatrix, QuantizedMatrix, QuantizedMatrix]:
+        """(w1, w3, w2) as zero-copy read-only views on the mapping (refused once the file was cut short)."""
+        require_size(self._fd, self.file_bytes, self.name)
+        return block_views(self._map, self._entry(key).offset, self.slots, self.spec, self.shapes)
 
-    def read_block_into(self, layer: int, expert: int, buffer: np.ndarray) -> int:
-        """Copy one expert's block into buffer (uint8, C-contiguous, >= block_nbytes) with one read; bytes read."""
-        if not (isinstance(buffer, np.ndarray) and buffer.dtype == np.uint8 and buffer.flags.c_contiguous
-                and buffer.flags.writeable and buffer.nbytes >= self.block_nbytes):
-            raise ValueError(f"buffer must be a writable C-contiguous uint8 array of >= {self.block_nbytes} bytes")
-        entry = self._entry(layer, expert)
-        view = memoryview(buffer).cast("B")[:self.block_nbytes]
-        done = 0
-        while done < self.block_nbytes:  # one preadv; loops only on a short read
-            got = os.preadv(self._fd, [view[done:]], entry.offset + done)
-            if got == 0:
-                raise MixtralOffloadError(f"{self.path / POOL_NAME}: unexpected end of file in block ({layer}, {expert})")
-            done += got
-        return done
-
-    def views_from_buffer(self, buffer: np.ndarray) -> tuple[QuantizedMatrix, QuantizedMatrix, QuantizedMatrix]:
-        """(w1, w3, w2) as views on a buffer filled by read_block_into."""
+    def views(self, buffer: np.ndarray) -> tuple[QuantizedMatrix, QuantizedMatrix, QuantizedMatrix]:
+        """(w1, w3, w2) as views on a buffer holding one block."""
         if buffer.nbytes < self.block_nbytes:
             raise ValueError(f"buffer holds {buffer.nbytes} bytes, a block needs {self.block_nbytes}")
         return block_views(buffer, 0, self.slots, self.spec, self.shapes)
@@ -211,9 +194,9 @@ class ExpertPool:
             parts[slot.matrix][slot.name] = raw.view(getattr(torch, slot.dtype.name)).view(slot.shape)  # uint8, int8, float16
         return parts["w1"], parts["w3"], parts["w2"]
 
-    def release(self, layer: int, expert: int, drop_cache: bool = False) -> None:
+    def release(self, key: Key, drop_cache: bool = False) -> None:
         """Drop this block's mapped pages from the process (RSS); with drop_cache, from the page cache too."""
-        entry = self._entry(layer, expert)
+        entry = self._entry(key)
         length = align(entry.size, PAGE)
         if hasattr(self._map, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
             self._map.madvise(mmap.MADV_DONTNEED, entry.offset, min(length, self.file_bytes - entry.offset))
@@ -315,7 +298,7 @@ def _check_manifest(path: Path, manifest: dict, args: ModelArgs, config_quant, f
         fail(f"quantization {spec.to_dict()} disagrees with {CONFIG_NAME} "
              f"(bits {config_quant.get('bits')!r}, group_size {config_quant.get('group_size')!r})")
     L, E = args.num_hidden_layers, args.num_local_experts
-    shapes = expert_matrix_shapes(args)
+    shapes = expert_shapes(args)
     if _int(manifest["num_layers"]) != L or _int(manifest["num_experts"]) != E:
         fail(f"{manifest['num_layers']} layers x {manifest['num_experts']} experts, {CONFIG_NAME} says {L} x {E}")
     listed = {m: tuple(_int(v) for v in manifest["shapes"][m]) for m in MATRICES}
@@ -358,7 +341,7 @@ def _check_manifest(path: Path, manifest: dict, args: ModelArgs, config_quant, f
 def manifest_dict(args: ModelArgs, spec: QuantSpec, blocks: dict[tuple[int, int], BlockEntry],
                   files: dict[str, dict]) -> dict:
     """The manifest.json object of a pool holding these blocks."""
-    shapes = expert_matrix_shapes(args)
+    shapes = expert_shapes(args)
     slots, _ = block_layout(spec, shapes)
     parts = {m: {s.name: s.to_dict() for s in slots if s.matrix == m} for m in MATRICES}
     return {

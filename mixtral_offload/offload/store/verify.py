@@ -32,11 +32,11 @@ def nonfinite_blocks(pool: ExpertPool) -> list[tuple[int, int]]:
     """(layer, expert) of blocks whose scales or zeros hold NaN or inf."""
     bad = []
     for key in sorted(pool.blocks):
-        parts = [array for matrix in pool.expert(*key) for array in matrix.parts().values()
+        parts = [array for matrix in pool.mapped(key) for array in matrix.parts().values()
                  if array.dtype.kind == "f"]
         if not all(np.isfinite(array).all() for array in parts):
             bad.append(key)
-        pool.release(*key)
+        pool.release(key)
     return bad
 
 
