@@ -39,11 +39,11 @@ def located(model, tokens: list[int]) -> Iterator[None]:
 @torch.inference_mode()
 def first_nonfinite(model, tokens: list[int], start: int) -> str:
     """Re-run tokens from position start one block at a time; the first block whose output is not finite."""
-    from .model import embedding, rms_norm
+    from .model import rms_norm
 
     model.truncate(start)
     eps, count = model.args.rms_norm_eps, len(tokens)
-    h = embedding(torch.tensor(tokens, dtype=torch.long), model.embed)                  # [T, D]
+    h = model.embed(torch.tensor(tokens, dtype=torch.long))                             # [T, D]
     if not bool(torch.isfinite(h).all()):
         return "the embedding rows of the tokens"
     cos, sin = model.cos[start:start + count], model.sin[start:start + count]
