@@ -42,8 +42,9 @@ class ModelArgs:
     def __post_init__(self) -> None:
         for name, (low, high) in _INT_RANGES.items():
             int_field(getattr(self, name), name, low, high)
-        float_field(self.rms_norm_eps, "rms_norm_eps", 0, 1, low_open=True)
-        float_field(self.rope_theta, "rope_theta", 0, low_open=True)
+        # stored as floats: an integer rope_theta of 2**64 would overflow torch's pow
+        object.__setattr__(self, "rms_norm_eps", float_field(self.rms_norm_eps, "rms_norm_eps", 0, 1, low_open=True))
+        object.__setattr__(self, "rope_theta", float_field(self.rope_theta, "rope_theta", 0, low_open=True))
         bool_field(self.tie_word_embeddings, "tie_word_embeddings")
         str_field(self.torch_dtype, "torch_dtype")
         if self.head_dim is None:

@@ -109,6 +109,12 @@ def test_malformed_config_json(model, text, needle):
     assert needle in one_line_error(load, model)
 
 
+def test_integer_rope_theta_of_2_to_the_64_computes(model):  # found by the fuzz campaign
+    edit_config(model, rope_theta=2**64)
+    args = ModelArgs.from_file(model / "config.json")
+    assert args.rope_theta == 2.0**64 and isinstance(args.rope_theta, float)
+
+
 def test_a_changed_config_fails_the_checksum(model):
     edit_config(model, num_experts_per_tok=1)  # valid, but not what the model was converted with
     assert "changed since conversion" in one_line_error(load, model)
