@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .errors import MixtralOffloadError
 from .profiling import Profiler
+from .validate import PROFILE_LIMIT, float_field, int_field, parse_json, read_regular, str_field
 
 FORMAT = "mixtral-offload-profile"
 VERSION = 1
@@ -207,23 +208,62 @@ def profile_from_chrome(trace: dict) -> dict:
 def write_profile(profile: dict, path: str | Path, fmt: str = "json") -> None:
     """Write a profile as 'json' (the documented schema) or 'chrome' (Trace Event Format)."""
     document = chrome_trace(profile) if fmt == "chrome" else profile
-    Path(path).write_text(json.dumps(document, indent=None, separators=(",", ":")) + "\n", encoding="utf-8")
+    try:
+        Path(path).write_text(json.dumps(document, indent=None, separators=(",", ":")) + "\n", encoding="utf-8")
+    except OSError as exc:
+        raise MixtralOffloadError(f"{path}: cannot write the profile ({exc.strerror or exc})") from None
 
 
 def read_profile(path: str | Path) -> dict:
-    """Load a profile written by write_profile, in either format."""
-    try:
-        document = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise MixtralOffloadError(f"{path}: cannot read the profile ({exc})") from None
+    """Load a profile written by write_profile, in either format, every field a report reads checked."""
+    document = parse_json(read_regular(path, PROFILE_LIMIT, "profile"), str(path))
     if isinstance(document, dict) and "traceEvents" in document:
-        return profile_from_chrome(document)
+        try:
+            document = profile_from_chrome(document)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+            raise MixtralOffloadError(f"{path}: not a readable Chrome trace ({type(exc).__name__}: {exc})") from None
     if not isinstance(document, dict) or document.get("format") != FORMAT:
         raise MixtralOffloadError(f"{path}: not a mixtral-offload profile")
-    if document.get("version", 0) > VERSION:
+    if int_field(document.get("version", 0), "version", 0, 2**31, str(path)) > VERSION:
         raise MixtralOffloadError(f"{path}: profile version {document['version']} is newer than this "
                                   f"mixtral-offload reads ({VERSION})")
+    check_profile(document, str(path))
     return document
+
+
+def check_profile(profile: dict, source: str) -> None:
+    """The types and ranges of every field summary_tables and plot_profile read."""
+    def number(value, name):
+        return float_field(value, name, 0, source=source)
+
+    def table(value, name, kind):
+        if not isinstance(value, kind):
+            raise MixtralOffloadError(f"{source}: {name} must be a {'list' if kind is list else 'mapping'}")
+        return value
+
+    for name in ("wall_seconds", "busy_seconds"):
+        number(profile.get(name), name)
+    for name in ("peak_rss_bytes", "peak_vram_bytes"):
+        if profile.get(name) is not None:
+            number(profile[name], name)
+    for token in table(profile.get("tokens"), "tokens", list):
+        table(token, "a token", dict)
+        int_field(token.get("index"), "a token's index", 0, 2**63, source)
+        str_field(token.get("kind"), "a token's kind", source)
+        number(token.get("seconds"), "a token's seconds")
+        for value in table(token.get("bytes"), "a token's bytes", dict).values():
+            number(value, "a token's bytes")
+    for name, entry in table(profile.get("spans"), "spans", dict).items():
+        table(entry, f"span {name}", dict)
+        for field in ("count", "seconds", "bytes"):
+            number(entry.get(field), f"span {name} {field}")
+    for entry in table(profile.get("layers"), "layers", list):
+        table(entry, "a layer", dict)
+        int_field(entry.get("layer"), "a layer's index", 0, 2**31, source)
+        for field in HIT_COUNTERS:
+            number(entry.get(field), f"layer {entry['layer']} {field}")
+        if entry.get("hit_rate") is not None:
+            float_field(entry["hit_rate"], "hit_rate", 0, 1, source=source)
 
 
 # -- text and plot reports ------------------------------------------------------------------------

@@ -104,7 +104,7 @@ def test_bad_config_is_a_one_line_error(calls, tmp_path, text, needle):
 
 def test_missing_explicit_config_is_an_error(calls, tmp_path):
     result = run("--config", tmp_path / "absent.toml", "generate", "m", "-p", "Hi")
-    assert result.exit_code == 1 and "cannot read the config file" in result.output
+    assert result.exit_code == 1 and "config file not found" in result.output
 
 
 def test_memory_budget_env_beats_file():

@@ -9,6 +9,7 @@ from typing import Callable, Iterator
 import click
 
 from ..errors import MixtralOffloadError
+from ..validate import decode_utf8
 from ..offload.generate import GenerationRecord
 from ..offload.tokenizer import Message
 from .options import MODEL, load_options, sampling_options
@@ -19,7 +20,7 @@ Commands:
   /help    this text
   /stats   tokens in the context, replies so far, speed, expert cache hit rate
   /reset   forget the conversation (the system message stays)
-  /quit    leave (so do /exit, Ctrl-D, and Ctrl-C at the prompt)
+  /quit    leave (so do /exit, Ctrl-D, and Ctrl-C at the prompt: asked first once there is a conversation)
 Ctrl-C during a reply stops it; the partial reply is kept in the conversation.
 When the context fills, the oldest turns are dropped (with a notice)."""
 
@@ -153,10 +154,10 @@ def line_reader(prompt: str) -> Callable[[], str]:
 
     def read() -> str:
         click.echo(prompt, nl=False)
-        line = sys.stdin.readline()
+        line = getattr(sys.stdin, "buffer", sys.stdin).readline()  # bytes: a bad byte is an error, not an exit
         if not line:
             raise EOFError
-        return line.rstrip("\n")
+        return (decode_utf8(line, "input") if isinstance(line, bytes) else line).rstrip("\n")
 
     return read
 
@@ -169,12 +170,22 @@ def note(text: str) -> None:
 def run_repl(conversation: Conversation, read_line: Callable[[], str], sampling: dict) -> None:
     """Read messages and commands until /quit, EOF or Ctrl-C at the prompt."""
     max_new_tokens = sampling["max_new_tokens"]
+    interrupted = False  # the last reply was stopped with Ctrl-C: a second Ctrl-C may be a reflex
     while True:
         try:
             line = read_line()
-        except (EOFError, KeyboardInterrupt):
+        except EOFError:
             click.echo()
             return
+        except KeyboardInterrupt:
+            click.echo()
+            if not (interrupted or conversation.turns) or confirm_leave(read_line):
+                return
+            continue
+        except MixtralOffloadError as exc:
+            note(f"error: {exc}")
+            continue
+        interrupted = False
         text = line.strip()
         if not text:
             continue
@@ -207,6 +218,7 @@ def run_repl(conversation: Conversation, read_line: Callable[[], str], sampling:
         except KeyboardInterrupt:
             click.echo()
             note("[reply interrupted]")
+            interrupted = True
             continue
         except MixtralOffloadError as exc:
             click.echo()
@@ -215,6 +227,19 @@ def run_repl(conversation: Conversation, read_line: Callable[[], str], sampling:
         click.echo()
         if record is not None:
             note(footer(record, conversation.runtime))
+
+
+def confirm_leave(read_line: Callable[[], str]) -> bool:
+    """Ask before a Ctrl-C at the prompt ends a chat that holds a conversation; Ctrl-C or EOF again: yes."""
+    note("Leave the chat and lose the conversation? [y/N]")
+    try:
+        answer = read_line()
+    except (EOFError, KeyboardInterrupt):
+        click.echo()
+        return True
+    except MixtralOffloadError:
+        return False
+    return answer.strip().lower() in ("y", "yes")
 
 
 @click.command()

@@ -8,15 +8,17 @@ import click
 
 from .. import __version__
 from ..errors import MixtralOffloadError
+from ..validate import TEXT_LIMIT, decode_utf8, read_stream
 from .options import MODEL, load_options, sampling_options
 from .report import profile_options, start_profiling
-from .settings import config_option
+from .settings import HELP_NAMES, config_option, raise_config_error
 
 
 class Group(click.Group):
     """A click group that prints user errors as one line (no traceback) and exits non-zero."""
 
     def invoke(self, ctx: click.Context):
+        raise_config_error(ctx)
         try:
             return super().invoke(ctx)
         except MixtralOffloadError as exc:
@@ -26,7 +28,7 @@ class Group(click.Group):
             ctx.exit(130)
 
 
-@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Group, context_settings={"help_option_names": sorted(HELP_NAMES)})
 @config_option
 @click.version_option(__version__, "--version", prog_name="mixtral-offload")
 def cli() -> None:
@@ -73,7 +75,7 @@ def generate(model, prompt, max_new_tokens, temperature, top_p, top_k, seed, **l
 
 @cli.command()
 @MODEL
-@click.option("--file", "-f", "text_file", required=True, type=click.File("r", encoding="utf-8"),
+@click.option("--file", "-f", "text_file", required=True, type=click.File("rb"),
               help="UTF-8 text to score ('-' reads stdin).")
 @click.option("--json", "as_json", is_flag=True,
               help='Print {"perplexity": float, "tokens": int, "nll": [per-token NLL]}.')
@@ -90,9 +92,11 @@ def perplexity(model, text_file, as_json, **load_kwargs):
 
     runtime = load(model, **load_kwargs)
     start_profiling(runtime)
-    result = runtime.perplexity(text_file.read())
-    if as_json:
-        click.echo(json.dumps({"perplexity": result.perplexity, "tokens": result.tokens, "nll": result.nll}))
+    source = str(getattr(text_file, "name", "stdin"))  # stdin under a test runner has no name
+    result = runtime.perplexity(decode_utf8(read_stream(text_file, TEXT_LIMIT, source), source))
+    if as_json:  # every value is finite (the runtime refuses NaN and inf): allow_nan=False only asserts it
+        click.echo(json.dumps({"perplexity": result.perplexity, "tokens": result.tokens, "nll": result.nll},
+                              allow_nan=False))
     else:
         click.echo(f"perplexity {result.perplexity:.4f} over {result.tokens} tokens")
 

@@ -1,8 +1,10 @@
 """`--profile FILE` for commands that run a model, and the `report` command that summarises a profile."""
 from __future__ import annotations
 
+import os
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 import click
@@ -12,6 +14,10 @@ PROFILE_KEY = "mixtral_offload.profile"
 
 
 def _remember(ctx: click.Context, param: click.Parameter, value):
+    if param.name == "profile" and value is not None:  # before the run, not after it
+        folder = Path(value).expanduser().absolute().parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+            raise click.ClickException(f"--profile {value}: {folder} is not a writable directory")
     ctx.meta.setdefault(PROFILE_KEY, {})[param.name] = value
 
 

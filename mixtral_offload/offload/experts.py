@@ -1,6 +1,7 @@
 """Expert backends without a cache: every expert resident as torch tensors, or computed on the mapped pool."""
 from __future__ import annotations
 
+import os
 from typing import Iterator
 
 import numpy as np
@@ -8,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..quant.kernels import ExpertKernel
+from ..validate import require_size
 from ..quant.linear import TensorLinear
 from .model import ExpertGroup, Routing
 
@@ -45,11 +47,13 @@ class PoolExperts:
 
     def __init__(self, source, kernel: ExpertKernel, release_pages: bool = False):
         self.source, self.kernel = source, kernel  # source: a cache.source.BlockSource
+        self.file_bytes = os.fstat(source.fileno()).st_size  # checked before computing on the mapping
         self.release_pages = release_pages  # drop the mapped pages after use, so RSS stays flat
         self.views: dict[tuple[int, int], tuple] = {}  # (layer, expert) -> validated views on the mapping
 
     def run(self, layer: int, x: torch.Tensor, routing: Routing) -> Iterator[tuple[ExpertGroup, torch.Tensor]]:
         """Each group's expert by the CPU kernel on the mapping, in ascending expert order."""
+        require_size(self.source.fileno(), self.file_bytes, self.source.name)  # cut short: an error, not SIGBUS
         x32 = x.detach().float().numpy()                          # [T, D]
         for group in routing.groups:
             key = (layer, group.expert)

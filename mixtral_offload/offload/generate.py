@@ -9,6 +9,7 @@ import torch
 
 from ..errors import MixtralOffloadError
 from ..profiling import NULL_PROFILER, NullProfiler
+from ..validate import float_field, int_field, seed_field
 
 
 @dataclass(frozen=True)
@@ -21,12 +22,10 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise MixtralOffloadError("temperature must be >= 0")
-        if not 0 < self.top_p <= 1:
-            raise MixtralOffloadError("top_p must be in (0, 1]")
-        if self.top_k < 0:
-            raise MixtralOffloadError("top_k must be >= 0")
+        float_field(self.temperature, "temperature", 0)
+        float_field(self.top_p, "top_p", 0, 1, low_open=True)
+        int_field(self.top_k, "top_k", 0, 1 << 31)
+        seed_field(self.seed)
 
 
 @dataclass(frozen=True)
@@ -52,7 +51,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     """Pick a token id from logits [V] by the sampling params."""
     if params.temperature == 0:
         return int(torch.argmax(logits))
-    logits = logits.float() / params.temperature
+    logits = (logits.double() - logits.max()) / params.temperature  # a tiny temperature: -inf, never NaN
     if params.top_k:
         kth = torch.topk(logits, min(params.top_k, logits.shape[-1])).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

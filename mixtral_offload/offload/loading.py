@@ -20,6 +20,7 @@ from ..cache.traces import TraceRecorder
 from ..config import ModelArgs, format_size
 from ..errors import MixtralOffloadError
 from ..quant.gguf_kernels import gguf_experts_kernel
+from ..validate import check_no_loop
 from ..quant.kernels import ExpertKernel, expert_kernel
 from ..quant.linear import TensorLinear, is_quantized_dense, quantize_dense
 from ..quant.quantize import dequantize_parts_torch
@@ -46,6 +47,7 @@ def load(path: str | Path, options: LoadOptions | None = None, *, log: Callable[
     path = Path(path)
     if not path.exists():
         raise MixtralOffloadError(f"{path}: no such model directory")
+    check_no_loop(path / POOL_NAME)  # a looping link is not "no pool": say so
     device = resolve_device(options.device)
     if path.is_file():
         if not is_gguf(path):

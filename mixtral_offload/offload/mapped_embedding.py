@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MixtralOffloadError
+from ..validate import require_size
 
 SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 # Linux maps up to this much around a faulting address when the pages are in the page cache
@@ -32,8 +33,9 @@ class MappedEmbedding:
         stored, start, end = _locate(self.file, name, self.shape)
         # map the table's pages only: the kernel's fault-around then cannot map other tensors' pages
         first_page = start // mmap.ALLOCATIONGRANULARITY * mmap.ALLOCATIONGRANULARITY
-        with open(self.file, "rb") as handle:
-            self.mapping = mmap.mmap(handle.fileno(), end - first_page, access=mmap.ACCESS_READ, offset=first_page)
+        self.handle = open(self.file, "rb")  # kept open: its size is checked before each lookup
+        self.end = end
+        self.mapping = mmap.mmap(self.handle.fileno(), end - first_page, access=mmap.ACCESS_READ, offset=first_page)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*not writable.*")  # read-only mapping; never written
             self.table = torch.frombuffer(self.mapping, dtype=stored, count=shape[0] * shape[1],
@@ -41,6 +43,7 @@ class MappedEmbedding:
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         """The rows of `tokens` [T] as [T, D] in dtype; the table's mapped pages are released after."""
+        require_size(self.handle.fileno(), self.end, str(self.file))  # reading past the end would be SIGBUS
         rows = self.table[tokens.to(torch.long)].to(self.dtype)
         self.mapping.madvise(mmap.MADV_DONTNEED)
         return rows

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from ..config import ModelArgs
 from ..errors import MixtralOffloadError
 from ..profiling import NULL_PROFILER
+from .nonfinite import require_finite
 from ..quant.linear import Linear, compute_dtype
 
 
@@ -184,6 +185,7 @@ class Mixtral:
             with profiler.span("attention", layer=index):
                 h = h + self._attention(index, layer, rms_norm(h, layer.attn_norm, self.args.rms_norm_eps), cos, sin)
             h = h + self._moe(index, layer, h)
+        require_finite(h, "the hidden states")  # [T, D]: int8 dense kernels would turn NaN into finite noise
         self.position = start + T
         with profiler.span("lm_head"):
             h = rms_norm(h[-1:] if last_only else h, self.norm, self.args.rms_norm_eps)

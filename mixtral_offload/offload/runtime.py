@@ -15,6 +15,7 @@ from ..config import ModelArgs
 from ..errors import MixtralOffloadError
 from .generate import GenerationRecord, SamplingParams, generate_tokens
 from .model import Mixtral
+from .nonfinite import located, require_finite
 from .tokenizer import Message, StreamDecoder, Tokenizer
 
 PREFILL_CHUNK = 256  # prompt tokens per forward: bounds the work buffers (attention scores, activations)
@@ -60,8 +61,8 @@ class Runtime:
     def _forward(self, ids: list[int], last_only: bool = False) -> torch.Tensor:
         # decode steps leave a core to the expert cache's reader when it asks; a prefill is compute-bound
         # and keeps them all (docs/architecture.md, Threads)
-        with kernel_threads(self.model.experts.decode_threads if len(ids) == 1 else None):
-            logits = self.model.forward(torch.tensor(ids, dtype=torch.long), last_only)
+        with kernel_threads(self.model.experts.decode_threads if len(ids) == 1 else None), located(self.model, ids):
+            logits = require_finite(self.model.forward(torch.tensor(ids, dtype=torch.long), last_only), "the logits")
         self.cached_ids += ids
         return logits
 
@@ -92,7 +93,9 @@ class Runtime:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         params = SamplingParams(temperature, top_p, top_k, seed)
         stream = StreamDecoder(self.tokenizer)
-        return generate_tokens(self._prefill, lambda token: self._forward([token])[-1], ids, max_new_tokens,
+        usable = self.tokenizer.vocab_size  # a padded vocab: ids past the tokenizer's pieces are never sampled
+        return generate_tokens(lambda prompt_ids: self._prefill(prompt_ids)[:usable],
+                               lambda token: self._forward([token])[-1][:usable], ids, max_new_tokens,
                                params, self.tokenizer.eos_id, self.max_context, stream.push, self.model.profiler)
 
     def chat(self, messages: list[Message], **sampling) -> Iterator[GenerationRecord]:
@@ -110,8 +113,8 @@ class Runtime:
         if len(ids) < 2:
             raise MixtralOffloadError("perplexity needs at least one token after BOS")
         nll: list[float] = []
-        for window_start in range(0, len(ids) - 1, self.max_context):
-            window = ids[window_start:window_start + self.max_context + 1]
+        for window_start in range(0, len(ids) - 1, self.max_context - 1):  # windows overlap by one token
+            window = ids[window_start:window_start + self.max_context]
             self.reset()
             for start in range(0, len(window) - 1, SCORE_CHUNK):
                 chunk = window[start:start + SCORE_CHUNK]

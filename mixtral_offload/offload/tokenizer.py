@@ -7,6 +7,9 @@ from pathlib import Path
 import sentencepiece
 
 from ..errors import MixtralOffloadError
+from ..validate import check_utf8, read_regular
+
+TOKENIZER_LIMIT = 64 << 20  # bytes; Mixtral's tokenizer.model is 0.5 MB
 
 
 @dataclass(frozen=True)
@@ -22,10 +25,8 @@ class Tokenizer:
     """A sentencepiece model with Mixtral's special ids (<unk> 0, <s> 1, </s> 2 by default)."""
 
     def __init__(self, path: str | Path):
-        path = Path(path)
-        if not path.is_file():
-            raise MixtralOffloadError(f"{path}: tokenizer.model not found")
-        self._load(lambda sp: sp.Load(str(path)), str(path))
+        data = read_regular(path, TOKENIZER_LIMIT, "tokenizer.model")
+        self._load(lambda sp: sp.LoadFromSerializedProto(data), str(path))
 
     @classmethod
     def from_model_bytes(cls, model: bytes, source: str) -> "Tokenizer":
@@ -38,14 +39,19 @@ class Tokenizer:
         self.sp = sentencepiece.SentencePieceProcessor()
         try:
             load(self.sp)
-        except (OSError, RuntimeError) as exc:
-            raise MixtralOffloadError(f"{source}: not a sentencepiece model ({exc})") from None
-        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
-        self.vocab_size = self.sp.GetPieceSize()
+            self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+            self.vocab_size = self.sp.GetPieceSize()
+            for piece_id in range(self.vocab_size):  # a damaged piece would fail only when decoded
+                self.sp.IdToPiece(piece_id)
+        except (RuntimeError, OSError, ValueError, UnicodeDecodeError) as exc:
+            raise MixtralOffloadError(f"{source}: not a sentencepiece model ({str(exc)[:200]})") from None
+        if min(self.bos_id, self.eos_id) < 0 or max(self.bos_id, self.eos_id) >= self.vocab_size:
+            raise MixtralOffloadError(f"{source}: the tokenizer has no usable <s> and </s> ids "
+                                      f"(bos {self.bos_id}, eos {self.eos_id}, {self.vocab_size} pieces)")
 
     def encode(self, text: str, bos: bool = True) -> list[int]:
         """Token ids of text, with BOS prepended unless bos=False."""
-        ids = self.sp.EncodeAsIds(text)
+        ids = self.sp.EncodeAsIds(check_utf8(text, "the text"))
         return [self.bos_id, *ids] if bos else ids
 
     def decode(self, ids: list[int]) -> str:
@@ -69,7 +75,7 @@ class Tokenizer:
                 raise MixtralOffloadError(f"chat turns must alternate user/assistant; turn {index} is {message.role}")
             if message.role == "user":
                 content = f"{system}\n\n{message.content}" if system and index == 0 else message.content
-                ids += self.sp.EncodeAsIds(f"[INST] {content} [/INST]")
+                ids += self.sp.EncodeAsIds(check_utf8(f"[INST] {content} [/INST]", "the message"))
             else:
                 reply = list(message.token_ids) if message.token_ids is not None else self.sp.EncodeAsIds(message.content)
                 ids += reply + [self.eos_id]

@@ -324,7 +324,7 @@ def _matvec_kernel(bits, codes, scales, zeros, xperm, dx, xqsum, group_size, out
         _rows(bits, cflat, sflat, zflat, xperm, dx, xqsum, group_size, out, first, min(rows, first + ROWS_PER_TASK), first)
 
 
-@njit(cache=True, fastmath=True, nogil=True)
+@njit(cache=True, fastmath=True, nogil=True, error_model="numpy")  # NaN in, NaN out: no ZeroDivisionError
 def silu(a):
     """a * sigmoid(a), for the SwiGLU experts of both kernel families."""
     return a / (np.float32(1.0) + np.exp(-a))

@@ -12,9 +12,10 @@ from typing import Iterator
 import torch
 from safetensors import safe_open
 
-from ...config import ModelArgs, read_json
+from ...config import ModelArgs
 from ...cache.source import MATRICES as EXPERT_PARTS  # SwiGLU: w2(silu(w1 x) * w3 x)
 from ...errors import MixtralOffloadError
+from ...validate import confined, read_json_object
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -93,10 +94,10 @@ class Checkpoint:
         args = ModelArgs.from_file(path / "config.json")
         index_path = path / INDEX_NAME
         if index_path.exists():
-            weight_map = read_json(index_path).get("weight_map")
+            weight_map = read_json_object(index_path).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise MixtralOffloadError(f"{index_path}: has no 'weight_map' object")
-            tensor_files = {name: path / shard for name, shard in weight_map.items()}
+            tensor_files = {name: confined(path, shard, str(index_path)) for name, shard in weight_map.items()}
         elif (path / SINGLE_NAME).exists():
             tensor_files = {name: path / SINGLE_NAME for name in _list_tensors(path / SINGLE_NAME)}
         else:

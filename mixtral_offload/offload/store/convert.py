@@ -26,11 +26,13 @@ from ...config import ModelArgs
 from ...errors import MixtralOffloadError
 from ...quant.format import QuantizedMatrix, QuantSpec
 from ...quant.quantize import quantize
+from ..tokenizer import Tokenizer
+from .digests import file_digests
 from .checkpoint import EXPERT_PARTS, Checkpoint, dense_shapes, expert_shapes, parse_dtype
 from .gguf import GGUFModel, is_gguf
 from ...cache.source import PAGE
 from ..mapped_embedding import SAFETENSORS_DTYPES
-from .pool import (CONFIG_NAME, COPIES, DENSE_NAME, FORMAT_VERSION, TOKENIZER_NAME,
+from .pool import (CHECKED_FILES, CONFIG_NAME, COPIES, DENSE_NAME, FORMAT_VERSION, TOKENIZER_NAME,
                    BlockEntry, align, block_layout, manifest_dict, pack_header)
 
 _SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
@@ -43,17 +45,22 @@ def staging_dir(out_dir: str | Path) -> Iterator[Path]:
     out_dir = Path(out_dir).absolute()
     if out_dir.exists():
         raise MixtralOffloadError(f"{out_dir}: already exists; remove it or choose another output directory")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MixtralOffloadError(f"{out_dir.parent}: cannot create ({exc.strerror or exc})") from None
     remove_stale_staging(out_dir)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    tmp.mkdir()
     try:
+        tmp.mkdir()
         yield tmp
         _fsync_path(tmp)
         if out_dir.exists():
             raise MixtralOffloadError(f"{out_dir}: appeared while converting; the result is left out")
         os.rename(tmp, out_dir)
         _fsync_path(out_dir.parent)
+    except OSError as exc:  # a read-only or full file system: nothing is left behind
+        raise MixtralOffloadError(f"{out_dir}: cannot write ({exc.strerror or exc})") from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -97,7 +104,13 @@ def write_dense(path: Path, args: ModelArgs, dtype: torch.dtype, tensors: Iterab
             if name != expected or tuple(tensor.shape) != tuple(shapes[name]):
                 raise RuntimeError(f"dense tensor {name} {tuple(tensor.shape)} arrived where {expected} was due")
             on_tensor(tensor)
-            data = tensor.detach().to(dtype).contiguous().view(torch.uint8).numpy()
+            stored = tensor.detach().to(dtype).contiguous()
+            if not bool(torch.isfinite(stored).all()):
+                overflow = bool(torch.isfinite(tensor).all())
+                raise MixtralOffloadError(f"dense tensor {name} holds NaN or inf" + (
+                    f" once stored as {dtype}: its values overflow it (choose --dense-dtype bfloat16 or float32)"
+                    if overflow else ""))
+            data = stored.view(torch.uint8).numpy()
             f.write(memoryview(data).cast("B"))
         if next(names, None) is not None:
             raise RuntimeError("dense tensor stream ended early")
@@ -143,12 +156,13 @@ class PoolWriter:
         self.blocks[(layer, expert)] = BlockEntry(offset, self.block_nbytes,
                                                   zlib.crc32(memoryview(self.buffer)[:self.block_nbytes]))
 
-    def finish(self) -> bytes:
-        """Write the header, fsync, close; return the manifest's bytes (to be written beside the pool)."""
+    def finish(self, files: dict[str, dict]) -> bytes:
+        """Write the header, fsync, close; return the manifest's bytes (to be written beside the pool).
+        files: the checksums of the model's other files (digests.file_digests), written before the pool's end."""
         expected = self.args.num_hidden_layers * self.args.num_local_experts
         if len(self.blocks) != expected:
             raise RuntimeError(f"pool has {len(self.blocks)} blocks, expected {expected}")
-        manifest = (json.dumps(manifest_dict(self.args, self.spec, self.blocks), indent=1) + "\n").encode()
+        manifest = (json.dumps(manifest_dict(self.args, self.spec, self.blocks, files), indent=1) + "\n").encode()
         pool_bytes = self.file.tell()
         self.file.seek(0)
         self.file.write(pack_header(pool_bytes, manifest))
@@ -177,10 +191,11 @@ class PoolWriters:
     def total_bytes(self) -> int:
         return sum(writer.total_bytes for writer in self.writers.values())
 
-    def finish(self) -> int:
-        """Write each pool's header and its manifest beside it, both synced; the pools' bytes."""
+    def finish(self, files: dict[str, dict]) -> int:
+        """Write each pool's header and its manifest beside it, both synced; the pools' bytes.
+        files: the checksums of the model's other files (digests.file_digests)."""
         for copy, writer in self.writers.items():
-            write_bytes_synced(self.out_dir / COPIES[copy][1], writer.finish())
+            write_bytes_synced(self.out_dir / COPIES[copy][1], writer.finish(files))
         return sum((self.out_dir / COPIES[copy][0]).stat().st_size for copy in self.writers)
 
     def close(self) -> None:
@@ -254,9 +269,13 @@ def convert(hf_dir: str | Path, out_dir: str | Path, *, bits: int = 4, group_siz
     input_itemsize = 4 if args.torch_dtype == "float32" else 2
     dense_input = input_itemsize * sum(int(np.prod(s)) for s in dense_shapes(args).values())
     total = dense_input + checkpoint.expert_bytes()
+    if not isinstance(checkpoint, GGUFModel):  # a GGUF's tokenizer was checked against its vocab at open
+        check_tokenizer(checkpoint.tokenizer_path, args)
     with staging_dir(out_dir) as tmp, progress_bar(total, progress, "convert") as bar:
         write_dense(tmp / DENSE_NAME, args, dense_torch, checkpoint.dense_tensors(),
                     on_tensor=lambda t: bar.update(t.nbytes))
+        tokenizer = checkpoint.tokenizer_model() if isinstance(checkpoint, GGUFModel) else checkpoint.tokenizer_path
+        write_model_files(tmp, model_config(args, specs, dense_dtype, "rtn+als" if refine else "rtn", refine), tokenizer)
         writers = PoolWriters(tmp, args, specs)
         try:
             for layer in range(args.num_hidden_layers):
@@ -270,18 +289,31 @@ def convert(hf_dir: str | Path, out_dir: str | Path, *, bits: int = 4, group_siz
                         del weight
                     for copy, writer in writers.writers.items():
                         writer.add(layer, expert, tuple(matrices[copy]))
-            pool_bytes = writers.finish()
+            pool_bytes = writers.finish(file_digests(tmp, CHECKED_FILES))
         finally:
             writers.close()
-        if isinstance(checkpoint, GGUFModel):
-            write_bytes_synced(tmp / TOKENIZER_NAME, checkpoint.tokenizer_model())
-        elif checkpoint.tokenizer_path.is_file():
-            shutil.copyfile(checkpoint.tokenizer_path, tmp / TOKENIZER_NAME)
-            fsync_file(tmp / TOKENIZER_NAME)
-        config = model_config(args, specs, dense_dtype, "rtn+als" if refine else "rtn", refine)
-        write_bytes_synced(tmp / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
         dense_bytes = (tmp / DENSE_NAME).stat().st_size
     return ConvertResult(out_dir, total, pool_bytes, dense_bytes, time.perf_counter() - start)
+
+
+def check_tokenizer(path: Path, args: ModelArgs) -> None:
+    """A converted model needs a sentencepiece tokenizer.model with no more pieces than vocab_size."""
+    if not path.exists():
+        raise MixtralOffloadError(f"{path}: missing; a converted model needs the checkpoint's tokenizer.model")
+    pieces = Tokenizer(path).vocab_size
+    if pieces > args.vocab_size:
+        raise MixtralOffloadError(f"{path}: {pieces} pieces, more than the model's vocab_size {args.vocab_size}")
+
+
+def write_model_files(tmp: Path, config: dict, tokenizer: Path | bytes | None) -> None:
+    """config.json and (when given) tokenizer.model (a file to copy, or a model's bytes), synced, before
+    the pool's manifest sums them."""
+    write_bytes_synced(tmp / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
+    if isinstance(tokenizer, bytes):
+        write_bytes_synced(tmp / TOKENIZER_NAME, tokenizer)
+    elif tokenizer is not None:
+        shutil.copyfile(tokenizer, tmp / TOKENIZER_NAME)
+        fsync_file(tmp / TOKENIZER_NAME)
 
 
 def fsync_file(path: Path) -> None:

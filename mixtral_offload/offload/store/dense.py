@@ -9,6 +9,7 @@ from safetensors import safe_open
 
 from ...config import ModelArgs
 from ...errors import MixtralOffloadError
+from ...validate import regular_file_size
 from ...quant.linear import is_quantized_dense, quantize_dense
 from ..mapped_embedding import MappedEmbedding
 from ..memory_plan import return_freed_memory
@@ -25,6 +26,7 @@ def read_dense(file: Path, args: ModelArgs, dtype: torch.dtype, quantized: bool 
     The file is mapped for one tensor at a time, so its pages never all count in RSS at once.
     """
     shapes = dense_shapes(args)
+    regular_file_size(file, "dense.safetensors")  # a FIFO or a device would hang or fill memory
 
     def tensors():
         for name, shape in shapes.items():

@@ -13,6 +13,7 @@ import numpy as np
 from ...cache.source import MATRICES, PAGE, Extent, Key
 from ...errors import MixtralOffloadError
 from ...quant.gguf_blocks import GGUFMatrix
+from ...validate import require_size
 from .checkpoint import expert_shapes
 from .gguf import GGUFModel
 from .pool import PART_ALIGN, align
@@ -28,6 +29,7 @@ class GGUFExperts:
         self.args, self.shapes = model.args, expert_shapes(model.args)
         self.block_nbytes = max(self._layout(key)[-1] for key in self._keys())
         self._fd = os.open(model.path, os.O_RDONLY)
+        self.file_bytes = os.fstat(self._fd).st_size
         self._map = mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ)
         self._bytes = np.frombuffer(self._map, np.uint8)
 
@@ -61,7 +63,8 @@ class GGUFExperts:
                      for e, start in zip(self._matrices(key), self._layout(key)))
 
     def mapped(self, key: Key) -> tuple[GGUFMatrix, GGUFMatrix, GGUFMatrix]:
-        """w1, w3, w2 of `key` as read-only views on the file mapping."""
+        """w1, w3, w2 of `key` as read-only views on the file mapping (refused once the file was cut short)."""
+        require_size(self._fd, self.file_bytes, self.name)
         return tuple(GGUFMatrix(e.qtype, e.shape, self._bytes[e.offset:e.offset + e.nbytes])
                      for e in self._matrices(key))
 

@@ -13,7 +13,6 @@ a single view. The pool holds no caching policy: it is a cache.source.BlockSourc
 """
 from __future__ import annotations
 
-import json
 import mmap
 import os
 import struct
@@ -24,10 +23,12 @@ from pathlib import Path
 import numpy as np
 
 from ...cache.source import MATRICES, PAGE, Extent, Key
-from ...config import ModelArgs, read_json
+from ...config import ModelArgs
 from ...errors import MixtralOffloadError
+from ...validate import MANIFEST_LIMIT, check_no_loop, open_regular, parse_json, read_json_object, read_regular, require_size
 from ...quant.format import QuantizedMatrix, QuantSpec, part_layout
 from .checkpoint import expert_shapes
+from .digests import check_digests, parse_digests
 
 FORMAT_VERSION = 1
 POOL_NAME, MANIFEST_NAME, CONFIG_NAME, DENSE_NAME = "experts.pool", "manifest.json", "config.json", "dense.safetensors"
@@ -35,6 +36,8 @@ TOKENIZER_NAME = "tokenizer.model"
 # A pool may carry a second, low-bit copy of every expert (convert/synth --miss-bits) in the same
 # format, beside the first: copy name -> (pool file, manifest file).
 COPIES = {"full": (POOL_NAME, MANIFEST_NAME), "miss": ("experts.miss.pool", "manifest.miss.json")}
+CHECKED_FILES = (CONFIG_NAME, DENSE_NAME, TOKENIZER_NAME)  # sha256 in the manifest's 'files' (digests.py)
+HASHED_AT_LOAD = (CONFIG_NAME, TOKENIZER_NAME)  # small; at load dense.safetensors' size only, `verify` hashes it
 PART_ALIGN = 64           # part alignment inside a block: a cache line, for the kernels' loads
 
 MAGIC = b"MXOPOOL\x00"
@@ -118,8 +121,10 @@ class ExpertPool:
     """A read-only, memory-mapped pool of quantized experts, validated before use."""
 
     def __init__(self, path: Path, args: ModelArgs, spec: QuantSpec, blocks: dict[tuple[int, int], BlockEntry],
-                 fd: int, mapping: mmap.mmap, file_bytes: int, copy: str = "full"):
+                 fd: int, mapping: mmap.mmap, file_bytes: int, copy: str = "full",
+                 files: dict[str, dict] | None = None):
         self.path, self.args, self.spec, self.copy = path, args, spec, copy
+        self.files = files or {}  # the manifest's checksums of the other files (digests.py)
         self.shapes = expert_shapes(args)
         self.slots, self.block_nbytes = block_layout(spec, self.shapes)
         self.blocks = blocks
@@ -133,32 +138,28 @@ class ExpertPool:
         model_dir = Path(model_dir)
         pool_name, manifest_name = COPIES[copy]
         pool_path = model_dir / pool_name
-        if not pool_path.is_file():
+        check_no_loop(pool_path)
+        if not pool_path.exists():
             raise MixtralOffloadError(f"{model_dir}: not a converted model directory (no {POOL_NAME})" if copy == "full"
                                       else f"{model_dir}: no low-bit copy of the experts ({pool_name}); convert "
                                            f"or synth with --miss-bits")
         args = ModelArgs.from_file(model_dir / CONFIG_NAME)
-        config_quant = read_json(model_dir / CONFIG_NAME).get("quantization")
+        config_quant = read_json_object(model_dir / CONFIG_NAME).get("quantization")
         if copy == "miss":
             config_quant = config_quant.get("miss") if isinstance(config_quant, dict) else None
         manifest_path = model_dir / manifest_name
-        try:
-            manifest_raw = manifest_path.read_bytes()
-        except OSError as exc:
-            raise MixtralOffloadError(f"{manifest_path}: cannot read ({exc.strerror or exc})") from None
-        try:
-            fd = os.open(pool_path, os.O_RDONLY)
-        except OSError as exc:
-            raise MixtralOffloadError(f"{pool_path}: cannot open ({exc.strerror or exc})") from None
+        manifest_raw = read_regular(manifest_path, MANIFEST_LIMIT, "manifest")
+        fd = open_regular(pool_path, pool_name)
         try:
             file_bytes = os.fstat(fd).st_size
             _check_header(pool_path, os.pread(fd, _HEADER.size, 0), file_bytes, manifest_raw)
-            spec, blocks = _parse_manifest(manifest_path, manifest_raw, args, config_quant, file_bytes)
+            spec, blocks, files = _parse_manifest(manifest_path, manifest_raw, args, config_quant, file_bytes)
+            check_digests(model_dir, files, HASHED_AT_LOAD)
             mapping = mmap.mmap(fd, file_bytes, access=mmap.ACCESS_READ)
         except BaseException:
             os.close(fd)
             raise
-        return cls(model_dir, args, spec, blocks, fd, mapping, file_bytes, copy)
+        return cls(model_dir, args, spec, blocks, fd, mapping, file_bytes, copy, files)
 
     # -- access (cache.source.BlockSource) -----------------------------------------------------
     @property
@@ -180,7 +181,8 @@ class ExpertPool:
         return [Extent(self._entry(key).offset, self.block_nbytes, 0)]
 
     def mapped(self, key: Key) -> tuple[QuantizedMatrix, QuantizedMatrix, QuantizedMatrix]:
-        """(w1, w3, w2) as zero-copy read-only views on the mapping."""
+        """(w1, w3, w2) as zero-copy read-only views on the mapping (refused once the file was cut short)."""
+        require_size(self._fd, self.file_bytes, self.name)
         return block_views(self._map, self._entry(key).offset, self.slots, self.spec, self.shapes)
 
     def views(self, buffer: np.ndarray, key: Key) -> tuple[QuantizedMatrix, QuantizedMatrix, QuantizedMatrix]:
@@ -275,11 +277,8 @@ def _check_header(pool_path: Path, raw: bytes, file_bytes: int, manifest_raw: by
 
 
 def _parse_manifest(path: Path, raw: bytes, args: ModelArgs, config_quant, file_bytes: int
-                    ) -> tuple[QuantSpec, dict[tuple[int, int], BlockEntry]]:
-    try:
-        manifest = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise MixtralOffloadError(f"{path}: not valid JSON ({exc})") from None
+                    ) -> tuple[QuantSpec, dict[tuple[int, int], BlockEntry], dict[str, dict]]:
+    manifest = parse_json(raw, str(path))
     try:
         return _check_manifest(path, manifest, args, config_quant, file_bytes)
     except (KeyError, TypeError, ValueError, AttributeError, OverflowError, RecursionError) as exc:
@@ -345,10 +344,11 @@ def _check_manifest(path: Path, manifest: dict, args: ModelArgs, config_quant, f
     for before, after in zip(ordered, ordered[1:]):
         if before.offset + before.size > after.offset:
             fail(f"blocks at offsets {before.offset} and {after.offset} overlap")
-    return spec, blocks
+    return spec, blocks, parse_digests(manifest.get("files"), CHECKED_FILES, str(path))
 
 
-def manifest_dict(args: ModelArgs, spec: QuantSpec, blocks: dict[tuple[int, int], BlockEntry]) -> dict:
+def manifest_dict(args: ModelArgs, spec: QuantSpec, blocks: dict[tuple[int, int], BlockEntry],
+                  files: dict[str, dict]) -> dict:
     """The manifest.json object of a pool holding these blocks."""
     shapes = expert_shapes(args)
     slots, _ = block_layout(spec, shapes)
@@ -364,4 +364,5 @@ def manifest_dict(args: ModelArgs, spec: QuantSpec, blocks: dict[tuple[int, int]
         "shapes": {m: list(shapes[m]) for m in MATRICES},
         "blocks": [{"layer": layer, "expert": expert, "offset": b.offset, "size": b.size, "crc32": b.crc32,
                     "parts": parts} for (layer, expert), b in sorted(blocks.items())],
+        "files": files,  # {name in CHECKED_FILES: {"bytes", "sha256"}}
     }

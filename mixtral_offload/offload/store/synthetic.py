@@ -7,8 +7,6 @@ at int4) is written with ~100 MB of memory, as fast as the disk takes it.
 from __future__ import annotations
 
 import dataclasses
-import json
-import shutil
 import time
 from pathlib import Path
 from typing import Iterator
@@ -19,9 +17,10 @@ import torch
 from ...config import ModelArgs
 from ...quant.format import QuantSpec
 from .checkpoint import dense_shapes, parse_dtype
-from .convert import (PoolWriters, copy_specs, fsync_file, model_config, progress_bar, staging_dir, write_bytes_synced,
-                      write_dense)
-from .pool import CONFIG_NAME, DENSE_NAME, TOKENIZER_NAME
+from .convert import (PoolWriters, check_tokenizer, copy_specs, model_config, progress_bar, staging_dir,
+                      write_dense, write_model_files)
+from .digests import file_digests
+from .pool import CHECKED_FILES, DENSE_NAME
 
 WEIGHT_STD = 0.02  # std of the random weights (dense and dequantized experts), as in HF's initializer
 
@@ -45,7 +44,10 @@ def write_synthetic(out_dir: str | Path, args: ModelArgs, *, bits: int = 4, grou
     specs = copy_specs(QuantSpec(bits, group_size), miss_bits)
     dense_torch = parse_dtype(dense_dtype)
     rng = np.random.Generator(np.random.SFC64(seed))
+    if tokenizer is not None:
+        check_tokenizer(Path(tokenizer), args)
     with staging_dir(out_dir) as tmp:
+        write_model_files(tmp, model_config(args, specs, dense_dtype, "synthetic", False), tokenizer)
         writers = PoolWriters(tmp, args, specs)
         dense_bytes = torch.empty((), dtype=dense_torch).element_size() * sum(
             int(np.prod(s)) for s in dense_shapes(args).values())
@@ -60,14 +62,9 @@ def write_synthetic(out_dir: str | Path, args: ModelArgs, *, bits: int = 4, grou
                             _fill_random_block(views[copy], specs[copy], rng)
                             writer.add(layer, expert)
                             bar.update(writer.stride)
-            pool_bytes = writers.finish()
+            pool_bytes = writers.finish(file_digests(tmp, CHECKED_FILES))
         finally:
             writers.close()
-        if tokenizer is not None:
-            shutil.copyfile(tokenizer, tmp / TOKENIZER_NAME)
-            fsync_file(tmp / TOKENIZER_NAME)
-        config = model_config(args, specs, dense_dtype, "synthetic", False)
-        write_bytes_synced(tmp / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
     return SynthResult(Path(out_dir), pool_bytes, dense_bytes, time.perf_counter() - start)
 
 
