@@ -9,11 +9,15 @@ Sources (HF checkpoint: to_gguf.py, converted pool: pool_to_gguf.py) give float3
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
 import numba
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from gguf_files import add_vocab, permute_rope  # noqa: E402  (the one GGUF vocabulary and RoPE layout)
 
 GGUF_TYPES = ("f32", "q4_0", "q8_0")
 EXPERT_STACKS = (("w1", "ffn_gate_exps"), ("w3", "ffn_up_exps"), ("w2", "ffn_down_exps"))
@@ -29,12 +33,6 @@ class GGUFSource(Protocol):
     def dense(self, hf_name: str) -> np.ndarray: ...
 
     def expert(self, layer: int, expert: int, part: str) -> np.ndarray: ...
-
-
-def permute_rope(weight: np.ndarray, heads: int) -> np.ndarray:
-    """HF q/k rows (per head: first half, second half) -> GGUF rows (per head: pairs interleaved)."""
-    rows = weight.shape[0]
-    return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
 @numba.njit(parallel=True, cache=True)
@@ -85,37 +83,6 @@ def quantizer(qtype_name: str) -> Callable[[np.ndarray], np.ndarray]:
             checked.append(True)
         return out
     return quantize
-
-
-def add_vocab(writer, tokenizer_path: Path) -> None:
-    import gguf
-    import sentencepiece
-
-    sp = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer_path))
-    tokens, scores, types = [], [], []
-    for i in range(sp.vocab_size()):
-        tokens.append(sp.id_to_piece(i).encode("utf-8"))
-        scores.append(sp.get_score(i))
-        kind = gguf.TokenType.NORMAL
-        if sp.is_unknown(i):
-            kind = gguf.TokenType.UNKNOWN
-        elif sp.is_control(i):
-            kind = gguf.TokenType.CONTROL
-        elif sp.is_byte(i):
-            kind = gguf.TokenType.BYTE
-        elif sp.is_unused(i):
-            kind = gguf.TokenType.UNUSED
-        types.append(kind)
-    writer.add_tokenizer_model("llama")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
-    writer.add_token_types(types)
-    writer.add_bos_token_id(sp.bos_id())
-    writer.add_eos_token_id(sp.eos_id())
-    writer.add_unk_token_id(sp.unk_id())
-    writer.add_add_bos_token(True)
-    writer.add_add_eos_token(False)
 
 
 def _add_metadata(writer, config: dict, qtype_name: str, name: str) -> None:
@@ -181,7 +148,7 @@ def write_gguf(source: GGUFSource, out: Path, qtype_name: str, name: str, log=No
     tmp = out.with_name(out.name + ".tmp")
     writer = gguf.GGUFWriter(str(tmp), "llama")
     _add_metadata(writer, source.config, qtype_name, name)
-    add_vocab(writer, source.tokenizer)
+    add_vocab(writer, source.tokenizer, source.config["vocab_size"])
     for tensor_name, shape, quantized, _ in plan:
         raw = qtype if quantized and quantize else gguf.GGMLQuantizationType.F32
         nbytes = 4 * int(np.prod(shape)) if raw == gguf.GGMLQuantizationType.F32 else int(
