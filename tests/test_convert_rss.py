@@ -1,6 +1,7 @@
 """The converter streams: its peak RSS, measured in a child process, does not grow with the checkpoint."""
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +9,8 @@ from pathlib import Path
 import torch
 
 from checkpoints import write_checkpoint
+
+from mixtral_offload.demo import demo_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
 CHILD = """
@@ -31,9 +34,11 @@ def checkpoint_bytes(path: Path) -> int:
 
 def test_converter_peak_rss_is_flat_in_model_size(tmp_path):
     small, large = tmp_path / "small", tmp_path / "large"
-    common = dict(dtype=torch.bfloat16, vocab_size=1000, shard_size="50MB")
+    common = dict(dtype=torch.bfloat16, vocab_size=8192, shard_size="50MB")  # the demo tokenizer's vocabulary
     write_checkpoint(small, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_local_experts=4, **common)
     write_checkpoint(large, hidden_size=256, intermediate_size=2048, num_hidden_layers=8, num_local_experts=8, **common)
+    for checkpoint in (small, large):  # convert refuses a tokenizer with more pieces than the vocabulary
+        shutil.copyfile(demo_model_dir() / "tokenizer.model", checkpoint / "tokenizer.model")
     growth = checkpoint_bytes(large) - checkpoint_bytes(small)
     assert growth > 150e6
     rss_small = converter_peak_rss(small, tmp_path / "small-int4")

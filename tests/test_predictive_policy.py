@@ -146,6 +146,9 @@ class NullStore:
     def run_direct(self, key, x):
         return torch.zeros_like(x)
 
+    def close(self):
+        pass
+
 
 def runtime_replay(trace, policy, capacity, partition, prefetch, log):
     cache = ExpertCache(SimpleNamespace(block_nbytes=1), trace.num_layers, trace.top_k, NullStore(capacity),
