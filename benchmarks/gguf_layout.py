@@ -17,7 +17,7 @@ import numba
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from gguf_files import add_vocab, permute_rope  # noqa: E402  (the one GGUF vocabulary and RoPE layout)
+from gguf_files import FILE_TYPES, permute_rope, start_writer  # noqa: E402  (one GGUF metadata and RoPE layout)
 
 GGUF_TYPES = ("f32", "q4_0", "q8_0")
 EXPERT_STACKS = (("w1", "ffn_gate_exps"), ("w3", "ffn_up_exps"), ("w2", "ffn_down_exps"))
@@ -85,27 +85,6 @@ def quantizer(qtype_name: str) -> Callable[[np.ndarray], np.ndarray]:
     return quantize
 
 
-def _add_metadata(writer, config: dict, qtype_name: str, name: str) -> None:
-    import gguf
-
-    D, H = config["hidden_size"], config["num_attention_heads"]
-    theta = config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta", 1e6)
-    writer.add_name(name)
-    writer.add_context_length(config["max_position_embeddings"])
-    writer.add_embedding_length(D)
-    writer.add_block_count(config["num_hidden_layers"])
-    writer.add_feed_forward_length(config["intermediate_size"])
-    writer.add_rope_dimension_count(config.get("head_dim") or D // H)
-    writer.add_head_count(H)
-    writer.add_head_count_kv(config["num_key_value_heads"])
-    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
-    writer.add_rope_freq_base(float(theta))
-    writer.add_expert_count(config["num_local_experts"])
-    writer.add_expert_used_count(config["num_experts_per_tok"])
-    writer.add_vocab_size(config["vocab_size"])
-    writer.add_file_type(getattr(gguf.LlamaFileType, {"f32": "ALL_F32"}.get(qtype_name, "MOSTLY_" + qtype_name.upper())))
-
-
 def _plan(source: GGUFSource) -> Iterator[tuple[str, tuple[int, ...], bool, Callable[[], Iterator[np.ndarray]]]]:
     """(GGUF name, float shape, quantized?, pieces whose concatenated rows are the tensor) in file order."""
     c = source.config
@@ -146,9 +125,7 @@ def write_gguf(source: GGUFSource, out: Path, qtype_name: str, name: str, log=No
     quantize = quantizer(qtype_name) if qtype_name != "f32" else None
     plan = list(_plan(source))
     tmp = out.with_name(out.name + ".tmp")
-    writer = gguf.GGUFWriter(str(tmp), "llama")
-    _add_metadata(writer, source.config, qtype_name, name)
-    add_vocab(writer, source.tokenizer, source.config["vocab_size"])
+    writer = start_writer(tmp, source.config, source.tokenizer, FILE_TYPES[qtype_name], name)
     for tensor_name, shape, quantized, _ in plan:
         raw = qtype if quantized and quantize else gguf.GGMLQuantizationType.F32
         nbytes = 4 * int(np.prod(shape)) if raw == gguf.GGMLQuantizationType.F32 else int(

@@ -167,6 +167,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="write every figure here")
     parser.add_argument("--delete", action="store_true", help="delete the pool and the GGUF afterwards")
     parser.add_argument("--tables", type=Path, default=None, help="only print the tables of a saved --json file")
+    parser.add_argument("--gguf", type=Path, default=None,
+                        help="run both systems on this GGUF file (this runtime reads its experts from it) instead "
+                             "of the pool and its Q4_0 copy")
     args = parser.parse_args()
     if args.tables:
         saved = json.loads(args.tables.read_text())
@@ -191,7 +194,7 @@ def main() -> None:
         print(format_rates(report["read_rates"]), file=sys.stderr, flush=True)
         token_args = ["--prompt-tokens", str(args.prompt_tokens), "--warmup-tokens", str(args.warmup_tokens),
                       "--decode-tokens", str(args.decode_tokens)]
-        report["runs"] = speed_runs(model, q4, args.limits, args.repeats, token_args)
+        report["runs"] = speed_runs(args.gguf or model, args.gguf or q4, args.limits, args.repeats, token_args)
     finally:
         if args.delete:
             shutil.rmtree(model, ignore_errors=True)
