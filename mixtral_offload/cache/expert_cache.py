@@ -283,7 +283,7 @@ class ExpertCache:
         self._start_prefetch(layer + 1, wanted)
         for key in order:
             group = group_of[key]
-            xs = x[torch.from_numpy(group.rows).to(x.device)]
+            xs = x if len(group.rows) == x.shape[0] else x[torch.from_numpy(group.rows).to(x.device)]
             if key not in self.slot_of and key not in direct:
                 slot = self._reserve(key, set())
                 if slot is not None:

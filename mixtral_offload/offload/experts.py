@@ -29,7 +29,7 @@ class TorchExperts:
         """Each group's expert in torch, in ascending expert order."""
         for group in routing.groups:
             w1, w3, w2 = self.layers[layer][group.expert]
-            xs = x[torch.from_numpy(group.rows).to(x.device)]
+            xs = x if len(group.rows) == x.shape[0] else x[torch.from_numpy(group.rows).to(x.device)]
             yield group, w2(F.silu(w1(xs)) * w3(xs))
 
     def hint(self, layer: int, probs: torch.Tensor) -> None:
@@ -59,7 +59,8 @@ class PoolExperts:
             key = (layer, group.expert)
             if key not in self.views:
                 self.views[key] = self.source.mapped(key)
-            y = self.kernel(*self.views[key], np.ascontiguousarray(x32[group.rows]))
+            xs = x32 if len(group.rows) == len(x32) else np.ascontiguousarray(x32[group.rows])
+            y = self.kernel(*self.views[key], xs)
             if self.release_pages:
                 self.source.release(key)
             yield group, torch.from_numpy(y)

@@ -28,7 +28,7 @@ class ExpertGroup:
 
     expert: int
     rows: np.ndarray    # token indices [n] (int64)
-    ranks: np.ndarray   # each token's top-k rank of this expert [n]
+    weights: np.ndarray  # each token's gate weight for this expert [n] float32
     gate_mass: float    # the tokens' summed gate weights for it (what gate-guided eviction weighs)
 
 
@@ -226,13 +226,16 @@ class Mixtral:
             routing = group_tokens(expert_ids, weights)
         with self.profiler.span("experts", layer=index):
             out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # [T, D]
-            w = weights.to(x.device)
+            T = x.shape[0]
             for group, y in self.experts.run(index, x, routing):
-                rows = torch.from_numpy(group.rows).to(x.device)
-                ranks = torch.from_numpy(group.ranks).to(x.device)
-                # a token meets each expert once, so rows are distinct: a plain indexed add (index_add_
-                # wakes torch's thread pool on the CPU, which costs more than the add itself)
-                out[rows] += y.float() * w[rows, ranks, None]
+                if T == 1:  # decode: one fused add, no index tensors (they cost more than the add here)
+                    out.add_(y.float(), alpha=float(group.weights[0]))
+                    continue
+                scaled = y.float() * torch.from_numpy(group.weights).to(x.device)[:, None]
+                if len(group.rows) == T:
+                    out += scaled
+                else:  # a token meets each expert once, so rows are distinct: a plain indexed add
+                    out[torch.from_numpy(group.rows).to(x.device)] += scaled
             return out.to(x.dtype)
 
 
@@ -241,11 +244,11 @@ def group_tokens(expert_ids: torch.Tensor, weights: torch.Tensor) -> Routing:
     ids = expert_ids.cpu().numpy()
     w = weights.float().cpu().numpy()
     if ids.shape[0] == 1:  # decode: one token, its K experts are distinct
-        groups = [ExpertGroup(int(e), np.zeros(1, np.int64), np.array([k]), float(w[0, k]))
+        groups = [ExpertGroup(int(e), np.zeros(1, np.int64), w[0, k:k + 1], float(w[0, k]))
                   for k, e in sorted(enumerate(ids[0]), key=lambda p: p[1])]
     else:
         groups = []
         for expert in np.unique(ids):
             rows, ranks = np.nonzero(ids == expert)
-            groups.append(ExpertGroup(int(expert), rows, ranks, float(w[rows, ranks].sum())))
+            groups.append(ExpertGroup(int(expert), rows, w[rows, ranks], float(w[rows, ranks].sum())))
     return Routing(ids, w, groups)
