@@ -146,7 +146,8 @@ def plan_experts(files: ExpertFiles, options: LoadOptions, device: torch.device)
     """
     args, on_gpu = files.args, device.type == "cuda"
     if on_gpu and not files.device_slots:
-        files.source.tensor_parts(None)  # says why, in one line
+        raise MixtralOffloadError(f"{files.path}: device slots hold converted pools only; for --device cuda "
+                                  f"convert it first (mixtral-offload convert {files.path} OUT_DIR)")
     if options.device_format == "nf4" and not on_gpu:
         raise MixtralOffloadError("--device-format nf4 needs the experts on a device tier: add --device cuda")
     if options.dense == "int8" and on_gpu:
