@@ -85,7 +85,7 @@ def quantizer(qtype_name: str) -> Callable[[np.ndarray], np.ndarray]:
     return quantize
 
 
-def _plan(source: GGUFSource) -> Iterator[tuple[str, tuple[int, ...], bool, Callable[[], Iterator[np.ndarray]]]]:
+def tensor_plan(source: GGUFSource) -> Iterator[tuple[str, tuple[int, ...], bool, Callable[[], Iterator[np.ndarray]]]]:
     """(GGUF name, float shape, quantized?, pieces whose concatenated rows are the tensor) in file order."""
     c = source.config
     D, I, L, E = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["num_local_experts"]
@@ -123,7 +123,7 @@ def write_gguf(source: GGUFSource, out: Path, qtype_name: str, name: str, log=No
         raise ValueError(f"GGUF type must be one of {GGUF_TYPES}")
     qtype = getattr(gguf.GGMLQuantizationType, qtype_name.upper())
     quantize = quantizer(qtype_name) if qtype_name != "f32" else None
-    plan = list(_plan(source))
+    plan = list(tensor_plan(source))
     tmp = out.with_name(out.name + ".tmp")
     writer = start_writer(tmp, source.config, source.tokenizer, FILE_TYPES[qtype_name], name)
     for tensor_name, shape, quantized, _ in plan:

@@ -1,6 +1,7 @@
 """This runtime against llama.cpp on the same weights at full Mixtral width, each under a hard memory limit.
 
     python benchmarks/mixtral_width.py [--layers 8] [--limits 3GiB 5GiB] [--repeats 3] [--json OUT]
+        [--routing-trace FILE|synthetic] [--gguf FILE]
 
 One command: `mixtral-offload synth` writes an int4 g64 pool at Mixtral-8x7B width (hidden 4096,
 intermediate 14336, 8 experts top-2, 32/8 heads) with --layers layers, to_gguf.py writes the same
@@ -34,10 +35,13 @@ from read_rates import format_rates, measure as measure_read_rates  # noqa: E402
 
 from mixtral_offload.benchmark import machine_info  # noqa: E402
 from mixtral_offload.config import parse_size  # noqa: E402
+from mixtral_offload.cache.traces import synthetic_trace  # noqa: E402
 
 SMALL = ["--layers", "2", "--hidden", "256", "--intermediate", "512", "--heads", "4", "--kv-heads", "2"]
 EXACT_TOLERANCE = 1e-4
 RUN_TIMEOUT = 1800  # seconds a limited run may take before it is killed (a thrashing peer)
+SYNTHETIC_TOKENS = 512  # tokens of a --routing-trace synthetic trace (positions wrap around it)
+SYNTHETIC_RECALL = 0.6  # the demo model's measured prefetch recall (docs/cache.md)
 
 
 def tokenizer_path() -> Path:
@@ -97,15 +101,28 @@ def limited_run(name: str, argv: list[str], limit: int, files: list[Path]) -> di
     return result
 
 
-def speed_runs(model: Path, q4: Path, limits: list[str], repeats: int, token_args: list[str]) -> list[dict]:
+def routing_trace(spec: str, layers: int, root: Path) -> Path:
+    """The trace file to route by: spec itself, or for 'synthetic' a calibrated synthetic trace of the model's
+    layers (8 experts, top-2, next-layer guesses of recall SYNTHETIC_RECALL) written under root."""
+    if spec != "synthetic":
+        return Path(spec)
+    path = root / f"synthetic-{layers}L-trace.npz"
+    synthetic_trace(SYNTHETIC_TOKENS, num_layers=layers, seed=0, predict_recall=SYNTHETIC_RECALL).save(path)
+    return path
+
+
+def speed_runs(model: Path, q4: Path, limits: list[str], repeats: int, token_args: list[str],
+               trace: Path | None = None) -> list[dict]:
     runtime_files, gguf_files = [model], [q4]
     runs = []
     for text in limits:
         limit = parse_size(text)
-        systems = [("this runtime", python_child("width_child.py", "runtime", str(model), "--budget", str(limit),
-                                                 *token_args), runtime_files),
-                   ("llama.cpp mmap, repack off", python_child("width_child.py", "llamacpp", str(q4), "--no-repack",
-                                                               *token_args), gguf_files)]
+        runtime = python_child("width_child.py", "runtime", str(model), "--budget", str(limit), *token_args)
+        systems = [("this runtime", runtime, runtime_files)]
+        if trace is not None:  # the same run routed by the trace (llama.cpp's router cannot be replaced)
+            systems.append(("this runtime, routing trace", runtime + ["--routing-trace", str(trace)], runtime_files))
+        systems.append(("llama.cpp mmap, repack off", python_child("width_child.py", "llamacpp", str(q4), "--no-repack",
+                                                                   *token_args), gguf_files))
         for repeat in range(repeats):
             for name, argv, files in systems:
                 runs.append({"limit_name": text, "repeat": repeat + 1, **limited_run(name, argv, limit, files)})
@@ -166,6 +183,9 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=Path(os.environ.get("BENCH_DIR", "/tmp/mixtral-offload-bench")))
     parser.add_argument("--json", type=Path, default=None, help="write every figure here")
     parser.add_argument("--delete", action="store_true", help="delete the pool and the GGUF afterwards")
+    parser.add_argument("--routing-trace", default=None, metavar="FILE|synthetic",
+                        help="also run this runtime routed by a routing trace (bench decode --routing-trace); "
+                             "'synthetic': a calibrated synthetic trace of the model's layers")
     parser.add_argument("--tables", type=Path, default=None, help="only print the tables of a saved --json file")
     parser.add_argument("--gguf", type=Path, default=None,
                         help="run both systems on this GGUF file (this runtime reads its experts from it) instead "
@@ -194,7 +214,9 @@ def main() -> None:
         print(format_rates(report["read_rates"]), file=sys.stderr, flush=True)
         token_args = ["--prompt-tokens", str(args.prompt_tokens), "--warmup-tokens", str(args.warmup_tokens),
                       "--decode-tokens", str(args.decode_tokens)]
-        report["runs"] = speed_runs(args.gguf or model, args.gguf or q4, args.limits, args.repeats, token_args)
+        trace = routing_trace(args.routing_trace, args.layers, args.dir) if args.routing_trace else None
+        report["routing_trace"] = str(trace) if trace else None
+        report["runs"] = speed_runs(args.gguf or model, args.gguf or q4, args.limits, args.repeats, token_args, trace)
     finally:
         if args.delete:
             shutil.rmtree(model, ignore_errors=True)

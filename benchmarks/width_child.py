@@ -1,6 +1,6 @@
 """One system fed a fixed token sequence (teacher-forced), in this process; prints one JSON line. Run by mixtral_width.py.
 
-    python benchmarks/width_child.py runtime MODEL_DIR [--budget 3GiB] [--exact]
+    python benchmarks/width_child.py runtime MODEL_DIR [--budget 3GiB] [--exact] [--routing-trace FILE]
     python benchmarks/width_child.py llamacpp MODEL.gguf [--no-repack] [--exact]
     ... [--prompt-tokens 16] [--warmup-tokens 4] [--decode-tokens 32] [--logits]
 
@@ -50,7 +50,8 @@ class Runtime:
         self.torch = torch
         self.baseline = rss()
         exact = dict(dtype="float32", activations="float32", dense="stored") if args.exact else {}
-        self.runtime = load(args.model, max_context=args.context, memory_budget=args.budget, **exact)
+        self.runtime = load(args.model, max_context=args.context, memory_budget=args.budget,
+                            routing_trace=args.routing_trace, **exact)
         self.stats = self.runtime.cache_stats()
         self.vocab = self.runtime.args.vocab_size
 
@@ -113,6 +114,7 @@ def main() -> None:
     parser.add_argument("--no-repack", action="store_true")
     parser.add_argument("--no-mmap", action="store_true")
     parser.add_argument("--exact", action="store_true")
+    parser.add_argument("--routing-trace", default=None, help="runtime: route by this trace (bench decode's option)")
     parser.add_argument("--logits", action="store_true")
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--warmup-tokens", type=int, default=4)

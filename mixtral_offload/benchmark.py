@@ -13,7 +13,8 @@ child's own VmHWM as a cross-check):
      "hit_rate": float|None, "cache_bytes_per_token": float|None, "disk_bytes_per_token": float,
      "misses_per_token", "prefetches_per_token", "prefetch_hits_per_token", "prefetch_waste_per_token": float|None,
      "active_bytes_per_token": int, "load_seconds": float, "exit_code": int,
-     "peak_rss_hwm": int, "floor_tps": float, "prompt_macs_per_token": int, "prompt_ceiling_tps": float}
+     "peak_rss_hwm": int, "floor_tps": float, "prompt_macs_per_token": int, "prompt_ceiling_tps": float,
+     "routing_trace": str|None}
 
 Speeds are medians over `repeats`; cache figures come from the decode phase of the last repeat
 (the cache is warm from the earlier ones, as in a long chat), per forward pass of that phase
@@ -58,6 +59,7 @@ class DecodeSpec:
     prefetch: bool = True
     activations: str = "int8"              # the CPU kernels' input: int8 or float32 (see load())
     dense: str = "auto"                    # attention/output weights: auto, stored or int8 (see load())
+    routing_trace: str | None = None       # route by this trace file (offload/trace_routing.py)
 
 
 def machine_info() -> dict:
@@ -251,7 +253,7 @@ def run_spec(spec: DecodeSpec) -> dict:
     start = time.perf_counter()
     runtime = load(path, dtype=spec.dtype, max_context=max_context, memory_budget=spec.budget,
                    experts_fraction=spec.experts_fraction, policy=spec.policy, prefetch=spec.prefetch,
-                   activations=spec.activations, dense=spec.dense)
+                   activations=spec.activations, dense=spec.dense, routing_trace=spec.routing_trace)
     budget = runtime.memory_plan.budget if runtime.memory_plan else None
     load_seconds = time.perf_counter() - start
     runtime.tokenizer.eos_id = -1  # a fixed number of tokens: a random model may pick </s> at any step
@@ -288,6 +290,7 @@ def run_spec(spec: DecodeSpec) -> dict:
         "label": spec.label, "model": str(path), "experts_fraction": spec.experts_fraction,
         "budget": budget,
         "threads": spec.threads, "policy": spec.policy if stats else None, "activations": spec.activations, "dense": dense_held,
+        "routing_trace": spec.routing_trace,
         "decode_tps": statistics.median(decode_runs), "decode_tps_runs": decode_runs,
         "prompt_tps": statistics.median(prompt_runs), "prompt_tps_runs": prompt_runs,
         "decode_prompt_tokens": spec.decode_prompt_tokens, "decode_tokens": spec.decode_tokens,
@@ -313,5 +316,10 @@ def _peak_rss_hwm() -> int:
 
 
 if __name__ == "__main__":
-    spec = DecodeSpec(**json.loads(sys.argv[1]))
-    print(json.dumps(run_spec(spec)), flush=True)
+    from .errors import MixtralOffloadError
+
+    try:
+        result = run_spec(DecodeSpec(**json.loads(sys.argv[1])))
+    except MixtralOffloadError as exc:  # the parent reports the last line of stderr
+        sys.exit(f"error: {exc}")
+    print(json.dumps(result), flush=True)

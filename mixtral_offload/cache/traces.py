@@ -7,12 +7,14 @@ m = experts predicted for the next layer, R = requests (T * L * k).
 from __future__ import annotations
 
 import json
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from mixtral_offload.errors import MixtralOffloadError
+from mixtral_offload.validate import regular_file_size
 
 TRACE_FORMAT_VERSION = 1
 
@@ -91,20 +93,30 @@ class RoutingTrace:
     @classmethod
     def load(cls, path: str | Path) -> RoutingTrace:
         """Read a trace written by `save`; a file that is not one raises MixtralOffloadError."""
+        regular_file_size(path, "routing trace")  # a FIFO or a directory is refused before the open
         try:
-            with np.load(path, allow_pickle=False) as data:
+            data = np.load(path, allow_pickle=False)
+            if not isinstance(data, np.lib.npyio.NpzFile):
+                raise ValueError("a single array, not a trace archive")
+            with data:
                 meta = json.loads(str(data["meta"]))
                 arrays = {name: data[name] for name in data.files if name != "meta"}
-        except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
             raise MixtralOffloadError(f"cannot read routing trace {path}: {e}") from e
-        if meta.get("format_version") != TRACE_FORMAT_VERSION:
-            raise MixtralOffloadError(f"routing trace {path}: unknown format version {meta.get('format_version')}")
+        if not isinstance(meta, dict) or meta.get("format_version") != TRACE_FORMAT_VERSION:
+            version = meta.get("format_version") if isinstance(meta, dict) else None
+            raise MixtralOffloadError(f"routing trace {path}: unknown format version {version}")
         if "expert_ids" not in arrays or "gates" not in arrays:
             raise MixtralOffloadError(f"routing trace {path} lacks expert_ids or gates")
+        for name in ("num_layers", "num_experts", "top_k"):
+            if type(meta.get(name)) is not int or not 0 < meta[name] <= 1 << 15:
+                raise MixtralOffloadError(f"routing trace {path}: metadata {name} must be a positive integer")
+        if any(a.dtype.kind not in "iuf" for a in arrays.values()) or arrays["expert_ids"].dtype.kind not in "iu":
+            raise MixtralOffloadError(f"routing trace {path}: arrays must hold numbers (expert ids integers)")
         trace = cls(
             expert_ids=arrays["expert_ids"],
             gates=arrays["gates"],
-            num_experts=int(meta["num_experts"]),
+            num_experts=meta["num_experts"],
             probs=arrays.get("probs"),
             predicted_next=arrays.get("predicted_next"),
             hint_probs=arrays.get("hint_probs"),

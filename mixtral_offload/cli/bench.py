@@ -69,9 +69,13 @@ def kernels(threads, bits, group_size, tokens, repeats, no_torch, gguf, as_json)
               help="Attention and output weights: auto, stored or int8 (see generate --help).")
 @click.option("--bandwidth-gbs", type=click.FloatRange(0, min_open=True), default=None,
               help="Memory read bandwidth for the floor [default: measured now at --threads].")
+@click.option("--routing-trace", type=click.Path(), default=None,
+              help="Route by this routing trace (cache/traces.py format: recorded with a trained model, or "
+                   "synthetic) instead of the router's choice; the router still runs. Mapping onto the "
+                   "model's layers: docs/cache.md, 'Routing by a trace'.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (schema: benchmark.py).")
 def decode(model, budgets, fractions, no_resident, prompt_tokens, decode_prompt_tokens, decode_tokens, repeats,
-           threads, dtype, policy, prefetch, activations, dense, bandwidth_gbs, as_json):
+           threads, dtype, policy, prefetch, activations, dense, bandwidth_gbs, routing_trace, as_json):
     """Decode and prompt tokens/s of MODEL, each configuration in a fresh child process.
 
     Reports medians of --repeats, the child's peak RSS, and with a budget the cache hit rate and
@@ -83,12 +87,16 @@ def decode(model, budgets, fractions, no_resident, prompt_tokens, decode_prompt_
       mixtral-offload bench decode ./mini-int4
       mixtral-offload bench decode ./mini-int4 --no-resident --experts-fraction 0.5 --experts-fraction 0.25
       mixtral-offload bench decode ./mixtral-int4 --budget 8GiB --decode-tokens 8 --repeats 1
+      mixtral-offload bench decode ./mixtral-int4 --budget 8GiB --routing-trace demo-heldout.npz
     """
     from ..benchmark import DecodeSpec, decode_report, format_decode_report
+    from ..cache.traces import RoutingTrace
 
+    if routing_trace is not None:
+        RoutingTrace.load(routing_trace)  # a bad file is one error here, not one per child
     common = dict(model=model, prompt_tokens=prompt_tokens, decode_prompt_tokens=decode_prompt_tokens,
                   decode_tokens=decode_tokens, repeats=repeats, threads=threads, dtype=dtype, policy=policy,
-                  prefetch=prefetch, dense=dense)
+                  prefetch=prefetch, dense=dense, routing_trace=routing_trace)
     specs = []
     for mode in dict.fromkeys(activations):
         suffix = f" ({mode})" if len(set(activations)) > 1 else ""

@@ -28,6 +28,7 @@ from .experts import PoolExperts, TorchExperts
 from .memory_plan import SLACK_BYTES, MemoryPlan, current_rss, dense_nbytes, plan_memory
 from .model import LayerWeights, Mixtral, TensorEmbedding
 from .options import LoadOptions
+from .trace_routing import open_routing_trace
 from .runtime import PREFILL_CHUNK, SCORE_CHUNK, Runtime, default_context
 from .store.checkpoint import Checkpoint, parse_dtype
 from .store.dense import hold_dense, read_dense
@@ -57,7 +58,8 @@ def load(path: str | Path, options: LoadOptions | None = None, *, log: Callable[
     if (path / POOL_NAME).exists():
         return build_runtime(open_converted(path, options), options, device, log)
     for wanted, why in ((options.device_format == "nf4", "--device-format nf4"), (options.dense == "int8", "--dense int8"),
-                        (options.cached and not options.record_trace, "--memory-budget")):
+                        (options.cached and not options.record_trace, "--memory-budget"),
+                        (options.routing_trace, "--routing-trace")):
         if wanted:
             raise MixtralOffloadError(f"{path}: {why} needs a converted model: run 'mixtral-offload convert {path} OUT_DIR' first")
     return load_checkpoint(path, resolve_dtype(options.dtype, path), options.max_context, device)
@@ -78,7 +80,7 @@ def resolve_dtype(dtype: str, path: Path) -> str:
 
 
 def build_model(args: ModelArgs, dense: dict, experts, max_context: int, dtype: torch.dtype,
-                device: torch.device, prefetch_hints: bool = False) -> Mixtral:
+                device: torch.device, prefetch_hints: bool = False, routing=None) -> Mixtral:
     """A Mixtral from dense weights keyed by runtime name (checkpoint.dense_shapes): tensors become layers."""
     def layer(weight):
         return TensorLinear(weight) if isinstance(weight, torch.Tensor) else weight
@@ -92,7 +94,7 @@ def build_model(args: ModelArgs, dense: dict, experts, max_context: int, dtype: 
         weights.wq, weights.wk, weights.wv, weights.wo = map(layer, (weights.wq, weights.wk, weights.wv, weights.wo))
     lm_head = layer(dense["embed"] if args.tie_word_embeddings else dense["lm_head"])
     return Mixtral(args, embedding(dense["embed"]), layers, dense["norm"], lm_head, experts, max_context, dtype,
-                   device, prefetch_hints)
+                   device, prefetch_hints, routing)
 
 
 def load_checkpoint(path: str | Path, dtype: str = "float32", max_context: int | None = None,
@@ -211,6 +213,7 @@ def build_runtime(files: ExpertFiles, options: LoadOptions, device: torch.device
                   log: Callable[[str], None] | None) -> Runtime:
     """Dense weights resident, experts computed where they lie or through an expert cache."""
     args, source, kernel = files.args, files.source, files.kernel
+    routing = open_routing_trace(options.routing_trace, args) if options.routing_trace else None
     if options.device_format == "nf4":
         import_bitsandbytes()  # fail before the weights are read
     if options.cached or device.type == "cuda":  # compiled kernels count in the baseline the plan measures
@@ -235,7 +238,8 @@ def build_runtime(files: ExpertFiles, options: LoadOptions, device: torch.device
         experts = ExpertCache(source, args.num_hidden_layers, args.num_experts_per_tok, store, policy=options.policy,
                               prefetch=plan.prefetch_slots, recorder=recorder)
     model = build_model(args, dense, experts, plan.context, plan.dtype, device,
-                        prefetch_hints=plan.memory is not None and (options.prefetch or options.record_trace))
+                        prefetch_hints=plan.memory is not None and (options.prefetch or options.record_trace),
+                        routing=routing)
     return Runtime(model, files.tokenizer, files.path, plan.memory)
 
 

@@ -64,6 +64,18 @@ class ExpertBackend(Protocol):
         ...
 
 
+class RoutingOverride(Protocol):
+    """Replaces the router's choice (offload/trace_routing.py replays a trace); the router still runs."""
+
+    def route(self, layer: int, position: int, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert ids [T, K] and weights [T, K] for the T tokens from `position` on, given the router's probs [T, E]."""
+        ...
+
+    def hint(self, layer: int, position: int, guess: torch.Tensor) -> torch.Tensor | None:
+        """The hint to pass for `layer` given the router's guess [T, E]; None: no hint."""
+        ...
+
+
 @dataclass
 class LayerWeights:
     """Dense weights of one decoder layer: norms and the router as tensors, projections as layers
@@ -137,8 +149,9 @@ class Mixtral:
 
     def __init__(self, args: ModelArgs, embed, layers: list[LayerWeights], norm: torch.Tensor, lm_head: Linear,
                  experts: ExpertBackend, max_context: int, dtype: torch.dtype, device: torch.device,
-                 prefetch_hints: bool = False):
+                 prefetch_hints: bool = False, routing: RoutingOverride | None = None):
         self.args = args
+        self.routing = routing  # None: the router's choice stands
         self.embed, self.layers, self.norm, self.lm_head = embed, layers, norm, lm_head  # embed(tokens) -> [T, D]
         self.experts = experts
         self.max_context = max_context
@@ -216,13 +229,18 @@ class Mixtral:
         args = self.args
         with self.profiler.span("router", layer=index):
             x = rms_norm(h, layer.moe_norm, args.rms_norm_eps)                 # [T, D]
-            expert_ids, weights, _ = route(x, layer.gate, args.num_experts_per_tok)
+            expert_ids, weights, probs = route(x, layer.gate, args.num_experts_per_tok)
+            if self.routing is not None:
+                expert_ids, weights = self.routing.route(index, self.position, probs)
             if self.prefetch_hints and index + 1 < len(self.layers):
                 # The residual entering this MoE block predicts the next layer's routing well;
                 # the guess lets the backend start reading those experts while this layer computes.
                 upcoming = self.layers[index + 1]
                 guess = F.softmax(F.linear(rms_norm(h, upcoming.moe_norm, args.rms_norm_eps), upcoming.gate).float(), -1)
-                self.experts.hint(index + 1, guess)
+                if self.routing is not None:
+                    guess = self.routing.hint(index + 1, self.position, guess)
+                if guess is not None:
+                    self.experts.hint(index + 1, guess)
             routing = group_tokens(expert_ids, weights)
         with self.profiler.span("experts", layer=index):
             out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # [T, D]

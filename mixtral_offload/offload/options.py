@@ -39,6 +39,7 @@ class LoadOptions:
     device_format: str = "dequantize"      # device slots: the pool's blocks, or bitsandbytes NF4
     record_trace: bool = False             # record the routing trace (a cache that holds every expert)
     release_pages: bool = False            # without a cache: drop each expert's mapped pages after use
+    routing_trace: str | None = None       # a routing trace file whose choices replace the router's (benchmarks)
 
     def __post_init__(self) -> None:
         for name, allowed in CHOICES.items():
