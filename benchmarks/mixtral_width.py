@@ -207,10 +207,13 @@ def main() -> None:
     if not check["ok"]:
         sys.exit(f"exactness check failed: {check}")
     try:
-        synth(model, ["--layers", str(args.layers)])
-        gguf(model, q4, "q4_0")
-        report.update(pool_bytes=(model / "experts.pool").stat().st_size, gguf_bytes=q4.stat().st_size)
-        report["read_rates"] = measure_read_rates(model, int(args.read_gib * 2**30), [1, 2, 4])
+        if args.gguf:  # one file for both systems: no pool is written
+            report.update(gguf_bytes=args.gguf.stat().st_size)
+        else:
+            synth(model, ["--layers", str(args.layers)])
+            gguf(model, q4, "q4_0")
+            report.update(pool_bytes=(model / "experts.pool").stat().st_size, gguf_bytes=q4.stat().st_size)
+        report["read_rates"] = measure_read_rates(args.gguf or model, int(args.read_gib * 2**30), [1, 2, 4])
         print(format_rates(report["read_rates"]), file=sys.stderr, flush=True)
         token_args = ["--prompt-tokens", str(args.prompt_tokens), "--warmup-tokens", str(args.warmup_tokens),
                       "--decode-tokens", str(args.decode_tokens)]

@@ -65,8 +65,10 @@ def reader_rate(model_dir: Path, nbytes: int, in_flight: int, direct: bool) -> d
 
 
 def measure(model_dir: Path, nbytes: int, in_flight: list[int]) -> dict:
-    """dd buffered and O_DIRECT, then BlockReader at each in_flight, buffered and O_DIRECT."""
-    pool_file = model_dir / POOL_NAME
+    """dd buffered and O_DIRECT, then BlockReader at each in_flight, buffered and O_DIRECT (a pool's
+    directory; a single file, such as a GGUF, gets the dd figures only)."""
+    pool_file = model_dir if model_dir.is_file() else model_dir / POOL_NAME
+    in_flight = [] if model_dir.is_file() else in_flight
     nbytes = min(nbytes, pool_file.stat().st_size)
     result = {"bytes": nbytes, "dd_buffered_gbs": dd_rate(pool_file, nbytes, False),
               "dd_direct_gbs": dd_rate(pool_file, nbytes, True), "reader": []}

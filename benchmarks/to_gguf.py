@@ -67,9 +67,9 @@ class PoolSource:
     def expert(self, layer: int, expert: int, part: str) -> np.ndarray:
         from mixtral_offload.quant.quantize import dequantize_torch
 
-        matrix = dict(zip(("w1", "w3", "w2"), self.pool.expert(layer, expert)))[part]
+        matrix = dict(zip(("w1", "w3", "w2"), self.pool.mapped((layer, expert))))[part]
         weight = dequantize_torch(matrix).numpy()
-        self.pool.release(layer, expert, drop_cache=True)  # the pool's pages leave memory as we go
+        self.pool.release((layer, expert), drop_cache=True)  # the pool's pages leave memory as we go
         return weight
 
 
