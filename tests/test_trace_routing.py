@@ -79,3 +79,26 @@ def test_bad_trace_is_one_line(converted_int4, tmp_path):
     synthetic_trace(4, num_layers=2, num_experts=4, top_k=2, seed=0).save(other)
     with pytest.raises(MixtralOffloadError, match="4 experts, top 2; the model has 8 experts"):
         load(converted_int4, memory_budget="2GiB", routing_trace=str(other))
+
+
+def test_damaged_trace_files_are_refused_in_one_line(tmp_path):
+    """Bytes changed, zeroed or cut off anywhere in a trace file: it loads, or one MixtralOffloadError."""
+    good = tmp_path / "good.npz"
+    synthetic_trace(20, num_layers=3, seed=0, predict_recall=0.6, with_probs=True).save(good)
+    data, rng, refused = good.read_bytes(), np.random.default_rng(0), 0
+    for case in range(300):
+        damaged = bytearray(data)
+        where = int(rng.integers(len(data)))
+        if case % 3 == 0:
+            damaged[where] = int(rng.integers(256))
+        elif case % 3 == 1:
+            damaged = damaged[:where]
+        else:
+            damaged[where:where + 8] = bytes(8)
+        (tmp_path / "bad.npz").write_bytes(bytes(damaged))
+        try:
+            RoutingTrace.load(tmp_path / "bad.npz")
+        except MixtralOffloadError as exc:
+            assert "\n" not in str(exc)
+            refused += 1
+    assert refused > 200

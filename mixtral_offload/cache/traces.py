@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,14 +40,15 @@ class RoutingTrace:
     source: str = ""
 
     def __post_init__(self) -> None:
-        self.expert_ids = np.asarray(self.expert_ids, dtype=np.int16)
+        ids = np.asarray(self.expert_ids)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.num_experts):  # before the cast can wrap a value
+            raise MixtralOffloadError(f"trace expert ids must lie in [0, {self.num_experts})")
+        self.expert_ids = ids.astype(np.int16)
         self.gates = np.asarray(self.gates, dtype=np.float32)
         if self.expert_ids.ndim != 3:
             raise MixtralOffloadError(f"trace expert_ids must be [tokens, layers, k], got shape {self.expert_ids.shape}")
         if self.gates.shape != self.expert_ids.shape:
             raise MixtralOffloadError(f"trace gates shape {self.gates.shape} != expert_ids shape {self.expert_ids.shape}")
-        if self.expert_ids.size and (self.expert_ids.min() < 0 or self.expert_ids.max() >= self.num_experts):
-            raise MixtralOffloadError(f"trace expert ids must lie in [0, {self.num_experts})")
         want = self.expert_ids.shape[:2] + (self.num_experts,)
         self.probs = _probabilities("probs", self.probs, want)
         self.hint_probs = _probabilities("hint_probs", self.hint_probs, want)
@@ -101,7 +103,7 @@ class RoutingTrace:
             with data:
                 meta = json.loads(str(data["meta"]))
                 arrays = {name: data[name] for name in data.files if name != "meta"}
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        except (OSError, ValueError, KeyError, EOFError, NotImplementedError, zipfile.BadZipFile, zlib.error) as e:
             raise MixtralOffloadError(f"cannot read routing trace {path}: {e}") from e
         if not isinstance(meta, dict) or meta.get("format_version") != TRACE_FORMAT_VERSION:
             version = meta.get("format_version") if isinstance(meta, dict) else None
@@ -111,7 +113,8 @@ class RoutingTrace:
         for name in ("num_layers", "num_experts", "top_k"):
             if type(meta.get(name)) is not int or not 0 < meta[name] <= 1 << 15:
                 raise MixtralOffloadError(f"routing trace {path}: metadata {name} must be a positive integer")
-        if any(a.dtype.kind not in "iuf" for a in arrays.values()) or arrays["expert_ids"].dtype.kind not in "iu":
+        if any(not isinstance(a, np.ndarray) or a.dtype.kind not in "iuf" for a in arrays.values()) \
+                or arrays["expert_ids"].dtype.kind not in "iu":
             raise MixtralOffloadError(f"routing trace {path}: arrays must hold numbers (expert ids integers)")
         trace = cls(
             expert_ids=arrays["expert_ids"],
