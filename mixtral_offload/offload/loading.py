@@ -26,7 +26,7 @@ from ..quant.linear import TensorLinear, is_quantized_dense, quantize_dense
 from ..quant.quantize import dequantize_parts_torch
 from .experts import PoolExperts, TorchExperts
 from .memory_plan import SLACK_BYTES, MemoryPlan, current_rss, dense_nbytes, plan_memory
-from .model import LayerWeights, Mixtral, TensorEmbedding
+from .model import LayerWeights, Mixtral, RoutingOverride, TensorEmbedding
 from .options import LoadOptions
 from .trace_routing import open_routing_trace
 from .runtime import PREFILL_CHUNK, SCORE_CHUNK, Runtime, default_context
@@ -80,7 +80,8 @@ def resolve_dtype(dtype: str, path: Path) -> str:
 
 
 def build_model(args: ModelArgs, dense: dict, experts, max_context: int, dtype: torch.dtype,
-                device: torch.device, prefetch_hints: bool = False, routing=None) -> Mixtral:
+                device: torch.device, prefetch_hints: bool = False,
+                routing: RoutingOverride | None = None) -> Mixtral:
     """A Mixtral from dense weights keyed by runtime name (checkpoint.dense_shapes): tensors become layers."""
     def layer(weight):
         return TensorLinear(weight) if isinstance(weight, torch.Tensor) else weight
