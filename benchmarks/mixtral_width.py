@@ -39,7 +39,7 @@ from mixtral_offload.cache.traces import synthetic_trace  # noqa: E402
 
 SMALL = ["--layers", "2", "--hidden", "256", "--intermediate", "512", "--heads", "4", "--kv-heads", "2"]
 EXACT_TOLERANCE = 1e-4
-RUN_TIMEOUT = 1800  # seconds a limited run may take before it is killed (a thrashing peer)
+RUN_TIMEOUT = 1800  # default seconds a limited run may take before it is killed (a thrashing peer)
 SYNTHETIC_TOKENS = 512  # tokens of a --routing-trace synthetic trace (positions wrap around it)
 SYNTHETIC_RECALL = 0.6  # the demo model's measured prefetch recall (docs/cache.md)
 
@@ -82,7 +82,7 @@ def exactness(root: Path) -> dict:
             "logit_scale": float(np.abs(a).max()), "model": " ".join(SMALL)}
 
 
-def limited_run(name: str, argv: list[str], limit: int, files: list[Path]) -> dict:
+def limited_run(name: str, argv: list[str], limit: int, files: list[Path], timeout: int) -> dict:
     """argv in a fresh memory cgroup of `limit` bytes, files evicted first; its JSON plus cgroup figures."""
     evict(files)
     before = uptime()
@@ -90,7 +90,7 @@ def limited_run(name: str, argv: list[str], limit: int, files: list[Path]) -> di
     cgroup = cgroup_limit.MemoryLimit(limit)
     start = time.perf_counter()
     try:
-        result = run_json_child(cgroup.wrap(["timeout", "-s", "KILL", str(RUN_TIMEOUT), *argv]))
+        result = run_json_child(cgroup.wrap(["timeout", "-s", "KILL", str(timeout), *argv]))
         result.update(cgroup.usage())
     finally:
         cgroup.close()
@@ -112,7 +112,7 @@ def routing_trace(spec: str, layers: int, root: Path) -> Path:
 
 
 def speed_runs(model: Path, q4: Path, limits: list[str], repeats: int, token_args: list[str],
-               trace: Path | None = None) -> list[dict]:
+               trace: Path | None = None, timeout: int = RUN_TIMEOUT) -> list[dict]:
     runtime_files, gguf_files = [model], [q4]
     runs = []
     for text in limits:
@@ -125,9 +125,10 @@ def speed_runs(model: Path, q4: Path, limits: list[str], repeats: int, token_arg
                                                                    *token_args), gguf_files))
         for repeat in range(repeats):
             for name, argv, files in systems:
-                runs.append({"limit_name": text, "repeat": repeat + 1, **limited_run(name, argv, limit, files)})
+                runs.append({"limit_name": text, "repeat": repeat + 1, **limited_run(name, argv, limit, files, timeout)})
         argv = python_child("width_child.py", "llamacpp", str(q4), *token_args)
-        runs.append({"limit_name": text, "repeat": 1, **limited_run("llama.cpp default", argv, limit, gguf_files)})
+        runs.append({"limit_name": text, "repeat": 1, **limited_run("llama.cpp default", argv, limit, gguf_files,
+                                                                              timeout)})
     return runs
 
 
@@ -143,9 +144,18 @@ def demand_floor(r: dict) -> float | None:
     return (r["misses_per_token"] + r["prefetch_hits_per_token"]) * r["expert_bytes"]
 
 
+def failure(r: dict) -> str:
+    """Why a run gave no speed: OOM-killed, killed at --run-timeout, or its error."""
+    if r.get("oom_killed"):
+        return f"OOM-killed after {r['wall_seconds']:.0f} s"
+    if r.get("exit_code") in (137, -9):
+        return f"killed at the run timeout ({r['wall_seconds']:.0f} s)"
+    return r.get("error", "failed")[:80]
+
+
 def format_run(r: dict) -> str:
     if "decode_tps" not in r:
-        why = "OOM-killed" if r.get("oom_killed") else r.get("error", "failed")
+        why = failure(r)
         return f"{r['name']}: {why} (cgroup peak {r.get('max_usage', 0) / 2**20:.0f} MiB)"
     hit = f", hit rate {r['hit_rate']:.2f}, demand-miss floor {gb(demand_floor(r))} GB/token" \
         if r.get("hit_rate") is not None else ""
@@ -161,7 +171,7 @@ def table(runs: list[dict]) -> str:
                f"{r['uptime_after'].split('average:')[-1].split(',')[0].strip()}"
         peak = f"{r.get('max_usage', 0) / 2**20:.0f}"
         if "decode_tps" not in r:
-            why = "OOM-killed" if r.get("oom_killed") else r.get("error", "failed")[:80]
+            why = failure(r)
             out.append(f"| {r['limit_name']} | {r['name']} | {r['repeat']} | {why} | - | - | - | - | {peak} | {load} |")
             continue
         hit = "-" if r.get("hit_rate") is None else f"{r['hit_rate']:.2f}"
@@ -186,6 +196,8 @@ def main() -> None:
     parser.add_argument("--routing-trace", default=None, metavar="FILE|synthetic",
                         help="also run this runtime routed by a routing trace (bench decode --routing-trace); "
                              "'synthetic': a calibrated synthetic trace of the model's layers")
+    parser.add_argument("--run-timeout", type=int, default=RUN_TIMEOUT,
+                        help="seconds a run may take before it is killed (listed as killed)")
     parser.add_argument("--tables", type=Path, default=None, help="only print the tables of a saved --json file")
     parser.add_argument("--gguf", type=Path, default=None,
                         help="run both systems on this GGUF file (this runtime reads its experts from it) instead "
@@ -219,7 +231,8 @@ def main() -> None:
                       "--decode-tokens", str(args.decode_tokens)]
         trace = routing_trace(args.routing_trace, args.layers, args.dir) if args.routing_trace else None
         report["routing_trace"] = str(trace) if trace else None
-        report["runs"] = speed_runs(args.gguf or model, args.gguf or q4, args.limits, args.repeats, token_args, trace)
+        report["runs"] = speed_runs(args.gguf or model, args.gguf or q4, args.limits, args.repeats, token_args, trace,
+                                    args.run_timeout)
     finally:
         if args.delete:
             shutil.rmtree(model, ignore_errors=True)
