@@ -62,6 +62,7 @@ def evict(paths: list[Path]) -> None:
         for file in files:
             fd = os.open(file, os.O_RDONLY)
             try:
+                os.fsync(fd)  # dirty pages (a file just written) are not dropped until written back
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             finally:
                 os.close(fd)

@@ -122,8 +122,16 @@ def main() -> None:
     args = parser.parse_args()
     args.context = args.prompt_tokens + args.warmup_tokens + args.decode_tokens + 8
 
+    refused: tuple = ()  # llama.cpp's child never imports mixtral_offload (it sets OpenMP waits on import)
+    if args.system == "runtime":
+        from mixtral_offload.errors import MixtralOffloadError
+
+        refused = (MixtralOffloadError,)
     start = time.perf_counter()
-    system = (Runtime if args.system == "runtime" else LlamaCpp)(args)
+    try:
+        system = (Runtime if args.system == "runtime" else LlamaCpp)(args)
+    except refused as exc:  # e.g. a budget below the minimum: one line for the parent's table
+        sys.exit(f"error: {exc}")
     load_seconds = time.perf_counter() - start
     ids = forced_ids(system.vocab, args.prompt_tokens + args.warmup_tokens + args.decode_tokens)
     prompt, warmup = ids[:args.prompt_tokens], ids[args.prompt_tokens:args.prompt_tokens + args.warmup_tokens]
