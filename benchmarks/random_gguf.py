@@ -29,11 +29,16 @@ Q4_0_RMS = float(np.sqrt(np.mean(np.arange(-8, 8) ** 2)))  # rms of (q - 8) for 
 
 
 def random_q4_0(rows: int, cols: int, bits: np.random.BitGenerator) -> np.ndarray:
-    """[rows, cols / 32 * 18] Q4_0 bytes: uniform nibbles, scales around WEIGHT_STD / Q4_0_RMS."""
+    """[rows, cols / 32 * 18] Q4_0 bytes: uniform nibbles, scales of random sign around WEIGHT_STD / Q4_0_RMS.
+
+    A block's codes q - 8 average -0.5; with scales of one sign every row would share that bias, a
+    rank-one component that grows layer after layer (hidden states overflowed float16 by 32 layers).
+    """
     blocks = rows * cols // Q4_0_BLOCK
     data = bits.random_raw(-(-blocks * Q4_0_BYTES // 8)).view(np.uint8)[:blocks * Q4_0_BYTES].reshape(blocks, -1)
     rng = np.random.Generator(bits)
-    scales = (WEIGHT_STD / Q4_0_RMS * rng.uniform(0.5, 1.5, blocks)).astype(np.float16)
+    signs = rng.integers(0, 2, blocks) * 2 - 1
+    scales = (WEIGHT_STD / Q4_0_RMS * signs * rng.uniform(0.5, 1.5, blocks)).astype(np.float16)
     data[:, :2] = scales.view(np.uint8).reshape(blocks, 2)
     return data.reshape(rows, -1)
 
