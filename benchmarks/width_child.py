@@ -2,13 +2,15 @@
 
     python benchmarks/width_child.py runtime MODEL_DIR [--budget 3GiB] [--exact]
     python benchmarks/width_child.py llamacpp MODEL.gguf [--no-repack] [--exact]
-    ... [--prompt-tokens 16] [--warmup-tokens 4] [--decode-tokens 32] [--logits]
+    ... [--prompt-tokens 16] [--warmup-tokens 4] [--decode-tokens 32] [--prompt-lengths 64 256] [--logits]
 
 The sequence is BOS then distinct seeded token ids (greedy decoding of random weights repeats one
 token, so every step would route to the same experts). The prompt is one forward pass; the next
 warmup tokens are fed one at a time untimed, then decode-tokens one at a time timed. Bytes read per
 token: this process's /proc/self/io read_bytes over the timed steps. For this runtime under a budget:
 hit rate (prefetch hits count as hits), misses, prefetches used and wasted, bytes the cache read, per token.
+--prompt-lengths: after the decode, per length N the sequence is forgotten and N fresh distinct ids
+are fed as one prompt (this runtime: as generate() prefills), timed to its logits: time to first token.
 --exact: the float32 paths (runtime: --activations float32 --dense stored, dtype float32; llama.cpp:
 F32 KV cache); --logits: print the logits after the prompt and after each warm-up token instead.
 """
@@ -58,6 +60,11 @@ class Runtime:
         """Logits [V] after feeding ids (one forward pass) after what was fed before."""
         return self.runtime._forward(ids, last_only=True)[-1].float().numpy()
 
+    def prompt(self, ids: list[int]) -> None:
+        """A new sequence: ids prefilled as generate() does (chunks of PREFILL_CHUNK)."""
+        self.runtime.reset()
+        self.runtime._prefill(ids)
+
     def counters(self) -> dict:
         if self.stats is None:
             return {}
@@ -86,6 +93,11 @@ class LlamaCpp:
     def feed(self, ids: list[int]) -> np.ndarray:
         self.llm.eval(ids)
         return np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.vocab,)).copy()
+
+    def prompt(self, ids: list[int]) -> None:
+        """A new sequence: ids evaluated in one batch (n_batch 512)."""
+        self.llm.reset()
+        self.llm.eval(ids)
 
     def counters(self) -> dict:
         return {}
@@ -117,8 +129,9 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--warmup-tokens", type=int, default=4)
     parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--prompt-lengths", type=int, nargs="*", default=[])
     args = parser.parse_args()
-    args.context = args.prompt_tokens + args.warmup_tokens + args.decode_tokens + 8
+    args.context = max(args.prompt_tokens + args.warmup_tokens + args.decode_tokens, *args.prompt_lengths) + 8
 
     start = time.perf_counter()
     system = (Runtime if args.system == "runtime" else LlamaCpp)(args)
@@ -146,6 +159,10 @@ def main() -> None:
               "slowest_step_seconds": max(step_seconds), "baseline_rss": system.baseline, "peak_rss_hwm": rss("VmHWM"),
               "disk_bytes_per_token": (disk_read_bytes() - disk_before) / steps}
     result.update(per_token(system.counters(), counters_before, steps))
+    for length in args.prompt_lengths:
+        start = time.perf_counter()
+        system.prompt(forced_ids(system.vocab, length))
+        result[f"prompt{length}_tps"] = length / (time.perf_counter() - start)
     result.update(system.describe())
     print(json.dumps(result))
 
