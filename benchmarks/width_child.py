@@ -131,7 +131,7 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--prompt-lengths", type=int, nargs="*", default=[])
     args = parser.parse_args()
-    args.context = max(args.prompt_tokens + args.warmup_tokens + args.decode_tokens, *args.prompt_lengths) + 8
+    args.context = max([args.prompt_tokens + args.warmup_tokens + args.decode_tokens, *args.prompt_lengths]) + 8
 
     start = time.perf_counter()
     system = (Runtime if args.system == "runtime" else LlamaCpp)(args)
