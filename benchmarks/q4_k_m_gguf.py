@@ -4,7 +4,8 @@
 
 llama.cpp's quantizer takes minutes per expert tensor at this size, and neither system's speed depends
 on the values, so every quantized tensor is random valid blocks (tests/gguf_files.random_expert_blocks,
-weights' std 0.02). Types as llama-quantize Q4_K_M gives an 8-expert llama (llama_tensor_get_type):
+weights' std 0.02, Q4_K/Q5_K sub-blocks centred). Types as llama-quantize Q4_K_M gives an 8-expert
+llama (llama_tensor_get_type):
 output Q6_K, attn_k and attn_v Q8_0, attn_output Q5_K, ffn_down_exps Q6_K in the layers where
 use_more_bits holds (else Q4_K), every other matrix Q4_K; norms and the router F32 (norms 1, router N(0, 1)).
 """
@@ -28,6 +29,11 @@ WIDTH = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_at
              rope_theta=1e6, rms_norm_eps=1e-5)
 
 
+def blocks_of(qtype: T, shape: tuple[int, int], seed: int) -> np.ndarray:
+    """Random valid blocks of qtype, weights of std STD, K-quant sub-blocks of mean ~0."""
+    return random_expert_blocks(qtype, shape, seed, STD, centred=True)
+
+
 def use_more_bits(layer: int, layers: int) -> bool:
     """llama.cpp's rule for the layers whose ffn_down gets more bits."""
     return layer < layers // 8 or layer >= 7 * layers // 8 or (layer - layers // 8) % 3 == 2
@@ -40,7 +46,7 @@ def plan(config: dict) -> Iterator[tuple[str, tuple[int, ...], T, Callable[[int]
     hd = D // H
 
     def blocks(qtype: T, rows: int, cols: int):
-        return lambda seed: random_expert_blocks(qtype, (rows, cols), seed, STD)
+        return lambda seed: blocks_of(qtype, (rows, cols), seed)
 
     def ones(n: int):
         return lambda seed: np.ones(n, np.float32)
@@ -61,7 +67,7 @@ def plan(config: dict) -> Iterator[tuple[str, tuple[int, ...], T, Callable[[int]
         for part, qtype, (rows, cols) in (("gate", T.Q4_K, (I, D)), ("up", T.Q4_K, (I, D)), ("down", down, (D, I))):
             yield (f"blk.{i}.ffn_{part}_exps.weight", (E, rows, cols), qtype,
                    lambda seed, qtype=qtype, rows=rows, cols=cols:
-                   np.stack([random_expert_blocks(qtype, (rows, cols), seed * E + e, STD) for e in range(E)]))
+                   np.stack([blocks_of(qtype, (rows, cols), seed * E + e) for e in range(E)]))
 
 
 def write(out: Path, layers: int, tokenizer: Path) -> None:

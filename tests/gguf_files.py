@@ -155,15 +155,16 @@ def centre_k_blocks(blocks: np.ndarray, mean_code: float) -> None:
 
 
 def random_expert_blocks(qtype: gguf.GGMLQuantizationType, shape: tuple[int, int], seed: int,
-                         std: float = 0.1) -> np.ndarray:
+                         std: float = 0.1, centred: bool = False) -> np.ndarray:
     """Random valid blocks of a K-quant (which gguf cannot quantize), scaled so the weights' std is `std`:
-    every float16 scale of a block multiplies all its weights, so scaling them scales the matrix."""
+    every float16 scale of a block multiplies all its weights, so scaling them scales the matrix.
+    centred: Q4_K/Q5_K sub-blocks of mean ~0 (centre_k_blocks), for many layers of them."""
     from mixtral_offload.quant.gguf_bench import random_gguf_matrix
     from mixtral_offload.quant.gguf_blocks import block_type
 
     bt = block_type(qtype)
     blocks = random_gguf_matrix(qtype, shape, seed).data.reshape(shape[0], -1, bt.block_bytes).copy()
-    if qtype in K_MEAN_CODE:
+    if centred and qtype in K_MEAN_CODE:
         centre_k_blocks(blocks, K_MEAN_CODE[qtype])
     sample = blocks[:SCALE_SAMPLE_ROWS].reshape(min(shape[0], SCALE_SAMPLE_ROWS), -1)  # enough for the std
     factor = std / float(gguf.quants.dequantize(sample, qtype).std())
