@@ -169,7 +169,7 @@ def table(runs: list[dict]) -> str:
     lengths = sorted({int(k[6:-4]) for r in runs for k in r if k.startswith("prompt") and k.endswith("_tps")})
     out = ["| file | limit | system | run | decode tok/s | " + "".join(f"prompt {n} tok/s | " for n in lengths) +
            "read GB/token | demand-miss floor GB/token | hit rate | cache read GB/token | cgroup peak MiB | "
-           "peak RSS MiB | load before -> after |", "|---" * (13 + len(lengths)) + "|"]
+           "peak RSS MiB | load before -> after |", "|---" * (12 + len(lengths)) + "|"]
     for r in runs:
         load = f"{r['uptime_before'].split('average:')[-1].split(',')[0].strip()} -> " \
                f"{r['uptime_after'].split('average:')[-1].split(',')[0].strip()}"
