@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import python_child  # noqa: E402
-from mixtral_width import demand_floor, limited_run, uptime  # noqa: E402
+from mixtral_width import demand_floor, limited_run, load_change, uptime  # noqa: E402
 
 from mixtral_offload.config import parse_size  # noqa: E402
 
@@ -34,8 +34,7 @@ def table(runs: list[dict], floor: float | None) -> str:
     lines = ["| mode | run | decode tok/s | disk GB/token | full-copy GB/token | low-bit GB/token | cache GB/token / "
              "plain int4 floor | low-bit misses/token | hit rate | load before -> after |", "|---" * 10 + "|"]
     for r in runs:
-        load = f"{r['uptime_before'].split('average:')[-1].split(',')[0].strip()} -> " \
-               f"{r['uptime_after'].split('average:')[-1].split(',')[0].strip()}"
+        load = load_change(r)
         if "decode_tps" not in r:
             lines.append(f"| {r['name']} | {r['repeat']} | {r.get('error', 'failed')[:60]} | | | | | | | {load} |")
             continue
