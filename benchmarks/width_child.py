@@ -119,7 +119,7 @@ def main() -> None:
     parser.add_argument("model")
     parser.add_argument("--budget", default=None)
     parser.add_argument("--no-repack", action="store_true")
-    parser.add_argument("--miss-bits", default="off")
+    parser.add_argument("--miss-bits", default="auto")
     parser.add_argument("--miss-gate", type=float, default=None)
     parser.add_argument("--no-mmap", action="store_true")
     parser.add_argument("--exact", action="store_true")

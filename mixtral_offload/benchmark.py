@@ -59,7 +59,7 @@ class DecodeSpec:
     prefetch: bool = True
     activations: str = "int8"              # the CPU kernels' input: int8 or float32 (see load())
     dense: str = "auto"                    # attention/output weights: auto, stored or int8 (see load())
-    miss_bits: str = "off"                 # which misses read the pool's low-bit copy (see load())
+    miss_bits: str = "auto"                # which misses read the pool's low-bit copy (see load())
 
 
 def machine_info() -> dict:

@@ -165,7 +165,7 @@ def test_memory_plan_counts_the_buffers(models):
     runtime = load(models[3], experts_fraction=0.5, miss_bits="3")
     miss = runtime.model.experts.low_bit.source
     assert runtime.memory_plan.scratch == 2 * page_rounded(miss.block_nbytes)
-    assert load(models[3], experts_fraction=0.5).memory_plan.scratch == 0  # off: no buffers
+    assert load(models[3], experts_fraction=0.5, miss_bits="off").memory_plan.scratch == 0  # no buffers
     assert load(models[None], experts_fraction=0.5, miss_bits="auto").model.experts.low_bit is None
 
 

@@ -67,7 +67,7 @@ def kernels(threads, bits, group_size, tokens, repeats, no_torch, gguf, as_json)
                                       "measure both side by side: --activations int8 --activations float32.")
 @click.option("--dense", type=click.Choice(CHOICES["dense"]), default="auto", show_default=True,
               help="Attention and output weights: auto, stored or int8 (see generate --help).")
-@click.option("--miss-bits", type=click.Choice(CHOICES["miss_bits"]), default="off", show_default=True,
+@click.option("--miss-bits", type=click.Choice(CHOICES["miss_bits"]), default="auto", show_default=True,
               help="Which cache misses read the pool's low-bit copy (see generate --help).")
 @click.option("--bandwidth-gbs", type=click.FloatRange(0, min_open=True), default=None,
               help="Memory read bandwidth for the floor [default: measured now at --threads].")

@@ -41,7 +41,7 @@ class LoadOptions:
     device_format: str = "dequantize"      # device slots: the pool's blocks, or bitsandbytes NF4
     record_trace: bool = False             # record the routing trace (a cache that holds every expert)
     release_pages: bool = False            # without a cache: drop each expert's mapped pages after use
-    miss_bits: str = "off"                 # cache misses from the pool's low-bit copy: auto (the rule), 2|3 (all)
+    miss_bits: str = "auto"                # cache misses from the pool's low-bit copy: auto (the rule), 2|3 (all)
 
     def __post_init__(self) -> None:
         for name, allowed in CHOICES.items():
