@@ -22,7 +22,7 @@ from mixtral_width import demand_floor, limited_run, load_change, uptime  # noqa
 
 from mixtral_offload.config import parse_size  # noqa: E402
 
-MODES = {"plain int4 (off)": ["--miss-bits", "off"], "auto": ["--miss-bits", "auto"],
+MODES = {"plain int4 (off)": ["--miss-bits", "off"], "auto (rank 2, gate < 0.4)": ["--miss-bits", "auto"],
          "rank 2, gate < 0.5": ["--miss-bits", "auto", "--miss-gate", "0.5"], "every miss low-bit": None}
 
 
