@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mixtral_offload.cache.miss_choice import MissRule  # noqa: E402
+from mixtral_offload.cache.miss_choice import EVERY_MISS, MissRule  # noqa: E402
 from mixtral_offload.demo import demo_model_dir  # noqa: E402
 from mixtral_offload.offload.loading import load  # noqa: E402
 from mixtral_offload.offload.store.convert import PoolWriters, model_config, staging_dir, write_model_files  # noqa: E402
@@ -62,13 +62,13 @@ def derived_model(out: Path, full_bits: int, miss_bits: int | None) -> Path:
     return out
 
 
-def decode_scores(model: Path, ids: list[int], fraction: float | None, miss_bits: str, gate: float | None,
+def decode_scores(model: Path, ids: list[int], fraction: float | None, miss_bits: str, rule: MissRule | None,
                   prefill: bool = True, **options) -> tuple[dict, list[float]]:
     """Teacher-forced decode over ids in windows: perplexity, what the cache read per token, and each NLL."""
     runtime = load(model, experts_fraction=fraction, miss_bits=miss_bits, max_context=WINDOW, **options)
     cache = runtime.model.experts if fraction else None
-    if gate is not None:
-        cache.low_bit.rule = MissRule(gate)
+    if rule is not None:
+        cache.low_bit.rule = rule
     nll, start = [], time.perf_counter()
     for first in range(0, len(ids) - 1, WINDOW - 1):
         window = ids[first:first + WINDOW]
@@ -90,16 +90,17 @@ def decode_scores(model: Path, ids: list[int], fraction: float | None, miss_bits
 
 
 def configurations(models: dict, whole: dict, fractions: list[float]) -> list[tuple]:
-    """(name, model dir, experts fraction, --miss-bits, gate threshold) of every row: resident int4, int3 and
-    int2, then per cache size int4 alone, with each low-bit copy at each gate threshold, and every miss low-bit."""
+    """(name, model dir, experts fraction, --miss-bits, rule) of every row: resident int4, int3 and int2, then
+    per cache size int4 alone, with each low-bit copy under each gate threshold, and every miss low-bit."""
     configs = [("int4 resident", models[2], None, "off", None)]
     configs += [(f"int{bits} resident", whole[bits], None, "off", None) for bits in (3, 2)]
     for fraction in fractions:
         configs.append((f"int4, {fraction:.0%} cached", models[2], fraction, "off", None))
         for bits in (3, 2):
             configs += [(f"int4 + int{bits} rank-2 misses gate < {gate}, {fraction:.0%} cached", models[bits], fraction,
-                         "auto", gate) for gate in GATES]
-            configs.append((f"int4 + int{bits} every miss, {fraction:.0%} cached", models[bits], fraction, str(bits), None))
+                         "auto", MissRule(gate)) for gate in GATES]
+            configs.append((f"int4 + int{bits} every miss, {fraction:.0%} cached", models[bits], fraction, "auto",
+                            EVERY_MISS))
     return configs
 
 
@@ -117,9 +118,9 @@ def main() -> None:
     ids = runtime.tokenizer.encode(args.heldout.read_text(encoding="utf-8"))[:args.tokens + 1]
     del runtime
     rows = []
-    for name, model, fraction, miss_bits, gate in configurations(models, whole, args.fractions):
-        row = {"name": name, "fraction": fraction, "miss_bits": miss_bits, "gate": gate,
-               **decode_scores(model, ids, fraction, miss_bits, gate)[0]}
+    for name, model, fraction, miss_bits, rule in configurations(models, whole, args.fractions):
+        row = {"name": name, "fraction": fraction, "miss_bits": miss_bits, **decode_scores(model, ids, fraction,
+                                                                                           miss_bits, rule)[0]}
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
         if args.json:

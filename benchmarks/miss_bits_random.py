@@ -109,8 +109,8 @@ def seed_rows(seed: int, root: Path, ids: list[int], fractions: list[float]) -> 
             if not out.exists():
                 convert(hf, out, bits=full, group_size=64, miss_bits=miss, progress=False)
     rows = []
-    for name, path, fraction, miss_bits, gate in configurations(models, whole, fractions):
-        row, nll = decode_scores(path, ids, fraction, miss_bits, gate, prefill=False, **EXACT)
+    for name, path, fraction, miss_bits, rule in configurations(models, whole, fractions):
+        row, nll = decode_scores(path, ids, fraction, miss_bits, rule, prefill=False, **EXACT)
         rows.append({"name": name, "seed": seed, "mean_abs_dnll": float(np.abs(np.array(nll) - reference).mean()), **row})
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     f32 = root / f"f32-{seed}.gguf"

@@ -23,7 +23,8 @@ from mixtral_width import demand_floor, limited_run, load_change, uptime  # noqa
 from mixtral_offload.config import parse_size  # noqa: E402
 
 MODES = {"plain int4 (off)": ["--miss-bits", "off"], "auto (rank 2, gate < 0.4)": ["--miss-bits", "auto"],
-         "rank 2, gate < 0.5": ["--miss-bits", "auto", "--miss-gate", "0.5"], "every miss low-bit": None}
+         "rank 2, gate < 0.5": ["--miss-bits", "auto", "--miss-gate", "0.5"],
+         "every miss low-bit": ["--miss-bits", "auto", "--every-miss"]}
 
 
 def gb(value) -> str:
@@ -53,12 +54,10 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=16)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    bits = json.loads((args.model / "config.json").read_text())["quantization"]["miss"]["bits"]
-    modes = {name: argv or ["--miss-bits", str(bits)] for name, argv in MODES.items()}
     limit = parse_size(args.limit)
     report = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "uptime_start": uptime(), "argv": sys.argv[1:], "runs": []}
     for repeat in range(args.repeats):
-        for name, extra in modes.items():
+        for name, extra in MODES.items():
             argv = python_child("width_child.py", "runtime", str(args.model), "--budget", str(limit),
                                 "--decode-tokens", str(args.decode_tokens), *extra)
             report["runs"].append({"repeat": repeat + 1, **limited_run(name, argv, limit, [args.model])})

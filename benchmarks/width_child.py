@@ -11,7 +11,8 @@ token: this process's /proc/self/io read_bytes over the timed steps. For this ru
 hit rate (prefetch hits count as hits), misses, prefetches used and wasted, bytes the cache read, per token.
 --exact: the float32 paths (runtime: --activations float32 --dense stored, dtype float32; llama.cpp:
 F32 KV cache); --logits: print the logits after the prompt and after each warm-up token instead.
---miss-bits: as the CLI's; --miss-gate G replaces the auto rule's gate threshold (benchmarks/miss_bits.py).
+--miss-bits: as the CLI's; --miss-gate G replaces the rule's gate threshold, --every-miss takes every miss to
+the low-bit copy (benchmarks/miss_bits_width.py).
 """
 from __future__ import annotations
 
@@ -54,10 +55,10 @@ class Runtime:
         self.runtime = load(args.model, max_context=args.context, memory_budget=args.budget, miss_bits=args.miss_bits,
                             **exact)
         self.stats = self.runtime.cache_stats()
-        if args.miss_gate is not None:
-            from mixtral_offload.cache.miss_choice import MissRule
+        if args.miss_gate is not None or args.every_miss:
+            from mixtral_offload.cache.miss_choice import EVERY_MISS, MissRule
 
-            self.runtime.model.experts.low_bit.rule = MissRule(args.miss_gate)
+            self.runtime.model.experts.low_bit.rule = EVERY_MISS if args.every_miss else MissRule(args.miss_gate)
         self.vocab = self.runtime.args.vocab_size
 
     def feed(self, ids: list[int]) -> np.ndarray:
@@ -121,6 +122,7 @@ def main() -> None:
     parser.add_argument("--no-repack", action="store_true")
     parser.add_argument("--miss-bits", default="auto")
     parser.add_argument("--miss-gate", type=float, default=None)
+    parser.add_argument("--every-miss", action="store_true")
     parser.add_argument("--no-mmap", action="store_true")
     parser.add_argument("--exact", action="store_true")
     parser.add_argument("--logits", action="store_true")

@@ -181,18 +181,29 @@ def test_cli_refuses_in_one_line(models, bits, argv, message):
     assert len(lines) == 1 and message in lines[0], result.output
 
 
-def test_profile_and_report_count_low_bit_reads(models, tmp_path):
-    profile = tmp_path / "run.json"
-    result = CliRunner().invoke(cli, ["generate", str(models[2]), "-p", "Hello there", "-n", "4", "-m", "2GiB",
-                                      "--miss-bits", "2", "-v", "--profile", str(profile)])
+def test_verbose_shows_the_buffers(models):
+    result = CliRunner().invoke(cli, ["generate", str(models[2]), "-p", "Hi", "-n", "2", "-m", "2GiB", "--miss-bits", "2",
+                                      "-v"])
     assert result.exit_code == 0, result.output
-    assert "low-bit miss buffers: 2 x" in result.output
-    from mixtral_offload.profile_report import read_profile, summary_tables
+    assert "low-bit miss buffers: 2 x 120.00 KiB" in result.output
+
+
+def test_profile_and_report_count_low_bit_reads(models, tmp_path):
+    from mixtral_offload.cli.report import profiling
+
+    runtime = load(models[2], memory_budget="2GiB", miss_bits="2")
+    runtime.model.experts.low_bit.rule = EVERY_MISS  # random routers rarely pass the default rule
+    profile = tmp_path / "run.json"
+    with profiling(runtime, str(profile)):
+        list(runtime.generate("Hello there", max_new_tokens=4))
+    result = CliRunner().invoke(cli, ["report", str(profile)])
+    assert result.exit_code == 0 and "of which low-bit copy" in result.output, result.output
+    from mixtral_offload.profile_report import read_profile
 
     document = read_profile(profile)
     span = document["spans"]["lowbit_read"]
     counted = sum(row["value"] for row in document["counters"] if row["name"] == "lowbit_read_bytes")
-    with ExpertPool.open(models[2], "miss") as miss:
-        assert span["count"] > 0 and span["bytes"] == counted == span["count"] * miss.block_nbytes
+    stats = runtime.cache_stats()
+    assert span["count"] == stats.low_bit > 0 and span["bytes"] == counted == stats.low_bit_bytes
+    assert stats.low_bit_bytes == stats.low_bit * runtime.model.experts.low_bit.source.block_nbytes
     assert document["spans"]["expert_lowbit"]["count"] == span["count"]
-    assert "of which low-bit copy" in summary_tables(document)

@@ -16,7 +16,7 @@ import torch
 from ..cache.device_slots import DeviceSlots, NF4DeviceSlots, import_bitsandbytes, nf4_slot_bytes
 from ..cache.expert_cache import ExpertCache, HostSlots, read_extents
 from ..cache.lowbit_misses import LowBitMisses
-from ..cache.miss_choice import AUTO, EVERY_MISS
+from ..cache.miss_choice import AUTO
 from ..cache.source import MATRICES, page_rounded
 from ..cache.traces import TraceRecorder
 from ..config import ModelArgs, format_size
@@ -264,8 +264,7 @@ def build_runtime(files: ExpertFiles, options: LoadOptions, device: torch.device
             store = HostSlots(source, slots, kernel)
         recorder = (TraceRecorder(args.num_hidden_layers, args.num_local_experts, source=str(files.path))
                     if options.record_trace else None)
-        low_bit = (LowBitMisses(files.miss_source, files.miss_kernel, AUTO if options.miss_bits == "auto" else EVERY_MISS,
-                                args.num_experts_per_tok) if plan.low_bit else None)
+        low_bit = LowBitMisses(files.miss_source, files.miss_kernel, AUTO, args.num_experts_per_tok) if plan.low_bit else None
         experts = ExpertCache(source, args.num_hidden_layers, args.num_experts_per_tok, store, policy=options.policy,
                               prefetch=plan.prefetch_slots, recorder=recorder, low_bit=low_bit)
     model = build_model(args, dense, experts, plan.context, plan.dtype, device,
