@@ -84,6 +84,23 @@ def test_low_bit_misses_compute_the_low_bit_expert(models, bits, activations):
     cache.close()
 
 
+def test_an_abandoned_layer_leaves_no_buffer_behind(models):
+    """A forward pass given up halfway (an interrupt) leaves reads in flight; the next layer still runs."""
+    full, miss = ExpertPool.open(models[2]), ExpertPool.open(models[2], "miss")
+    kernel = expert_kernel(miss.spec, ARGS.hidden_size, ARGS.intermediate_size, "int8")
+    cache = ExpertCache(full, 2, 2, HostSlots(full, 2, kernel), policy="lru",
+                        low_bit=LowBitMisses(miss, kernel, EVERY_MISS, buffers=2))
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((2, ARGS.hidden_size)).astype(np.float32))
+    routing = group_tokens(torch.tensor([[0, 1], [2, 3]]), torch.full((2, 2), 0.5))
+    next(iter(cache.run(0, x, routing)))  # one of four experts computed, two reads in flight, one queued
+    outputs = dict((group.expert, y) for group, y in cache.run(1, x, routing))
+    for group in routing.groups:
+        np.testing.assert_array_equal(outputs[group.expert].numpy(),
+                                      expert_forward(*miss.mapped((1, group.expert)), x.numpy()[group.rows], "int8"))
+    assert sorted(cache.low_bit.free) == [0, 1] and not cache.low_bit.reading
+    cache.close()
+
+
 class Reconstructed:
     """An ExpertBackend computing every expert where it lies: from the low-bit copy where `low` says
     (call index, key), from the full copy otherwise."""

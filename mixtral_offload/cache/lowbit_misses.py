@@ -31,8 +31,18 @@ class LowBitMisses:
         self.reading: dict[Key, tuple[int, Future]] = {}
 
     def start(self, keys: list[Key], executor: Executor, profiler) -> None:
-        """Queue reads of keys (in the order they will be computed); start as many as buffers are free."""
-        self.queued.extend(keys)
+        """A layer's low-bit misses, in the order they will be computed: reads start as buffers are free.
+
+        What an earlier layer left unused (its forward pass was abandoned) is waited for and dropped first.
+        """
+        for buffer, future in self.reading.values():
+            future.result()
+            self.free.append(buffer)
+        self.reading.clear()
+        self.queued = deque(keys)
+        self._issue(executor, profiler)
+
+    def _issue(self, executor: Executor, profiler) -> None:
         while self.queued and self.free:
             key, buffer = self.queued.popleft(), self.free.pop()
             self.reading[key] = (buffer, executor.submit(self._read, key, buffer, profiler))
@@ -52,7 +62,7 @@ class LowBitMisses:
         with profiler.span("expert_lowbit", layer=key[0], expert=key[1], tokens=x.shape[0]):
             y = self.kernel(*self.source.views(self.buffers[buffer], key), x32)
         self.free.append(buffer)
-        self.start([], executor, profiler)
+        self._issue(executor, profiler)
         return torch.from_numpy(y).to(x.device), got, seconds
 
     def close(self) -> None:
