@@ -21,6 +21,8 @@ from typing import Callable
 import numpy as np
 import torch
 from click.testing import CliRunner
+from fuzz_gguf import GGUFBase, gguf_case, make_gguf_bases
+from fuzz_http import http_case
 
 from mixtral_offload.cli.main import cli
 from mixtral_offload.config import ModelArgs
@@ -50,12 +52,13 @@ class Hang(Exception):
 
 @dataclass
 class Base:
-    """A pristine tiny model and what it computes, plus a valid profile: the inputs every case damages."""
+    """A pristine tiny model and what it computes, a valid profile and GGUF files: the inputs every case damages."""
 
     model: Path
     logits: torch.Tensor
     ids: list[int]
     profile: Path
+    gguf: dict[str, GGUFBase]   # small GGUF files of several block types and layouts
 
 
 def make_base(root: Path) -> Base:
@@ -66,8 +69,10 @@ def make_base(root: Path) -> Base:
     if not profile.exists():
         result = CliRunner().invoke(cli, ["generate", str(model), "-p", "Hi", "-n", "3", "--profile", str(profile)])
         assert result.exit_code == 0, result.output
+    (root / "gguf").mkdir(exist_ok=True)
     runtime = load(model)
-    return Base(model, runtime.logits(PROBE_IDS), runtime.tokenizer.encode(PROBE_TEXT), profile)
+    return Base(model, runtime.logits(PROBE_IDS), runtime.tokenizer.encode(PROBE_TEXT), profile,
+                make_gguf_bases(root / "gguf"))
 
 
 # -- mutators -------------------------------------------------------------------------------------------
@@ -286,4 +291,6 @@ SURFACES: dict[str, Callable[[Base, Path, np.random.Generator], tuple[str, str]]
     "config TOML": toml_case,
     "CLI sampling arguments": cli_case,
     "profile (report)": report_case,
+    "GGUF file": lambda base, work, rng: gguf_case(base.gguf, work, rng),
+    "HTTP requests": lambda base, work, rng: http_case(base.model, rng),
 }
