@@ -22,7 +22,8 @@ VALID_COMPLETION = {"model": "tiny", "prompt": "Hello", "max_tokens": 3}
 FIELDS = ["max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed", "n", "stop", "stream",
           "stream_options", "messages", "prompt", "model", "user", "logprobs", "response_format", "tools"]
 VALUES = [0, -1, 1, 2, 3, 4, 5, 2**31, 2**63, 2**64, -(2**63), 10**400, 0.5, -0.0, 1.5, 2.0, 2.0000001, 1e-45, 1e308,
-          float("nan"), float("inf"), float("-inf"), "", "x", "\ud800", "\x00", "a" * 5000, True, False, None, [], [1],
+          float("nan"), float("inf"), float("-inf"), "", "x", "\ud800", "\x00", "a" * 5000, "ab " * 400_000, True,
+          False, None, [], [1],
           ["a", "b"], list("abcde"), [""], [1, 2**70], [[1, 2]], [[]], {}, {"include_usage": True},
           {"include_usage": 1}, {"a": 1}]
 ROLES = ["user", "system", "assistant", "developer", "tool", "function", "", "USER", None, 5, ["user"]]
@@ -77,6 +78,8 @@ def damaged_request(rng: np.random.Generator) -> tuple[str, str, bytes, dict]:
             if rng.random() < 0.2:
                 message.pop(pick(rng, ["role", "content"]))
             body["messages"] = [*body["messages"][:int(rng.integers(0, 3))], message][-int(rng.integers(1, 4)):]
+            if rng.random() < 0.05:
+                body["messages"] *= 3000
         elif action < 0.9:
             body["prompt"] = pick(rng, PROMPTS)
         else:  # a field holding nested arrays, deeper than a JSON parser may recurse

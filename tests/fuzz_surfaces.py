@@ -4,7 +4,8 @@ and scripts/fuzz_campaign.py (thousands, in worker processes that can crash or h
 
 Outcomes: clean (a one-line MixtralOffloadError or CLI error), accepted (no error and, for a model,
 the same logits and token ids as the pristine model), unchecked (accepted with different results,
-in a pool written before file checksums existed: nothing can notice), traceback (any other exception),
+in a pool written before file checksums existed, or a GGUF that describes another model: nothing can
+notice), traceback (any other exception),
 silent-wrong (accepted with different results where a checksum should have caught it); the campaign
 adds crash and hang.
 """

@@ -49,6 +49,14 @@ def test_stop_matcher_holds_back_a_possible_start_only():
     assert matcher.push(" </en") == " " and matcher.push("d> rest") == "" and matcher.stopped
 
 
+def test_stop_matcher_with_a_huge_stop_string():
+    """Only prefixes as long as the held text are tried: a megabyte stop string costs what the text costs
+    (it made the server's worker spin for hours; found by the HTTP fuzz surface)."""
+    matcher = StopMatcher(["ab " * 400_000])
+    assert matcher.push("Hi ") == "Hi " and matcher.push("ab a") == "" and matcher.push("x") == "ab ax"
+    assert not matcher.stopped
+
+
 def test_chat_request_fields():
     request = parse_chat({"model": "m", "messages": [{"role": "developer", "content": "Be brief."},
                                                      {"role": "user", "content": [{"type": "text", "text": "Hi"},
