@@ -83,7 +83,7 @@ def _number(body: dict, name: str, default: float, low: float, high: float, low_
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _type_error(name, "a number", value)
-    if not math.isfinite(value) or value > high or value < low or (low_open and value == low):
+    if value > high or value < low or (low_open and value == low) or not math.isfinite(value):  # a huge int: no float
         interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
         raise _value_error(name, f"{value} is outside {interval}.")
     return float(value)
