@@ -156,7 +156,8 @@ def format_run(r: dict) -> str:
     hit = f", hit rate {r['hit_rate']:.2f}, demand-miss floor {gb(demand_floor(r))} GB/token" \
         if r.get("hit_rate") is not None else ""
     return (f"{r['name']}: {r['decode_tps']:.3f} tok/s, {prompt_speeds(r)}read {gb(r['disk_bytes_per_token'])} "
-            f"GB/token{hit}, cgroup peak {r.get('max_usage', 0) / 2**20:.0f} MiB, peak RSS {r['peak_rss'] / 2**20:.0f} MiB")
+            f"GB/token{hit}, cgroup peak {r.get('max_usage', 0) / 2**20:.0f} MiB, "
+            f"peak RSS {r['peak_rss'] / 2**20:.0f} MiB")
 
 
 def prompt_speeds(r: dict) -> str:
@@ -165,14 +166,18 @@ def prompt_speeds(r: dict) -> str:
                    k.endswith("_tps"))
 
 
+def load_change(r: dict) -> str:
+    """The 1-minute load average before and after a run, from its `uptime` lines."""
+    return " -> ".join(r[key].split("average:")[-1].split(",")[0].strip() for key in ("uptime_before", "uptime_after"))
+
+
 def table(runs: list[dict]) -> str:
     lengths = sorted({int(k[6:-4]) for r in runs for k in r if k.startswith("prompt") and k.endswith("_tps")})
     out = ["| file | limit | system | run | decode tok/s | " + "".join(f"prompt {n} tok/s | " for n in lengths) +
            "read GB/token | demand-miss floor GB/token | hit rate | cache read GB/token | cgroup peak MiB | "
            "peak RSS MiB | load before -> after |", "|---" * (12 + len(lengths)) + "|"]
     for r in runs:
-        load = f"{r['uptime_before'].split('average:')[-1].split(',')[0].strip()} -> " \
-               f"{r['uptime_after'].split('average:')[-1].split(',')[0].strip()}"
+        load = load_change(r)
         head = f"| {r.get('file', '')} | {r['limit_name']} | {r['name']} | {r['repeat']} | "
         peaks = f"{r.get('max_usage', 0) / 2**20:.0f} | {r.get('peak_rss', 0) / 2**20:.0f}"
         if "decode_tps" not in r:
