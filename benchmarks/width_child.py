@@ -78,7 +78,7 @@ class LlamaCpp:
 
     def __init__(self, args):
         exact = dict(type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, flash_attn=False) if args.exact else {}
-        self.system = LlamaCppSystem(args, **exact)
+        self.system = LlamaCppSystem(args, n_ctx=max(512, args.context), **exact)
         self.baseline, self.llm = self.system.baseline, self.system.llm
         self.vocab = self.llm.n_vocab()
         self.llm.reset()
@@ -125,9 +125,9 @@ def main() -> None:
     load_seconds = time.perf_counter() - start
     ids = forced_ids(system.vocab, args.prompt_tokens + args.warmup_tokens + args.decode_tokens)
     prompt, warmup = ids[:args.prompt_tokens], ids[args.prompt_tokens:args.prompt_tokens + args.warmup_tokens]
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     logits = [system.feed(prompt)]
-    prompt_seconds = time.perf_counter() - start
+    prompt_seconds, prompt_cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     logits += [system.feed([token]) for token in warmup]
     if args.logits:
         print(json.dumps({"logits": np.stack(logits).tolist()}))
@@ -143,6 +143,7 @@ def main() -> None:
     steps = len(timed)
     result = {"decode_tps": steps / seconds, "decode_tokens": steps, "prompt_tokens": args.prompt_tokens,
               "warmup_tokens": args.warmup_tokens, "load_seconds": load_seconds, "prompt_seconds": prompt_seconds,
+              "prompt_cpu_seconds": prompt_cpu_seconds,
               "slowest_step_seconds": max(step_seconds), "baseline_rss": system.baseline, "peak_rss_hwm": rss("VmHWM"),
               "disk_bytes_per_token": (disk_read_bytes() - disk_before) / steps}
     result.update(per_token(system.counters(), counters_before, steps))
