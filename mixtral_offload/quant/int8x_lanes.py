@@ -43,12 +43,15 @@ def _quantize_lanes(x, group_size, planes, xperm, dx, xqsum):
             scale, inv = group_scale(x, t, base, group_size)
             total = 0
             start = (g // SUPER_GROUPS) * super_cols + LANE_BYTES * (g % SUPER_GROUPS)
-            for e in range(group_size):
-                q = np.int32(np.rint(x[t, base + e] * inv))
-                total += q
-                # element e: plane e // group_bytes, byte j = e % group_bytes -> vector j // 4, byte j % 4
-                j = e % group_bytes
-                xperm[t, start + ((j // LANE_BYTES) * planes + e // group_bytes) * BLOCK_BYTES + j % LANE_BYTES] = q
+            # element p * group_bytes + 4 k + m (plane p, byte 4 k + m) -> vector k, plane p, lane byte m
+            for p in range(planes):
+                for k in range(group_bytes // LANE_BYTES):
+                    source = base + p * group_bytes + LANE_BYTES * k
+                    target = start + (k * planes + p) * BLOCK_BYTES
+                    for m in range(LANE_BYTES):
+                        q = np.int32(np.rint(x[t, source + m] * inv))
+                        total += q
+                        xperm[t, target + m] = q
             dx[t, g] = scale
             xqsum[t, g] = scale * np.float32(total)
 
