@@ -128,6 +128,7 @@ def main() -> None:
     start, cpu_start = time.perf_counter(), time.process_time()
     logits = [system.feed(prompt)]
     prompt_seconds, prompt_cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    prompt_counters = system.counters()  # what the prompt's pass read (each expert once, ideally)
     logits += [system.feed([token]) for token in warmup]
     if args.logits:
         print(json.dumps({"logits": np.stack(logits).tolist()}))
@@ -143,7 +144,7 @@ def main() -> None:
     steps = len(timed)
     result = {"decode_tps": steps / seconds, "decode_tokens": steps, "prompt_tokens": args.prompt_tokens,
               "warmup_tokens": args.warmup_tokens, "load_seconds": load_seconds, "prompt_seconds": prompt_seconds,
-              "prompt_cpu_seconds": prompt_cpu_seconds,
+              "prompt_cpu_seconds": prompt_cpu_seconds, "prompt_counters": prompt_counters,
               "slowest_step_seconds": max(step_seconds), "baseline_rss": system.baseline, "peak_rss_hwm": rss("VmHWM"),
               "disk_bytes_per_token": (disk_read_bytes() - disk_before) / steps}
     result.update(per_token(system.counters(), counters_before, steps))
