@@ -55,8 +55,13 @@ class Runtime:
         self.vocab = self.runtime.args.vocab_size
 
     def feed(self, ids: list[int]) -> np.ndarray:
-        """Logits [V] after feeding ids (one forward pass) after what was fed before."""
-        return self.runtime._forward(ids, last_only=True)[-1].float().numpy()
+        """Logits [V] after feeding ids after what was fed before: forward passes of PREFILL_CHUNK
+        tokens, as a prompt goes (the memory plan's work buffers hold one such chunk)."""
+        from mixtral_offload.offload.runtime import PREFILL_CHUNK
+
+        for start in range(0, len(ids), PREFILL_CHUNK):
+            logits = self.runtime._forward(ids[start:start + PREFILL_CHUNK], last_only=True)[-1]
+        return logits.float().numpy()
 
     def counters(self) -> dict:
         if self.stats is None:
