@@ -136,12 +136,16 @@ def format_run(r: dict) -> str:
             f"cgroup peak {r['max_usage'] / 2**20:.0f} MiB")
 
 
+def load_change(r: dict) -> str:
+    """The 1-minute load average before and after a run, from its `uptime` lines."""
+    return " -> ".join(r[key].split("average:")[-1].split(",")[0].strip() for key in ("uptime_before", "uptime_after"))
+
+
 def table(runs: list[dict]) -> str:
     out = ["| limit | system | run | decode tok/s | read GB/token | demand-miss floor GB/token | hit rate |"
            " cache read GB/token | cgroup peak MiB | load before -> after |", "|---" * 10 + "|"]
     for r in runs:
-        load = f"{r['uptime_before'].split('average:')[-1].split(',')[0].strip()} -> " \
-               f"{r['uptime_after'].split('average:')[-1].split(',')[0].strip()}"
+        load = load_change(r)
         peak = f"{r.get('max_usage', 0) / 2**20:.0f}"
         if "decode_tps" not in r:
             why = "OOM-killed" if r.get("oom_killed") else r.get("error", "failed")[:80]

@@ -1,6 +1,6 @@
 """One system fed a fixed token sequence (teacher-forced), in this process; prints one JSON line. Run by mixtral_width.py.
 
-    python benchmarks/width_child.py runtime MODEL_DIR [--budget 3GiB] [--exact]
+    python benchmarks/width_child.py runtime MODEL_DIR [--budget 3GiB] [--exact] [--miss-bits auto [--miss-gate 0.5]]
     python benchmarks/width_child.py llamacpp MODEL.gguf [--no-repack] [--exact]
     ... [--prompt-tokens 16] [--warmup-tokens 4] [--decode-tokens 32] [--logits]
 
@@ -11,6 +11,8 @@ token: this process's /proc/self/io read_bytes over the timed steps. For this ru
 hit rate (prefetch hits count as hits), misses, prefetches used and wasted, bytes the cache read, per token.
 --exact: the float32 paths (runtime: --activations float32 --dense stored, dtype float32; llama.cpp:
 F32 KV cache); --logits: print the logits after the prompt and after each warm-up token instead.
+--miss-bits: as the CLI's; --miss-gate G replaces the rule's gate threshold, --every-miss takes every miss to
+the low-bit copy (benchmarks/miss_bits_width.py).
 """
 from __future__ import annotations
 
@@ -50,8 +52,13 @@ class Runtime:
         self.torch = torch
         self.baseline = rss()
         exact = dict(dtype="float32", activations="float32", dense="stored") if args.exact else {}
-        self.runtime = load(args.model, max_context=args.context, memory_budget=args.budget, **exact)
+        self.runtime = load(args.model, max_context=args.context, memory_budget=args.budget, miss_bits=args.miss_bits,
+                            **exact)
         self.stats = self.runtime.cache_stats()
+        if args.miss_gate is not None or args.every_miss:
+            from mixtral_offload.cache.miss_choice import EVERY_MISS, MissRule
+
+            self.runtime.model.experts.low_bit.rule = EVERY_MISS if args.every_miss else MissRule(args.miss_gate)
         self.vocab = self.runtime.args.vocab_size
 
     def feed(self, ids: list[int]) -> np.ndarray:
@@ -68,7 +75,8 @@ class Runtime:
             return {}
         s = self.stats
         return {"hits": sum(s.hits), "misses": sum(s.misses), "bytes_read": s.bytes_read,
-                "prefetches": s.prefetches, "prefetch_hits": s.prefetch_hits, "prefetch_waste": s.prefetch_waste}
+                "prefetches": s.prefetches, "prefetch_hits": s.prefetch_hits, "prefetch_waste": s.prefetch_waste,
+                "low_bit": s.low_bit, "low_bit_bytes": s.low_bit_bytes}
 
     def describe(self) -> dict:
         experts = self.runtime.model.experts
@@ -107,7 +115,8 @@ def per_token(after: dict, before: dict, steps: int) -> dict:
     return {"hit_rate": d["hits"] / max(1, d["hits"] + d["misses"]), "misses_per_token": d["misses"] / steps,
             "cache_bytes_per_token": d["bytes_read"] / steps, "prefetches_per_token": d["prefetches"] / steps,
             "prefetch_hits_per_token": d["prefetch_hits"] / steps,
-            "prefetch_waste_per_token": d["prefetch_waste"] / steps}
+            "prefetch_waste_per_token": d["prefetch_waste"] / steps, "low_bit_per_token": d["low_bit"] / steps,
+            "low_bit_bytes_per_token": d["low_bit_bytes"] / steps}
 
 
 def main() -> None:
@@ -116,6 +125,9 @@ def main() -> None:
     parser.add_argument("model")
     parser.add_argument("--budget", default=None)
     parser.add_argument("--no-repack", action="store_true")
+    parser.add_argument("--miss-bits", default="auto")
+    parser.add_argument("--miss-gate", type=float, default=None)
+    parser.add_argument("--every-miss", action="store_true")
     parser.add_argument("--no-mmap", action="store_true")
     parser.add_argument("--exact", action="store_true")
     parser.add_argument("--logits", action="store_true")

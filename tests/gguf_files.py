@@ -217,6 +217,7 @@ def rewrite_gguf(src: Path, out: Path, fields: dict | None = None, drop_tensors:
     fields = fields or {}
     reader = gguf.GGUFReader(src)
     writer = gguf.GGUFWriter(str(out), reader.fields["general.architecture"].contents())
+    writer.data_alignment = reader.alignment  # the source's layout (a replaced general.alignment does not move it)
     for key, field in reader.fields.items():
         if key.startswith("GGUF.") or key == "general.architecture" or key in fields:
             continue

@@ -67,11 +67,13 @@ def kernels(threads, bits, group_size, tokens, repeats, no_torch, gguf, as_json)
                                       "measure both side by side: --activations int8 --activations float32.")
 @click.option("--dense", type=click.Choice(CHOICES["dense"]), default="auto", show_default=True,
               help="Attention and output weights: auto, stored or int8 (see generate --help).")
+@click.option("--miss-bits", type=click.Choice(CHOICES["miss_bits"]), default="auto", show_default=True,
+              help="Which cache misses read the pool's low-bit copy (see generate --help).")
 @click.option("--bandwidth-gbs", type=click.FloatRange(0, min_open=True), default=None,
               help="Memory read bandwidth for the floor [default: measured now at --threads].")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (schema: benchmark.py).")
 def decode(model, budgets, fractions, no_resident, prompt_tokens, decode_prompt_tokens, decode_tokens, repeats,
-           threads, dtype, policy, prefetch, activations, dense, bandwidth_gbs, as_json):
+           threads, dtype, policy, prefetch, activations, dense, miss_bits, bandwidth_gbs, as_json):
     """Decode and prompt tokens/s of MODEL, each configuration in a fresh child process.
 
     Reports medians of --repeats, the child's peak RSS, and with a budget the cache hit rate and
@@ -88,7 +90,7 @@ def decode(model, budgets, fractions, no_resident, prompt_tokens, decode_prompt_
 
     common = dict(model=model, prompt_tokens=prompt_tokens, decode_prompt_tokens=decode_prompt_tokens,
                   decode_tokens=decode_tokens, repeats=repeats, threads=threads, dtype=dtype, policy=policy,
-                  prefetch=prefetch, dense=dense)
+                  prefetch=prefetch, dense=dense, miss_bits=miss_bits)
     specs = []
     for mode in dict.fromkeys(activations):
         suffix = f" ({mode})" if len(set(activations)) > 1 else ""
