@@ -64,8 +64,13 @@ class Runtime:
         self.vocab = self.runtime.args.vocab_size
 
     def feed(self, ids: list[int]) -> np.ndarray:
-        """Logits [V] after feeding ids (one forward pass) after what was fed before."""
-        return self.runtime._forward(ids, last_only=True)[-1].float().numpy()
+        """Logits [V] after feeding ids after what was fed before: forward passes of PREFILL_CHUNK
+        tokens, as a prompt goes (the memory plan's work buffers hold one such chunk)."""
+        from mixtral_offload.offload.runtime import PREFILL_CHUNK
+
+        for start in range(0, len(ids), PREFILL_CHUNK):
+            logits = self.runtime._forward(ids[start:start + PREFILL_CHUNK], last_only=True)[-1]
+        return logits.float().numpy()
 
     def prompt(self, ids: list[int]) -> None:
         """A new sequence: ids prefilled as generate() does (chunks of PREFILL_CHUNK)."""
@@ -93,7 +98,7 @@ class LlamaCpp:
 
     def __init__(self, args):
         exact = dict(type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, flash_attn=False) if args.exact else {}
-        self.system = LlamaCppSystem(args, **exact)
+        self.system = LlamaCppSystem(args, n_ctx=max(512, args.context), **exact)
         self.baseline, self.llm = self.system.baseline, self.system.llm
         self.vocab = self.llm.n_vocab()
         self.llm.reset()
@@ -150,9 +155,10 @@ def main() -> None:
     load_seconds = time.perf_counter() - start
     ids = forced_ids(system.vocab, args.prompt_tokens + args.warmup_tokens + args.decode_tokens)
     prompt, warmup = ids[:args.prompt_tokens], ids[args.prompt_tokens:args.prompt_tokens + args.warmup_tokens]
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     logits = [system.feed(prompt)]
-    prompt_seconds = time.perf_counter() - start
+    prompt_seconds, prompt_cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    prompt_counters = system.counters()  # what the prompt's pass read (each expert once, ideally)
     logits += [system.feed([token]) for token in warmup]
     if args.logits:
         print(json.dumps({"logits": np.stack(logits).tolist()}))
@@ -168,6 +174,7 @@ def main() -> None:
     steps = len(timed)
     result = {"decode_tps": steps / seconds, "decode_tokens": steps, "prompt_tokens": args.prompt_tokens,
               "warmup_tokens": args.warmup_tokens, "load_seconds": load_seconds, "prompt_seconds": prompt_seconds,
+              "prompt_cpu_seconds": prompt_cpu_seconds, "prompt_counters": prompt_counters,
               "slowest_step_seconds": max(step_seconds), "baseline_rss": system.baseline, "peak_rss_hwm": rss("VmHWM"),
               "disk_bytes_per_token": (disk_read_bytes() - disk_before) / steps}
     result.update(per_token(system.counters(), counters_before, steps))

@@ -20,6 +20,7 @@ from ..profiling import NULL_PROFILER
 from .lowbit_misses import LowBitMisses
 from .miss_choice import group_ranks
 from .policies import EvictionPolicy, make_policy
+from .prompt_reads import PROMPT_MIN_TOKENS, prompt_experts
 from .reader import BlockReader, aligned_buffer
 from .simulate import PREFETCH_MIN_PROB, partition_capacities
 from .source import BlockSource, Key, page_rounded
@@ -256,7 +257,9 @@ class ExpertCache:
         self._policy(layer).observe_hint(layer, guess)
         if self.recorder is not None:  # each token's own guess, for the trace
             self.token_guesses[layer] = guess
-        if self.prefetch:  # the likeliest experts, where a token's mean probability makes a read worth it
+        if self.prefetch and len(guess) >= PROMPT_MIN_TOKENS:  # a prompt: every expert its tokens guess
+            self.hints[layer] = prompt_experts(guess, self.top_k)
+        elif self.prefetch:  # the likeliest experts, where a token's mean probability makes a read worth it
             top = torch.topk(probs.float().mean(dim=0), min(self.prefetch, probs.shape[-1]))
             self.hints[layer] = [int(e) for p, e in zip(top.values, top.indices) if p >= PREFETCH_MIN_PROB]
 
