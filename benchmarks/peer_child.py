@@ -86,7 +86,7 @@ class TransformersSystem:
 
 
 class LlamaCppSystem:
-    def __init__(self, args, **llama_kwargs):
+    def __init__(self, args, n_ctx: int = 512, **llama_kwargs):
         import llama_cpp
 
         self.baseline = rss()
@@ -102,7 +102,7 @@ class LlamaCppSystem:
             import llama_cpp.llama as llama_module
 
             llama_module.llama_cpp.llama_model_default_params = params
-        self.llm = llama_cpp.Llama(model_path=args.model, n_ctx=512, n_batch=512, n_ubatch=512, n_threads=THREADS,
+        self.llm = llama_cpp.Llama(model_path=args.model, n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=THREADS,
                                    n_threads_batch=THREADS, use_mmap=not args.no_mmap, use_mlock=False,
                                    verbose=False, **llama_kwargs)
         self.np = __import__("numpy")

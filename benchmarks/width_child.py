@@ -1,16 +1,21 @@
 """One system fed a fixed token sequence (teacher-forced), in this process; prints one JSON line. Run by mixtral_width.py.
 
-    python benchmarks/width_child.py runtime MODEL_DIR [--budget 3GiB] [--exact] [--routing-trace FILE]
+    python benchmarks/width_child.py runtime MODEL_DIR [--budget 3GiB] [--exact] [--miss-bits auto [--miss-gate 0.5]]
+        [--routing-trace FILE]
     python benchmarks/width_child.py llamacpp MODEL.gguf [--no-repack] [--exact]
-    ... [--prompt-tokens 16] [--warmup-tokens 4] [--decode-tokens 32] [--logits]
+    ... [--prompt-tokens 16] [--warmup-tokens 4] [--decode-tokens 32] [--prompt-lengths 64 256] [--logits]
 
 The sequence is BOS then distinct seeded token ids (greedy decoding of random weights repeats one
 token, so every step would route to the same experts). The prompt is one forward pass; the next
 warmup tokens are fed one at a time untimed, then decode-tokens one at a time timed. Bytes read per
 token: this process's /proc/self/io read_bytes over the timed steps. For this runtime under a budget:
 hit rate (prefetch hits count as hits), misses, prefetches used and wasted, bytes the cache read, per token.
+--prompt-lengths: after the decode, per length N the sequence is forgotten and N fresh distinct ids
+are fed as one prompt (this runtime: as generate() prefills), timed to its logits: time to first token.
 --exact: the float32 paths (runtime: --activations float32 --dense stored, dtype float32; llama.cpp:
 F32 KV cache); --logits: print the logits after the prompt and after each warm-up token instead.
+--miss-bits: as the CLI's; --miss-gate G replaces the rule's gate threshold, --every-miss takes every miss to
+the low-bit copy (benchmarks/miss_bits_width.py).
 """
 from __future__ import annotations
 
@@ -50,21 +55,36 @@ class Runtime:
         self.torch = torch
         self.baseline = rss()
         exact = dict(dtype="float32", activations="float32", dense="stored") if args.exact else {}
-        self.runtime = load(args.model, max_context=args.context, memory_budget=args.budget,
+        self.runtime = load(args.model, max_context=args.context, memory_budget=args.budget, miss_bits=args.miss_bits,
                             routing_trace=args.routing_trace, **exact)
         self.stats = self.runtime.cache_stats()
+        if args.miss_gate is not None or args.every_miss:
+            from mixtral_offload.cache.miss_choice import EVERY_MISS, MissRule
+
+            self.runtime.model.experts.low_bit.rule = EVERY_MISS if args.every_miss else MissRule(args.miss_gate)
         self.vocab = self.runtime.args.vocab_size
 
     def feed(self, ids: list[int]) -> np.ndarray:
-        """Logits [V] after feeding ids (one forward pass) after what was fed before."""
-        return self.runtime._forward(ids, last_only=True)[-1].float().numpy()
+        """Logits [V] after feeding ids after what was fed before: forward passes of PREFILL_CHUNK
+        tokens, as a prompt goes (the memory plan's work buffers hold one such chunk)."""
+        from mixtral_offload.offload.runtime import PREFILL_CHUNK
+
+        for start in range(0, len(ids), PREFILL_CHUNK):
+            logits = self.runtime._forward(ids[start:start + PREFILL_CHUNK], last_only=True)[-1]
+        return logits.float().numpy()
+
+    def prompt(self, ids: list[int]) -> None:
+        """A new sequence: ids prefilled as generate() does (chunks of PREFILL_CHUNK)."""
+        self.runtime.reset()
+        self.runtime._prefill(ids)
 
     def counters(self) -> dict:
         if self.stats is None:
             return {}
         s = self.stats
         return {"hits": sum(s.hits), "misses": sum(s.misses), "bytes_read": s.bytes_read,
-                "prefetches": s.prefetches, "prefetch_hits": s.prefetch_hits, "prefetch_waste": s.prefetch_waste}
+                "prefetches": s.prefetches, "prefetch_hits": s.prefetch_hits, "prefetch_waste": s.prefetch_waste,
+                "low_bit": s.low_bit, "low_bit_bytes": s.low_bit_bytes}
 
     def describe(self) -> dict:
         experts = self.runtime.model.experts
@@ -79,7 +99,7 @@ class LlamaCpp:
 
     def __init__(self, args):
         exact = dict(type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, flash_attn=False) if args.exact else {}
-        self.system = LlamaCppSystem(args, **exact)
+        self.system = LlamaCppSystem(args, n_ctx=max(512, args.context), **exact)
         self.baseline, self.llm = self.system.baseline, self.system.llm
         self.vocab = self.llm.n_vocab()
         self.llm.reset()
@@ -87,6 +107,11 @@ class LlamaCpp:
     def feed(self, ids: list[int]) -> np.ndarray:
         self.llm.eval(ids)
         return np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.vocab,)).copy()
+
+    def prompt(self, ids: list[int]) -> None:
+        """A new sequence: ids evaluated in one batch (n_batch 512)."""
+        self.llm.reset()
+        self.llm.eval(ids)
 
     def counters(self) -> dict:
         return {}
@@ -103,7 +128,8 @@ def per_token(after: dict, before: dict, steps: int) -> dict:
     return {"hit_rate": d["hits"] / max(1, d["hits"] + d["misses"]), "misses_per_token": d["misses"] / steps,
             "cache_bytes_per_token": d["bytes_read"] / steps, "prefetches_per_token": d["prefetches"] / steps,
             "prefetch_hits_per_token": d["prefetch_hits"] / steps,
-            "prefetch_waste_per_token": d["prefetch_waste"] / steps}
+            "prefetch_waste_per_token": d["prefetch_waste"] / steps, "low_bit_per_token": d["low_bit"] / steps,
+            "low_bit_bytes_per_token": d["low_bit_bytes"] / steps}
 
 
 def main() -> None:
@@ -112,6 +138,9 @@ def main() -> None:
     parser.add_argument("model")
     parser.add_argument("--budget", default=None)
     parser.add_argument("--no-repack", action="store_true")
+    parser.add_argument("--miss-bits", default="auto")
+    parser.add_argument("--miss-gate", type=float, default=None)
+    parser.add_argument("--every-miss", action="store_true")
     parser.add_argument("--no-mmap", action="store_true")
     parser.add_argument("--exact", action="store_true")
     parser.add_argument("--routing-trace", default=None, help="runtime: route by this trace (bench decode's option)")
@@ -119,8 +148,9 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--warmup-tokens", type=int, default=4)
     parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--prompt-lengths", type=int, nargs="*", default=[])
     args = parser.parse_args()
-    args.context = args.prompt_tokens + args.warmup_tokens + args.decode_tokens + 8
+    args.context = max([args.prompt_tokens + args.warmup_tokens + args.decode_tokens, *args.prompt_lengths]) + 8
 
     refused: tuple = ()  # llama.cpp's child never imports mixtral_offload (it sets OpenMP waits on import)
     if args.system == "runtime":
@@ -135,9 +165,10 @@ def main() -> None:
     load_seconds = time.perf_counter() - start
     ids = forced_ids(system.vocab, args.prompt_tokens + args.warmup_tokens + args.decode_tokens)
     prompt, warmup = ids[:args.prompt_tokens], ids[args.prompt_tokens:args.prompt_tokens + args.warmup_tokens]
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     logits = [system.feed(prompt)]
-    prompt_seconds = time.perf_counter() - start
+    prompt_seconds, prompt_cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    prompt_counters = system.counters()  # what the prompt's pass read (each expert once, ideally)
     logits += [system.feed([token]) for token in warmup]
     if args.logits:
         print(json.dumps({"logits": np.stack(logits).tolist()}))
@@ -153,9 +184,14 @@ def main() -> None:
     steps = len(timed)
     result = {"decode_tps": steps / seconds, "decode_tokens": steps, "prompt_tokens": args.prompt_tokens,
               "warmup_tokens": args.warmup_tokens, "load_seconds": load_seconds, "prompt_seconds": prompt_seconds,
+              "prompt_cpu_seconds": prompt_cpu_seconds, "prompt_counters": prompt_counters,
               "slowest_step_seconds": max(step_seconds), "baseline_rss": system.baseline, "peak_rss_hwm": rss("VmHWM"),
               "disk_bytes_per_token": (disk_read_bytes() - disk_before) / steps}
     result.update(per_token(system.counters(), counters_before, steps))
+    for length in args.prompt_lengths:
+        start = time.perf_counter()
+        system.prompt(forced_ids(system.vocab, length))
+        result[f"prompt{length}_tps"] = length / (time.perf_counter() - start)
     result.update(system.describe())
     print(json.dumps(result))
 

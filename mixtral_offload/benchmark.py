@@ -11,7 +11,8 @@ child's own VmHWM as a cross-check):
      "decode_prompt_tokens": int, "decode_tokens": int, "prompt_tokens": int,
      "baseline_rss": int, "peak_rss": int, "slots": int|None, "total_experts": int,
      "hit_rate": float|None, "cache_bytes_per_token": float|None, "disk_bytes_per_token": float,
-     "misses_per_token", "prefetches_per_token", "prefetch_hits_per_token", "prefetch_waste_per_token": float|None,
+     "misses_per_token", "prefetches_per_token", "prefetch_hits_per_token", "prefetch_waste_per_token",
+     "low_bit_bytes_per_token" (reads of the pool's low-bit copy, --miss-bits): float|None,
      "active_bytes_per_token": int, "load_seconds": float, "exit_code": int,
      "peak_rss_hwm": int, "floor_tps": float, "prompt_macs_per_token": int, "prompt_ceiling_tps": float,
      "routing_trace": str|None}
@@ -60,6 +61,7 @@ class DecodeSpec:
     activations: str = "int8"              # the CPU kernels' input: int8 or float32 (see load())
     dense: str = "auto"                    # attention/output weights: auto, stored or int8 (see load())
     routing_trace: str | None = None       # route by this trace file (offload/trace_routing.py)
+    miss_bits: str = "auto"                # which misses read the pool's low-bit copy (see load())
 
 
 def machine_info() -> dict:
@@ -253,7 +255,8 @@ def run_spec(spec: DecodeSpec) -> dict:
     start = time.perf_counter()
     runtime = load(path, dtype=spec.dtype, max_context=max_context, memory_budget=spec.budget,
                    experts_fraction=spec.experts_fraction, policy=spec.policy, prefetch=spec.prefetch,
-                   activations=spec.activations, dense=spec.dense, routing_trace=spec.routing_trace)
+                   activations=spec.activations, dense=spec.dense, miss_bits=spec.miss_bits,
+                   routing_trace=spec.routing_trace)
     budget = runtime.memory_plan.budget if runtime.memory_plan else None
     load_seconds = time.perf_counter() - start
     runtime.tokenizer.eos_id = -1  # a fixed number of tokens: a random model may pick </s> at any step
@@ -266,7 +269,7 @@ def run_spec(spec: DecodeSpec) -> dict:
     for _ in range(spec.repeats):
         runtime.reset()
         before = (sum(stats.hits), sum(stats.misses), stats.bytes_read, stats.prefetches, stats.prefetch_hits,
-                  stats.prefetch_waste) if stats else None
+                  stats.prefetch_waste, stats.low_bit_bytes) if stats else None
         disk_before = _disk_read_bytes()
         records = list(runtime.generate(decode_prompt, max_new_tokens=spec.decode_tokens + 1))
         steps = records[-1].index  # forwards timed after the first token
@@ -279,7 +282,8 @@ def run_spec(spec: DecodeSpec) -> dict:
                          misses_per_token=misses / (steps + 1),
                          prefetches_per_token=(stats.prefetches - before[3]) / (steps + 1),
                          prefetch_hits_per_token=(stats.prefetch_hits - before[4]) / (steps + 1),
-                         prefetch_waste_per_token=(stats.prefetch_waste - before[5]) / (steps + 1))
+                         prefetch_waste_per_token=(stats.prefetch_waste - before[5]) / (steps + 1),
+                         low_bit_bytes_per_token=(stats.low_bit_bytes - before[6]) / (steps + 1))
         runtime.reset()
         record = next(iter(runtime.generate(long_prompt, max_new_tokens=1)))
         prompt_runs.append(spec.prompt_tokens / record.prompt_seconds)
@@ -301,7 +305,7 @@ def run_spec(spec: DecodeSpec) -> dict:
         "hit_rate": cache.get("hit_rate"), "cache_bytes_per_token": cache.get("cache_bytes_per_token"),
         "disk_bytes_per_token": cache["disk_bytes_per_token"],
         **{k: cache.get(k) for k in ("misses_per_token", "prefetches_per_token", "prefetch_hits_per_token",
-                                     "prefetch_waste_per_token")},
+                                     "prefetch_waste_per_token", "low_bit_bytes_per_token")},
         "active_bytes_per_token": _active_bytes(runtime.args, source, itemsize, dense_held),
         "peak_rss_hwm": _peak_rss_hwm(),
     }

@@ -290,6 +290,7 @@ def summary_tables(profile: dict) -> str:
     prefill = [t for t in tokens if t["kind"] != "decode"]
     decode_seconds = sum(t["seconds"] for t in decode)
     total_bytes = sum(sum(t["bytes"].values()) for t in tokens)
+    low_bit_bytes = sum(t["bytes"].get("lowbit_read", 0) for t in tokens)  # misses read from the low-bit copy
     vram = profile.get("peak_vram_bytes")
     overview = [
         ["command", str(profile.get("command") or "-")],
@@ -299,6 +300,7 @@ def summary_tables(profile: dict) -> str:
         ["prefill time", f"{sum(t['seconds'] for t in prefill):.3f} s"],
         ["decode speed", f"{len(decode) / decode_seconds:.2f} tok/s" if decode_seconds > 0 else "-"],
         ["bytes read per token", _bytes(total_bytes / len(tokens)) if tokens else "-"],
+        ["of which low-bit copy", _bytes(low_bit_bytes / len(tokens)) if low_bit_bytes else "-"],
         ["peak RSS", _bytes(profile.get("peak_rss_bytes") or 0)],
         ["peak VRAM", _bytes(vram) if vram else "-"],
     ]

@@ -1,8 +1,9 @@
 """The long fuzz campaign: the surfaces of tests/fuzz_surfaces.py, N cases each, in worker processes
-(so a crash or a hang is counted, not fatal), plus the real CLI in subprocesses; writes the table into
-docs/reliability.md.
+(so a crash or a hang is counted, not fatal), the CLI in processes forked by a warm fork server
+(scripts/fuzz_fork.py), and as a cross-check the same CLI cases as real `python -m mixtral_offload`
+subprocesses; writes the table into docs/reliability.md.
 
-    python scripts/fuzz_campaign.py --cases 10000 --workers 16
+    python scripts/fuzz_campaign.py --cases 10000 --cli-cases 300 --workers 16
 """
 from __future__ import annotations
 
@@ -20,16 +21,22 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "scripts")]
 WORKER_ENV = {**os.environ, "PYTHONPATH": str(ROOT), "NUMBA_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
 STALL_SECONDS = 90   # a worker silent this long is hung in something SIGALRM cannot interrupt
 CLI_SECONDS = 120    # one real CLI process
 MARKER = re.compile(r"<!-- campaign -->.*<!-- /campaign -->", re.S)
+FORKED, OWN_PROCESS = "CLI (forked process)", "CLI (own process)"
 
 
 def run_worker(surface: str, start: int, end: int, base_dir: str, deadline: float) -> None:
     """Run cases start..end-1 of one surface until the deadline (time.time()), printing 'start i' before
     and 'done i outcome detail' after each."""
+    if surface == FORKED:
+        from fuzz_fork import serve_cases
+
+        serve_cases(base_dir, start, end, deadline, CLI_SECONDS)
+        return
     import numpy as np
     import torch
 
@@ -92,6 +99,7 @@ def cli_process_case(base_dir: str, case: int, record, seconds: dict, lock) -> N
     """The real command line in its own process: exit status and stderr as a user sees them."""
     import numpy as np
 
+    from fuzz_fork import cli_process_outcome
     from fuzz_surfaces import cli_args
 
     args = cli_args(Path(base_dir) / "model", np.random.default_rng([99, case]))
@@ -100,19 +108,13 @@ def cli_process_case(base_dir: str, case: int, record, seconds: dict, lock) -> N
         done = subprocess.run([sys.executable, "-m", "mixtral_offload", *args], capture_output=True,
                               timeout=CLI_SECONDS, env=WORKER_ENV, errors="replace")
     except subprocess.TimeoutExpired:
-        record("CLI (own process)", "hang", " ".join(args), case)
+        record(OWN_PROCESS, "hang", " ".join(args), case)
         return
     finally:
         with lock:
-            seconds["CLI (own process)"] += time.perf_counter() - began
-    errors = [line for line in done.stderr.splitlines() if line.startswith("Error")]
-    if done.returncode < 0:
-        outcome = "crash"
-    elif done.returncode == 0:
-        outcome = "accepted"
-    else:
-        outcome = "clean" if len(errors) == 1 and "Traceback" not in done.stderr else "traceback"
-    record("CLI (own process)", outcome, "" if outcome in ("clean", "accepted") else done.stderr[-300:], case)
+            seconds[OWN_PROCESS] += time.perf_counter() - began
+    outcome = cli_process_outcome(done.returncode, done.stderr)
+    record(OWN_PROCESS, outcome, "" if outcome in ("clean", "accepted") else done.stderr[-300:], case)
 
 
 def table(counts: dict, seconds: dict) -> str:
@@ -132,7 +134,8 @@ def table(counts: dict, seconds: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", type=int, default=1000, help="cases per surface")
-    parser.add_argument("--cli-cases", type=int, default=50, help="cases of the CLI in its own process")
+    parser.add_argument("--cli-cases", type=int, default=50,
+                        help="cases of the CLI as real subprocesses (the fork server's first cases, again)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="worker processes (or real CLI processes) at a time")
     parser.add_argument("--seconds", type=float, default=float("inf"),
@@ -150,8 +153,10 @@ def main() -> None:
         return
     from fuzz_surfaces import OUTCOMES, SURFACES, make_base
 
-    surfaces = options.surfaces or list(SURFACES)
-    counts = {name: collections.Counter() for name in [*surfaces, "CLI (own process)"]}
+    surfaces = options.surfaces or [*SURFACES, FORKED]
+    counts = {name: collections.Counter() for name in [*surfaces, OWN_PROCESS]}
+    by_case = {FORKED: {}, OWN_PROCESS: {}}   # the two ways of running the CLI, compared case by case
+    unchecked = collections.defaultdict(collections.Counter)   # what the unchecked cases changed
     seconds = dict.fromkeys(counts, 0.0)
     failures: list[str] = []
     lock = threading.Lock()
@@ -159,7 +164,11 @@ def main() -> None:
     def record(surface, outcome, detail, case):
         with lock:
             counts[surface][outcome] += 1
-            if outcome not in ("clean", "accepted", "unchecked"):
+            if surface in by_case:
+                by_case[surface][case] = outcome
+            if outcome == "unchecked":
+                unchecked[surface][detail] += 1
+            elif outcome not in ("clean", "accepted"):
                 failures.append(f"{surface} case {case}: {outcome} {detail}")
 
     with tempfile.TemporaryDirectory() as base_dir:
@@ -188,6 +197,10 @@ def main() -> None:
             list(pool.map(cli_cases, range(options.workers)))
     result = table(counts, seconds)
     print(result)
+    both = set(by_case[FORKED]) & set(by_case[OWN_PROCESS])
+    differ = sorted(case for case in both if by_case[FORKED][case] != by_case[OWN_PROCESS][case])
+    print(f"CLI cases run both forked and as subprocesses: {len(both)}, outcomes differ in {len(differ)}: {differ[:20]}")
+    print("unchecked, by what changed:", {surface: dict(kinds) for surface, kinds in unchecked.items()})
     print("\n".join(failures[:40]) or "no tracebacks, crashes, hangs or silent-wrong results")
     load = os.getloadavg()[0]
     block = (f"<!-- campaign -->\n{result}\n\n{options.workers} workers on {os.cpu_count()} CPUs, load {load:.1f} at the "

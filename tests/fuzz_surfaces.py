@@ -4,7 +4,8 @@ and scripts/fuzz_campaign.py (thousands, in worker processes that can crash or h
 
 Outcomes: clean (a one-line MixtralOffloadError or CLI error), accepted (no error and, for a model,
 the same logits and token ids as the pristine model), unchecked (accepted with different results,
-in a pool written before file checksums existed: nothing can notice), traceback (any other exception),
+in a pool written before file checksums existed, or a GGUF that describes another model: nothing can
+notice), traceback (any other exception),
 silent-wrong (accepted with different results where a checksum should have caught it); the campaign
 adds crash and hang.
 """
@@ -21,6 +22,8 @@ from typing import Callable
 import numpy as np
 import torch
 from click.testing import CliRunner
+from fuzz_gguf import GGUFBase, gguf_case, make_gguf_bases
+from fuzz_http import http_case
 
 from mixtral_offload.cli.main import cli
 from mixtral_offload.config import ModelArgs
@@ -50,12 +53,13 @@ class Hang(Exception):
 
 @dataclass
 class Base:
-    """A pristine tiny model and what it computes, plus a valid profile: the inputs every case damages."""
+    """A pristine tiny model and what it computes, a valid profile and GGUF files: the inputs every case damages."""
 
     model: Path
     logits: torch.Tensor
     ids: list[int]
     profile: Path
+    gguf: dict[str, GGUFBase]   # small GGUF files of several block types and layouts
 
 
 def make_base(root: Path) -> Base:
@@ -66,8 +70,10 @@ def make_base(root: Path) -> Base:
     if not profile.exists():
         result = CliRunner().invoke(cli, ["generate", str(model), "-p", "Hi", "-n", "3", "--profile", str(profile)])
         assert result.exit_code == 0, result.output
+    (root / "gguf").mkdir(exist_ok=True)
     runtime = load(model)
-    return Base(model, runtime.logits(PROBE_IDS), runtime.tokenizer.encode(PROBE_TEXT), profile)
+    return Base(model, runtime.logits(PROBE_IDS), runtime.tokenizer.encode(PROBE_TEXT), profile,
+                make_gguf_bases(root / "gguf"))
 
 
 # -- mutators -------------------------------------------------------------------------------------------
@@ -286,4 +292,6 @@ SURFACES: dict[str, Callable[[Base, Path, np.random.Generator], tuple[str, str]]
     "config TOML": toml_case,
     "CLI sampling arguments": cli_case,
     "profile (report)": report_case,
+    "GGUF file": lambda base, work, rng: gguf_case(base.gguf, work, rng),
+    "HTTP requests": lambda base, work, rng: http_case(base.model, rng),
 }

@@ -18,6 +18,8 @@ QTYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType
           "q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}
 FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
               "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}
+K_MEAN_CODE = {gguf.GGMLQuantizationType.Q4_K: 7.5, gguf.GGMLQuantizationType.Q5_K: 15.5}  # codes 0..15, 0..31
+SCALE_SAMPLE_ROWS = 64  # rows of random blocks whose dequantized std sets the scale of the whole matrix
 
 
 def permute_rope(weight: np.ndarray, heads: int) -> np.ndarray:
@@ -141,16 +143,31 @@ def write_random_gguf(out: Path, config: dict, tokenizer_path: Path, expert_qtyp
     return finish(writer, tmp, out)
 
 
+def centre_k_blocks(blocks: np.ndarray, mean_code: float) -> None:
+    """Q4_K/Q5_K blocks [rows, n, bytes] made zero-mean as a trained model's: every sub-block's 6-bit min
+    set to its scale and dmin to d x the mean code. Random bytes give every weight a mean of ~d sc 7.5 -
+    dmin m, which adds up along rows until a few layers of experts overflow float16 activations."""
+    scales = blocks[:, :, 4:16]  # get_scale_min_k4: sc from bytes 0-3 and low nibbles of 8-11, m from 4-7 and high
+    scales[:, :, 4:8] = scales[:, :, 0:4]
+    scales[:, :, 8:12] = (scales[:, :, 8:12] & 15) * 17
+    d = blocks[:, :, 0:2].copy().view(np.float16).astype(np.float32)
+    blocks[:, :, 2:4] = (d * mean_code).astype(np.float16).view(np.uint8)
+
+
 def random_expert_blocks(qtype: gguf.GGMLQuantizationType, shape: tuple[int, int], seed: int,
-                         std: float = 0.1) -> np.ndarray:
+                         std: float = 0.1, centred: bool = False) -> np.ndarray:
     """Random valid blocks of a K-quant (which gguf cannot quantize), scaled so the weights' std is `std`:
-    every float16 scale of a block multiplies all its weights, so scaling them scales the matrix."""
+    every float16 scale of a block multiplies all its weights, so scaling them scales the matrix.
+    centred: Q4_K/Q5_K sub-blocks of mean ~0 (centre_k_blocks), for many layers of them."""
     from mixtral_offload.quant.gguf_bench import random_gguf_matrix
     from mixtral_offload.quant.gguf_blocks import block_type
 
     bt = block_type(qtype)
     blocks = random_gguf_matrix(qtype, shape, seed).data.reshape(shape[0], -1, bt.block_bytes).copy()
-    factor = std / float(gguf.quants.dequantize(blocks.reshape(shape[0], -1), qtype).std())
+    if centred and qtype in K_MEAN_CODE:
+        centre_k_blocks(blocks, K_MEAN_CODE[qtype])
+    sample = blocks[:SCALE_SAMPLE_ROWS].reshape(min(shape[0], SCALE_SAMPLE_ROWS), -1)  # enough for the std
+    factor = std / float(gguf.quants.dequantize(sample, qtype).std())
     for field in bt.f16_fields:
         scales = blocks[:, :, field:field + 2].copy().view(np.float16).astype(np.float32) * factor
         blocks[:, :, field:field + 2] = scales.astype(np.float16).view(np.uint8)
@@ -217,6 +234,7 @@ def rewrite_gguf(src: Path, out: Path, fields: dict | None = None, drop_tensors:
     fields = fields or {}
     reader = gguf.GGUFReader(src)
     writer = gguf.GGUFWriter(str(out), reader.fields["general.architecture"].contents())
+    writer.data_alignment = reader.alignment  # the source's layout (a replaced general.alignment does not move it)
     for key, field in reader.fields.items():
         if key.startswith("GGUF.") or key == "general.architecture" or key in fields:
             continue

@@ -1,7 +1,8 @@
 """Seeded fuzzing of every input surface (config.json, tokenizer.model, dense header and body, manifest,
-pool, config TOML, CLI sampling arguments, profiles for `report`): a damaged input ends in a one-line
-error or is taken with unchanged results, never another exception, a hang, or silently different
-results where a checksum should catch them. The long campaign is scripts/fuzz_campaign.py."""
+pool, config TOML, CLI sampling arguments, profiles for `report`, GGUF files, HTTP requests): a damaged
+input ends in a one-line error (a 4xx with OpenAI's error body) or is taken with unchanged results,
+never another exception, a hang, or silently different results where a checksum should catch them.
+The long campaign is scripts/fuzz_campaign.py."""
 from __future__ import annotations
 
 import numpy as np

@@ -4,7 +4,7 @@ import pytest
 from llvmlite import binding
 from numba import njit
 
-from mixtral_offload.quant import compute_peak, int8x, int8x_tiles, kernels
+from mixtral_offload.quant import compute_peak, int8x, int8x_lanes, int8x_tiles, kernels
 from mixtral_offload.quant.bench import random_quantized
 from mixtral_offload.quant.format import QuantSpec, kernel_parts
 
@@ -23,7 +23,9 @@ def runnable(isa):
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 @pytest.mark.parametrize("tokens", TOKENS)
-@pytest.mark.parametrize("rows,cols", [(7, 256), (131, 2048)])  # 131: three tasks, the last one partial
+# 1408 columns: super-blocks of 16 groups whole and cut short (G=32, 64) or only cut short (128);
+# 2048: only whole ones; 131 rows: three tasks, the last one partial
+@pytest.mark.parametrize("rows,cols", [(7, 1408), (131, 2048)])
 def test_tiles_equal_the_reference(bits, group_size, tokens, rows, cols):
     qm = random_quantized(QuantSpec(bits, group_size), (rows, cols), seed=rows + tokens)
     x = np.random.default_rng(tokens).standard_normal((tokens, cols)).astype(np.float32)
@@ -40,16 +42,19 @@ def test_every_instruction_set_equals_the_reference(bits, isa):
     tiles = int8x_tiles.make_tiles_kernel(bits, isa=isa, tile=(3, 5))
 
     @njit
-    def some_rows(codes, scales, zeros, xperm, dx, xqsum, out, first, end):
-        tiles(codes, scales, zeros, xperm, dx, xqsum, out, np.uint64(first), np.uint64(end), np.uint64(0),
-              np.uint64(64))
+    def some_rows(codes, scales, zeros, xperm, dx, xqsum, out, first, end, cols):
+        buf_codes = np.empty(3 * xperm.shape[1], np.uint8)
+        buf_scales = np.empty(6 * dx.shape[1], np.float32)
+        tiles(codes, scales, zeros, xperm, dx, xqsum, out, buf_codes, buf_scales, np.uint64(first), np.uint64(end),
+              np.uint64(0), np.uint64(cols), np.uint64(64))
 
-    qm = random_quantized(QuantSpec(bits, 64), (9, 384), seed=3)
+    cols = 1152  # 18 groups: one whole super-block and one of 2 groups
+    qm = random_quantized(QuantSpec(bits, 64), (9, cols), seed=3)
     codes, scales, zeros = (part.reshape(-1) for part in kernel_parts(qm))
     for tokens in TOKENS:
-        x = np.random.default_rng(tokens).standard_normal((tokens, 384)).astype(np.float32)
+        x = np.random.default_rng(tokens).standard_normal((tokens, cols)).astype(np.float32)
         out = np.full((tokens, 8), np.nan, np.float32)
-        some_rows(codes, scales, zeros, *int8x.quantize_activations(x, 64, bits), out, 1, 9)  # rows 1..8
+        some_rows(codes, scales, zeros, *int8x_lanes.quantize_lanes(x, 64, bits), out, 1, 9, cols)  # rows 1..8
         assert relative(out, int8x.reference_matmul(qm, x)[:, 1:]) < 1e-5
 
 
@@ -97,3 +102,20 @@ def test_peak_loop_computes_the_dot_products(isa):
                    for i in range(rounds) for k in range(compute_peak.ACCUMULATORS))
     assert run(operands, np.int64(rounds)) == expected
     assert compute_peak.measure_int8_peak(1, repeats=1) > 0
+
+
+@pytest.mark.parametrize("bits,group_size", [(4, 32), (4, 128), (8, 64)])
+def test_quantize_lanes_puts_group_l_in_lane_l(bits, group_size):
+    """x in the lane order: per super-block of 16 groups, vector k, plane p, lane l holds the 4 codes
+    of group l at plane p, bytes 4k..4k+3 (NumPy reshape of the row-order int8 x); padding is zero."""
+    cols, planes = 20 * group_size, int8x.PLANES[bits]
+    x = np.random.default_rng(1).standard_normal((3, cols)).astype(np.float32)
+    xperm, dx, xqsum = int8x_lanes.quantize_lanes(x, group_size, bits)
+    scale = np.abs(x.reshape(3, 20, group_size)).max(axis=2) / 127
+    q = np.rint(x.reshape(3, 20, group_size) / scale[..., None]).astype(np.int8)
+    q = np.concatenate([q, np.zeros((3, 12, group_size), np.int8)], axis=1)  # 2 super-blocks
+    vectors = group_size // planes // 4
+    expected = q.reshape(3, 2, 16, planes, vectors, 4).transpose(0, 1, 4, 3, 2, 5).reshape(3, 32 * group_size)
+    np.testing.assert_array_equal(xperm, expected)
+    np.testing.assert_allclose(dx[:, :20], scale, rtol=1e-6)
+    assert not dx[:, 20:].any() and not xqsum[:, 20:].any()

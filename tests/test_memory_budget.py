@@ -12,7 +12,8 @@ from mixtral_offload.cache.expert_cache import ExpertCache, HostSlots
 from mixtral_offload.cache.simulate import prefetch_recall
 from mixtral_offload.config import ModelArgs
 from mixtral_offload.errors import MixtralOffloadError
-from mixtral_offload.offload.loading import load, warm_up_kernels
+from mixtral_offload.offload.loading import load, open_gguf, warm_up_kernels
+from mixtral_offload.offload.options import LoadOptions
 from mixtral_offload.offload.store.pool import ExpertPool
 from mixtral_offload.quant.kernels import expert_kernel
 from mixtral_offload.offload.store.synthetic import write_synthetic
@@ -129,8 +130,11 @@ def big_gguf(tmp_path_factory):
     config = dict(hidden_size=512, intermediate_size=4096, num_hidden_layers=16, num_attention_heads=8,
                   num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, vocab_size=32000,
                   max_position_embeddings=1024, rms_norm_eps=1e-5, rope_theta=1e6)
-    return write_random_gguf(tmp_path_factory.mktemp("gguf") / "big.gguf", config, mixtral_tokenizer_path(),
+    path = write_random_gguf(tmp_path_factory.mktemp("gguf") / "big.gguf", config, mixtral_tokenizer_path(),
                              gguf.GGMLQuantizationType.Q4_0)
+    files = open_gguf(path, LoadOptions())  # compile into Numba's on-disk cache, as for big_pool
+    warm_up_kernels(files.source, files.kernel, dense_activations="int8")
+    return path
 
 
 def test_child_peak_rss_stays_under_budget_with_gguf_experts(big_gguf):

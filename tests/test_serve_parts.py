@@ -49,6 +49,14 @@ def test_stop_matcher_holds_back_a_possible_start_only():
     assert matcher.push(" </en") == " " and matcher.push("d> rest") == "" and matcher.stopped
 
 
+def test_stop_matcher_with_a_huge_stop_string():
+    """Only prefixes as long as the held text are tried: a megabyte stop string costs what the text costs
+    (it made the server's worker spin for hours; found by the HTTP fuzz surface)."""
+    matcher = StopMatcher(["ab " * 400_000])
+    assert matcher.push("Hi ") == "Hi " and matcher.push("ab a") == "" and matcher.push("x") == "ab ax"
+    assert not matcher.stopped
+
+
 def test_chat_request_fields():
     request = parse_chat({"model": "m", "messages": [{"role": "developer", "content": "Be brief."},
                                                      {"role": "user", "content": [{"type": "text", "text": "Hi"},
@@ -76,6 +84,13 @@ def test_chat_request_fields():
     ({"messages": [{"role": "user", "content": "x"}], "stream": "yes"}, "stream", "invalid_type"),
     ({"messages": [{"role": "user", "content": "x"}], "stream_options": {"include_usage": 1}},
      "stream_options.include_usage", "invalid_type"),
+    # found by the HTTP fuzz surface (tests/fuzz_http.py): each was a 500 or an exception
+    ({"messages": [{"role": ["user"], "content": "x"}]}, "messages[0].role", "invalid_value"),
+    ({"messages": [{"role": "user", "content": "x"}], "temperature": float("nan")}, "temperature", "invalid_value"),
+    ({"messages": [{"role": "user", "content": "x"}], "top_p": 10**400}, "top_p", "invalid_value"),
+    ({"messages": [{"role": "user", "content": "x"}], "top_k": 2**64}, "top_k", "invalid_value"),
+    ({"messages": [{"role": "user", "content": "x"}], "seed": 2**64}, "seed", "invalid_value"),
+    ({"messages": [{"role": "user", "content": "x"}], "seed": -1}, "seed", "invalid_value"),
 ])
 def test_bad_chat_requests(body, param, code):
     with pytest.raises(RequestError) as error:
@@ -94,3 +109,14 @@ def test_completion_prompts():
         assert error.value.param == "prompt"
     with pytest.raises(RequestError):
         parse_completion([1, 2], 10)
+
+
+def test_json_nested_too_deep_is_a_400():
+    """A body nested deeper than Python's JSON parser recurses is refused like any unparsable body."""
+    from starlette.testclient import TestClient
+
+    from mixtral_offload.serve.app import Server
+
+    with TestClient(Server(None, "m", lambda line: None).app()) as client:   # refused before the runtime is used
+        reply = client.post("/v1/chat/completions", content=b'{"messages": ' + b"[" * 100000 + b"]" * 100000 + b"}")
+    assert reply.status_code == 400 and reply.json()["error"]["code"] == "invalid_json"

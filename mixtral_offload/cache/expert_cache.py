@@ -17,7 +17,10 @@ import torch
 
 from ..errors import MixtralOffloadError
 from ..profiling import NULL_PROFILER
+from .lowbit_misses import LowBitMisses
+from .miss_choice import group_ranks
 from .policies import EvictionPolicy, make_policy
+from .prompt_reads import PROMPT_MIN_TOKENS, prompt_experts
 from .reader import BlockReader, aligned_buffer
 from .simulate import PREFETCH_MIN_PROB, partition_capacities
 from .source import BlockSource, Key, page_rounded
@@ -115,7 +118,9 @@ class CacheStats:
     prefetch_hits: int = 0
     prefetch_waste: int = 0
     direct: int = 0            # misses computed by the CPU on the mapped pool (no slot free, or cheaper)
-    bytes_read: int = 0
+    low_bit: int = 0           # misses computed from the low-bit copy (--miss-bits)
+    bytes_read: int = 0        # of the full copy, into slots
+    low_bit_bytes: int = 0     # of the low-bit copy, into scratch buffers
     read_seconds: float = 0.0  # summed over reader threads
     wait_seconds: float = 0.0  # time the compute thread waited for a read
 
@@ -153,7 +158,7 @@ class ExpertCache:
 
     def __init__(self, source: BlockSource, num_layers: int, top_k: int, store: SlotStore, policy: str = "lru",
                  prefetch: int = 0, partition: str = "auto", recorder: TraceRecorder | None = None,
-                 read_threads: int = 1):
+                 read_threads: int = 1, low_bit: LowBitMisses | None = None):
         num_slots = store.num_slots
         if num_slots < top_k + prefetch:
             raise MixtralOffloadError(
@@ -184,6 +189,7 @@ class ExpertCache:
         self.reader = ThreadPoolExecutor(max_workers=read_threads, thread_name_prefix="expert-read")
         self.stats = CacheStats(num_layers)
         self.recorder = recorder
+        self.low_bit = low_bit  # misses its rule picks are computed from the low-bit copy
         self.profiler = NULL_PROFILER
         self.now = 0
 
@@ -251,7 +257,9 @@ class ExpertCache:
         self._policy(layer).observe_hint(layer, guess)
         if self.recorder is not None:  # each token's own guess, for the trace
             self.token_guesses[layer] = guess
-        if self.prefetch:  # the likeliest experts, where a token's mean probability makes a read worth it
+        if self.prefetch and len(guess) >= PROMPT_MIN_TOKENS:  # a prompt: every expert its tokens guess
+            self.hints[layer] = prompt_experts(guess, self.top_k)
+        elif self.prefetch:  # the likeliest experts, where a token's mean probability makes a read worth it
             top = torch.topk(probs.float().mean(dim=0), min(self.prefetch, probs.shape[-1]))
             self.hints[layer] = [int(e) for p, e in zip(top.values, top.indices) if p >= PREFETCH_MIN_PROB]
 
@@ -279,16 +287,25 @@ class ExpertCache:
                 self.profiler.count("cache_miss", layer=layer)
                 if self._try_direct(len(direct)):
                     direct.add(key)
-        self._read_ahead(order, wanted, direct)
+        low = self._pick_low_bit(order, group_of, routing.expert_ids, direct)
+        self._read_ahead(order, wanted, direct | low)
         self._start_prefetch(layer + 1, wanted)
         for key in order:
             group = group_of[key]
             xs = x if len(group.rows) == x.shape[0] else x[torch.from_numpy(group.rows).to(x.device)]
+            if key in low:
+                y, got, seconds = self.low_bit.run(key, xs, self.reader, self.profiler)
+                self.stats.low_bit += 1
+                self.stats.low_bit_bytes += got
+                self.stats.read_seconds += seconds
+                self.profiler.count("lowbit_read_bytes", got, layer=layer)
+                yield group, y
+                continue
             if key not in self.slot_of and key not in direct:
                 slot = self._reserve(key, set())
                 if slot is not None:
                     self._start_read(key, slot)
-            self._read_ahead(order, wanted, direct)
+            self._read_ahead(order, wanted, direct | low)
             if key in self.slot_of:
                 self._wait(key)
                 self.pinned.add(key)
@@ -304,6 +321,16 @@ class ExpertCache:
                 if self.costs is not None:
                     self.costs.record("direct", time.perf_counter() - start, self.source.block_nbytes)
             yield group, y
+
+    def _pick_low_bit(self, order: list[Key], group_of: dict, expert_ids: np.ndarray, direct: set[Key]) -> set[Key]:
+        """The misses the low-bit rule picks, their reads started in compute order."""
+        if self.low_bit is None:
+            return set()
+        rule = self.low_bit.rule
+        picked = [key for key in order if key not in self.slot_of and key not in direct and rule.low_bit(
+            group_of[key].weights, group_ranks(expert_ids, group_of[key].rows, key[1]))]
+        self.low_bit.start(picked, self.reader, self.profiler)
+        return set(picked)
 
     def _try_direct(self, chosen: int) -> bool:
         """Whether a miss should be computed on the pool: measured cheaper, or not yet measured once."""
@@ -357,4 +384,6 @@ class ExpertCache:
             future.result()
         self.loading.clear()
         self.reader.shutdown(wait=True)
+        if self.low_bit is not None:
+            self.low_bit.close()
         self.store.close()

@@ -67,6 +67,8 @@ def kernels(threads, bits, group_size, tokens, repeats, no_torch, gguf, as_json)
                                       "measure both side by side: --activations int8 --activations float32.")
 @click.option("--dense", type=click.Choice(CHOICES["dense"]), default="auto", show_default=True,
               help="Attention and output weights: auto, stored or int8 (see generate --help).")
+@click.option("--miss-bits", type=click.Choice(CHOICES["miss_bits"]), default="auto", show_default=True,
+              help="Which cache misses read the pool's low-bit copy (see generate --help).")
 @click.option("--bandwidth-gbs", type=click.FloatRange(0, min_open=True), default=None,
               help="Memory read bandwidth for the floor [default: measured now at --threads].")
 @click.option("--routing-trace", type=click.Path(), default=None,
@@ -75,7 +77,7 @@ def kernels(threads, bits, group_size, tokens, repeats, no_torch, gguf, as_json)
                    "model's layers: docs/cache.md, 'Routing by a trace'.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (schema: benchmark.py).")
 def decode(model, budgets, fractions, no_resident, prompt_tokens, decode_prompt_tokens, decode_tokens, repeats,
-           threads, dtype, policy, prefetch, activations, dense, bandwidth_gbs, routing_trace, as_json):
+           threads, dtype, policy, prefetch, activations, dense, miss_bits, bandwidth_gbs, routing_trace, as_json):
     """Decode and prompt tokens/s of MODEL, each configuration in a fresh child process.
 
     Reports medians of --repeats, the child's peak RSS, and with a budget the cache hit rate and
@@ -96,7 +98,7 @@ def decode(model, budgets, fractions, no_resident, prompt_tokens, decode_prompt_
         RoutingTrace.load(routing_trace)  # a bad file is one error here, not one per child
     common = dict(model=model, prompt_tokens=prompt_tokens, decode_prompt_tokens=decode_prompt_tokens,
                   decode_tokens=decode_tokens, repeats=repeats, threads=threads, dtype=dtype, policy=policy,
-                  prefetch=prefetch, dense=dense, routing_trace=routing_trace)
+                  prefetch=prefetch, dense=dense, miss_bits=miss_bits, routing_trace=routing_trace)
     specs = []
     for mode in dict.fromkeys(activations):
         suffix = f" ({mode})" if len(set(activations)) > 1 else ""

@@ -61,6 +61,13 @@ def load_options(command):
                           "group of 64, 0.6% error) and computes them with the CPU kernels, halving their "
                           "memory and bytes per token; stored keeps them in --dtype. auto: int8 for a "
                           "converted model on the CPU, stored otherwise."),
+        click.option("--miss-bits", type=click.Choice(CHOICES["miss_bits"]), default="auto", show_default=True,
+                     help="Under --memory-budget, let expert cache misses read the pool's low-bit copy (convert "
+                          "--miss-bits) into a small buffer and compute it there, evicting nothing. auto: only "
+                          "for an expert that is every token's second choice with a gate weight below 0.4, and "
+                          "only on a pool that has the copy (none: off); on by default, as it moved the demo "
+                          "model's perplexity by 0.2% with 25% of its experts cached (BENCHMARKS.md). 2 or 3: "
+                          "the same rule, and the copy must exist at those bits; off: never."),
         click.option("--max-context", type=int, default=None,
                      help="KV cache length in tokens [default: min(4096, the model's maximum)]."),
         click.option("--verbose", "-v", "log", is_flag=True, callback=_log_callback,

@@ -11,6 +11,8 @@ from ..errors import MixtralOffloadError
 from ..profiling import NULL_PROFILER, NullProfiler
 from ..validate import float_field, int_field, seed_field
 
+TOP_K_MAX = 1 << 31   # the largest top_k a request may ask for
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -24,7 +26,7 @@ class SamplingParams:
     def __post_init__(self) -> None:
         float_field(self.temperature, "temperature", 0)
         float_field(self.top_p, "top_p", 0, 1, low_open=True)
-        int_field(self.top_k, "top_k", 0, 1 << 31)
+        int_field(self.top_k, "top_k", 0, TOP_K_MAX)
         seed_field(self.seed)
 
 

@@ -15,6 +15,8 @@ import torch
 
 from ..cache.device_slots import DeviceSlots, NF4DeviceSlots, import_bitsandbytes, nf4_slot_bytes
 from ..cache.expert_cache import ExpertCache, HostSlots, read_extents
+from ..cache.lowbit_misses import LowBitMisses
+from ..cache.miss_choice import AUTO
 from ..cache.source import MATRICES, page_rounded
 from ..cache.traces import TraceRecorder
 from ..config import ModelArgs, format_size
@@ -34,7 +36,7 @@ from .store.checkpoint import Checkpoint, parse_dtype
 from .store.dense import hold_dense, read_dense
 from .store.gguf import GGUFModel, is_gguf
 from .store.gguf_experts import GGUFExperts
-from .store.pool import CONFIG_NAME, DENSE_NAME, POOL_NAME, TOKENIZER_NAME, ExpertPool
+from .store.pool import CONFIG_NAME, COPIES, DENSE_NAME, POOL_NAME, TOKENIZER_NAME, ExpertPool
 from .tokenizer import Tokenizer
 
 
@@ -127,6 +129,8 @@ class ExpertFiles:
     read_dense: Callable           # (plan) -> dense weights by runtime name, as plan_experts decided
     mappable_embedding: bool       # whether the table can be gathered from the file mapping
     device_slots: bool             # whether device slots can hold the source's blocks
+    miss_source: object = None     # the low-bit copy of the experts (a BlockSource) when --miss-bits may use it
+    miss_kernel: ExpertKernel | None = None
 
 
 @dataclass(frozen=True)
@@ -140,6 +144,7 @@ class LoadPlan:
     mapped_embedding: bool   # the embedding table read from the file mapping
     prefetch_slots: int
     memory: MemoryPlan | None  # None: experts computed where they lie (no cache)
+    low_bit: bool = False      # misses may read the low-bit copy (files.miss_source)
 
 
 def plan_experts(files: ExpertFiles, options: LoadOptions, device: torch.device) -> LoadPlan:
@@ -161,6 +166,11 @@ def plan_experts(files: ExpertFiles, options: LoadOptions, device: torch.device)
     mapped = files.mappable_embedding and not on_gpu and not args.tie_word_embeddings
     context = default_context(args, options.max_context)
     prefetch = args.num_experts_per_tok if options.prefetch else 0
+    budgeted = options.memory_budget is not None or options.experts_fraction is not None
+    if options.miss_bits in ("2", "3") and (on_gpu or not budgeted):
+        raise MixtralOffloadError(f"--miss-bits {options.miss_bits} computes expert cache misses with the CPU kernels: "
+                                  + ("use it without --device cuda" if on_gpu else "give --memory-budget"))
+    low_bit = files.miss_source is not None and budgeted and not on_gpu
     if not (options.cached or on_gpu):
         return LoadPlan(dtype, context, on_gpu, quantized, mapped, prefetch, None)
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -169,6 +179,7 @@ def plan_experts(files: ExpertFiles, options: LoadOptions, device: torch.device)
     sizes = dict(args=args, dense_bytes=dense_nbytes(args, itemsize, quantized, mapped, PREFILL_CHUNK),
                  slot_bytes=slot_bytes, max_context=context, itemsize=itemsize, chunk=PREFILL_CHUNK,
                  prefetch=prefetch, score_chunk=SCORE_CHUNK,
+                 scratch_bytes=page_rounded(files.miss_source.block_nbytes) if low_bit else 0,
                  baseline=torch.cuda.memory_reserved(device) if on_gpu else current_rss())
     total = args.num_hidden_layers * args.num_local_experts
     if options.experts_fraction is not None:  # the budget a user would pass for that many slots
@@ -181,7 +192,7 @@ def plan_experts(files: ExpertFiles, options: LoadOptions, device: torch.device)
         memory = plan_memory(budget=int(torch.cuda.mem_get_info(device)[0] * 0.9), **sizes)
     else:  # tracing without a budget: a cache that holds every expert
         memory = plan_memory(budget=1 << 60, **sizes)
-    return LoadPlan(dtype, context, on_gpu, quantized, mapped, prefetch, memory)
+    return LoadPlan(dtype, context, on_gpu, quantized, mapped, prefetch, memory, low_bit)
 
 
 def open_converted(path: Path, options: LoadOptions) -> ExpertFiles:
@@ -189,13 +200,29 @@ def open_converted(path: Path, options: LoadOptions) -> ExpertFiles:
     args = ModelArgs.from_file(path / CONFIG_NAME)
     pool = ExpertPool.open(path)
     kernel = expert_kernel(pool.spec, args.hidden_size, args.intermediate_size, options.activations)
+    miss = open_miss_copy(path, options.miss_bits)
+    miss_kernel = miss and expert_kernel(miss.spec, args.hidden_size, args.intermediate_size, options.activations)
 
     def dense(plan: LoadPlan) -> dict:
         return read_dense(path / DENSE_NAME, args, plan.dtype, plan.quantized_dense, options.activations,
                           plan.mapped_embedding)
 
     return ExpertFiles(path, args, pool, kernel, Tokenizer(path / TOKENIZER_NAME), resolve_dtype("auto", path),
-                       dense, mappable_embedding=True, device_slots=True)
+                       dense, mappable_embedding=True, device_slots=True, miss_source=miss, miss_kernel=miss_kernel)
+
+
+def open_miss_copy(path: Path, miss_bits: str) -> ExpertPool | None:
+    """The low-bit copy --miss-bits asks for: none when off (or auto on a pool without one); 2|3 must find it."""
+    if miss_bits == "off" or (miss_bits == "auto" and not (path / COPIES["miss"][0]).exists()):
+        return None
+    if miss_bits != "auto" and not (path / COPIES["miss"][0]).exists():
+        raise MixtralOffloadError(f"{path}: --miss-bits {miss_bits} needs a low-bit copy of the experts, and this pool "
+                                  f"has none: convert or synth it with --miss-bits {miss_bits}")
+    miss = ExpertPool.open(path, "miss")
+    if miss_bits != "auto" and miss.spec.bits != int(miss_bits):
+        raise MixtralOffloadError(f"{path}: --miss-bits {miss_bits}, but its low-bit copy is int{miss.spec.bits}: "
+                                  f"use --miss-bits {miss.spec.bits} or auto")
+    return miss
 
 
 def open_gguf(path: Path, options: LoadOptions) -> ExpertFiles:
@@ -206,6 +233,9 @@ def open_gguf(path: Path, options: LoadOptions) -> ExpertFiles:
     def dense(plan: LoadPlan) -> dict:
         return hold_dense(model.dense_tensors(plan.dtype), plan.dtype, plan.quantized_dense, options.activations)
 
+    if options.miss_bits in ("2", "3"):
+        raise MixtralOffloadError(f"{path}: --miss-bits {options.miss_bits} needs a converted pool with a low-bit "
+                                  "copy; a GGUF has none")
     return ExpertFiles(path, model.args, source, gguf_experts_kernel(options.activations), model.tokenizer(),
                        model.float_dtype(), dense, mappable_embedding=False, device_slots=False)
 
@@ -219,6 +249,8 @@ def build_runtime(files: ExpertFiles, options: LoadOptions, device: torch.device
         import_bitsandbytes()  # fail before the weights are read
     if options.cached or device.type == "cuda":  # compiled kernels count in the baseline the plan measures
         warm_up_kernels(source, kernel, options.activations if options.dense != "stored" else None)
+        if files.miss_source is not None and device.type == "cpu":
+            warm_up_kernels(files.miss_source, files.miss_kernel)
     plan = plan_experts(files, options, device)
     if plan.memory is not None and log is not None:
         log(plan.memory.describe())
@@ -236,8 +268,9 @@ def build_runtime(files: ExpertFiles, options: LoadOptions, device: torch.device
             store = HostSlots(source, slots, kernel)
         recorder = (TraceRecorder(args.num_hidden_layers, args.num_local_experts, source=str(files.path))
                     if options.record_trace else None)
+        low_bit = LowBitMisses(files.miss_source, files.miss_kernel, AUTO, args.num_experts_per_tok) if plan.low_bit else None
         experts = ExpertCache(source, args.num_hidden_layers, args.num_experts_per_tok, store, policy=options.policy,
-                              prefetch=plan.prefetch_slots, recorder=recorder)
+                              prefetch=plan.prefetch_slots, recorder=recorder, low_bit=low_bit)
     model = build_model(args, dense, experts, plan.context, plan.dtype, device,
                         prefetch_hints=plan.memory is not None and (options.prefetch or options.record_trace),
                         routing=routing)

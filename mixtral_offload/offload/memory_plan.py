@@ -31,11 +31,13 @@ class MemoryPlan:
     slots: int
     min_slots: int       # top_k plus the prefetch slots
     total_experts: int
+    scratch: int = 0     # buffers misses read the low-bit copy into (--miss-bits): top_k of its block
+    scratch_buffers: int = 0
 
     @property
     def fixed(self) -> int:
         """Everything but the expert slots."""
-        return self.baseline + self.dense + self.kv_cache + self.work
+        return self.baseline + self.dense + self.kv_cache + self.work + self.scratch
 
     @property
     def minimum_budget(self) -> int:
@@ -46,6 +48,8 @@ class MemoryPlan:
         """A small table of the plan, for -v."""
         rows = [("budget", self.budget), ("baseline (after imports)", self.baseline), ("dense weights", self.dense),
                 ("KV cache", self.kv_cache), ("work buffers", self.work),
+                *([(f"low-bit miss buffers: {self.scratch_buffers} x "
+                    f"{format_size(self.scratch // self.scratch_buffers)}", self.scratch)] if self.scratch else []),
                 (f"expert slots: {self.slots} x {format_size(self.slot_bytes)} "
                  f"({self.slots}/{self.total_experts} experts)", self.slots * self.slot_bytes)]
         return "\n".join(f"  {name:<44} {format_size(value):>12}" for name, value in rows)
@@ -102,8 +106,11 @@ def return_freed_memory() -> None:
 
 def plan_memory(args: ModelArgs, budget: int, dense_bytes: int, slot_bytes: int, max_context: int,
                 itemsize: int, chunk: int, prefetch: int, baseline: int | None = None,
-                score_chunk: int = 64) -> MemoryPlan:
-    """How many expert slots fit in the budget; refuses a budget below the minimum working set."""
+                score_chunk: int = 64, scratch_bytes: int = 0) -> MemoryPlan:
+    """How many expert slots fit in the budget; refuses a budget below the minimum working set.
+
+    scratch_bytes: one low-bit block (page-rounded) per expert a token chooses, when misses may read it.
+    """
     total = args.num_hidden_layers * args.num_local_experts
     plan = MemoryPlan(
         budget=budget,
@@ -115,6 +122,8 @@ def plan_memory(args: ModelArgs, budget: int, dense_bytes: int, slot_bytes: int,
         slots=0,
         min_slots=args.num_experts_per_tok + prefetch,
         total_experts=total,
+        scratch=args.num_experts_per_tok * scratch_bytes,
+        scratch_buffers=args.num_experts_per_tok if scratch_bytes else 0,
     )
     slots = min(total, max(0, (budget - plan.fixed) // slot_bytes))
     if slots < plan.min_slots:

@@ -16,10 +16,12 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 DENSE_FORMATS = ("auto", "stored", "int8")     # how the attention and output weights are held
 DEVICE_FORMATS = ("dequantize", "nf4")         # how device slots hold an expert
+MISS_BITS = ("off", "auto", "2", "3")          # low-bit misses: never, by the rule from any copy, from that copy
 ONLINE_POLICIES = tuple(name for name in POLICIES if name not in OFFLINE_POLICIES)
 
 CHOICES = {"dtype": DTYPES, "device": DEVICES, "dense": DENSE_FORMATS, "device_format": DEVICE_FORMATS,
-           "activations": ACTIVATIONS, "policy": ONLINE_POLICIES}
+           "activations": ACTIVATIONS, "policy": ONLINE_POLICIES,
+           "miss_bits": MISS_BITS}
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ class LoadOptions:
     record_trace: bool = False             # record the routing trace (a cache that holds every expert)
     release_pages: bool = False            # without a cache: drop each expert's mapped pages after use
     routing_trace: str | None = None       # a routing trace file whose choices replace the router's (benchmarks)
+    miss_bits: str = "auto"                # cache misses the rule picks read the pool's low-bit copy (2|3: it must exist)
 
     def __post_init__(self) -> None:
         for name, allowed in CHOICES.items():

@@ -21,7 +21,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from mixtral_offload.quant.gguf_blocks import BlockType
-from mixtral_offload.quant.gguf_vectors import BUFFERED, CodeUnit
+from mixtral_offload.quant.gguf_vectors import BUFFERED, CodeUnit, _splat
 from mixtral_offload.quant.int8x import BLOCK_BYTES, PREFETCH_BYTES
 from mixtral_offload.quant.int8x_ir import (
     _F32, _I64, _V16F, _V16I32, _V64I8, ISA, _data_pointer, _horizontal_sum, _int_dot, _load, _prefetch_l2,
@@ -78,6 +78,25 @@ def kernel_activations(x: np.ndarray, bt: BlockType) -> tuple[np.ndarray, np.nda
     return xq_padded, dsub, xoff
 
 
+def _block_dot(builder, unit, c, at, x, d, xo, first, per_vector, acc, shifts, isa):
+    """One K-quant block (unit) of a chunk_dot: its vectors' int32 lanes times their integer sub-block scales,
+    summed in integers (at most 4 x 4 x 63 x 127 x 128 per lane), then once times d(block) x d(x block)
+    into acc; the offsets of its sub-blocks times x's (xoff) into shifts."""
+    lanes, d_w, offsets = unit.block_scales(builder, c, at)
+    ints = ir.Constant(_V16I32, None)
+    for i, codes_v in enumerate(unit.emit(builder, c, at)):
+        at_x = builder.mul(builder.add(first, ir.Constant(_I64, i)), ir.Constant(_I64, BLOCK_BYTES))
+        dot = _int_dot(builder, ir.Constant(_V16I32, None), codes_v, _load(builder, x, at_x, _V64I8), isa)
+        ints = builder.add(ints, builder.mul(dot, lanes[i]))
+    g0 = builder.mul(first, ir.Constant(_I64, per_vector))  # the block's first sub-block
+    scale = builder.fmul(d_w, builder.load(builder.gep(d, [g0])))  # one x scale per K-quant block
+    fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16F, [_V16F] * 3), "llvm.fma.v16f32")
+    product = builder.call(fma, [builder.sitofp(ints, _V16F), _splat(builder, scale, _V16F), builder.load(acc)])
+    builder.store(product, acc)
+    shift = builder.fmul(offsets, _load(builder, xo, g0, offsets.type))
+    builder.store(builder.fadd(builder.load(shifts), shift), shifts)
+
+
 def make_chunk_dot(sub_cols: int, signed: bool, unit: CodeUnit = BUFFERED, isa: str = ISA):
     """An intrinsic: chunk_dot(codes, code_at, scale, offset, xq, dsub, xoff, x_at, s_at, units) -> float32.
 
@@ -105,6 +124,8 @@ def make_chunk_dot(sub_cols: int, signed: bool, unit: CodeUnit = BUFFERED, isa: 
             fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16F, [_V16F] * 3), "llvm.fma.v16f32")
             acc = cgutils.alloca_once_value(builder, ir.Constant(_V16F, None))
             shifts = cgutils.alloca_once_value(builder, ir.Constant(small, None))
+            wide = ir.VectorType(_F32, unit.cols // sub_cols)  # the offsets of a K-quant block's sub-blocks
+            wide_shifts = cgutils.alloca_once_value(builder, ir.Constant(wide, None))
             with cgutils.for_range(builder, args[9]) as loop:
                 first = builder.mul(loop.index, ir.Constant(_I64, vectors))
                 at = builder.add(args[1], builder.mul(loop.index, ir.Constant(_I64, unit.nbytes)))
@@ -113,24 +134,29 @@ def make_chunk_dot(sub_cols: int, signed: bool, unit: CodeUnit = BUFFERED, isa: 
                 if unit is not BUFFERED:
                     for line in range(0, unit.nbytes, BLOCK_BYTES):
                         _prefetch_l2(builder, builder.gep(c, [builder.add(at, ir.Constant(_I64, PREFETCH_BYTES + line))]))
-                in_blocks = unit.scales(builder, c, at) if unit.scales else None
-                for i, codes_v in enumerate(unit.emit(builder, c, at)):
-                    vector = builder.add(first, ir.Constant(_I64, i))
-                    x_v = _load(builder, x, builder.mul(vector, ir.Constant(_I64, BLOCK_BYTES)), _V64I8)
-                    if signed:
-                        ints = _signed_int_dot(builder, codes_v, x_v, isa)
-                    else:
-                        ints = _int_dot(builder, ir.Constant(_V16I32, None), codes_v, x_v, isa)
-                    g0 = builder.mul(vector, ir.Constant(_I64, per_vector))
-                    w_scale, w_offset = in_blocks[i] if in_blocks else (_load(builder, s, g0, small),
-                                                                        _load(builder, o, g0, small))
-                    scales = builder.fmul(w_scale, _load(builder, d, g0, small))
-                    lanes = builder.shuffle_vector(scales, ir.Constant(small, ir.Undefined), expand)
-                    builder.store(builder.call(fma, [builder.sitofp(ints, _V16F), lanes, builder.load(acc)]), acc)
-                    if w_offset is not None:
-                        shift = builder.fmul(w_offset, _load(builder, xo, g0, small))
-                        builder.store(builder.fadd(builder.load(shifts), shift), shifts)
-            return builder.fsub(_horizontal_sum(builder, builder.load(acc)), _horizontal_sum(builder, builder.load(shifts)))
+                if unit.block_scales:
+                    _block_dot(builder, unit, c, at, x, d, xo, first, per_vector, acc, wide_shifts, isa)
+                else:
+                    in_blocks = unit.scales(builder, c, at) if unit.scales else None
+                    for i, codes_v in enumerate(unit.emit(builder, c, at)):
+                        vector = builder.add(first, ir.Constant(_I64, i))
+                        x_v = _load(builder, x, builder.mul(vector, ir.Constant(_I64, BLOCK_BYTES)), _V64I8)
+                        if signed:
+                            ints = _signed_int_dot(builder, codes_v, x_v, isa)
+                        else:
+                            ints = _int_dot(builder, ir.Constant(_V16I32, None), codes_v, x_v, isa)
+                        g0 = builder.mul(vector, ir.Constant(_I64, per_vector))
+                        w_scale, w_offset = in_blocks[i] if in_blocks else (_load(builder, s, g0, small),
+                                                                            _load(builder, o, g0, small))
+                        scales = builder.fmul(w_scale, _load(builder, d, g0, small))
+                        lanes = builder.shuffle_vector(scales, ir.Constant(small, ir.Undefined), expand)
+                        builder.store(builder.call(fma, [builder.sitofp(ints, _V16F), lanes, builder.load(acc)]), acc)
+                        if w_offset is not None:
+                            shift = builder.fmul(w_offset, _load(builder, xo, g0, small))
+                            builder.store(builder.fadd(builder.load(shifts), shift), shifts)
+            shift = builder.fadd(_horizontal_sum(builder, builder.load(shifts)),
+                                 _horizontal_sum(builder, builder.load(wide_shifts)))
+            return builder.fsub(_horizontal_sum(builder, builder.load(acc)), shift)
 
         return signature, codegen
 

@@ -117,13 +117,17 @@ class CodeUnit:
 
     scales(builder, base, at), where given, reads each vector's sub-block scales and offsets from the
     blocks too (a list of (<64 / sub_cols x float>, the same or None for zero offsets)); BUFFERED
-    reads them from the buffers gguf_decode.decode_codes filled.
+    reads them from the buffers gguf_decode.decode_codes filled. block_scales(builder, base, at), for
+    the K-quants (one x scale per block), gives (per vector a <16 x i32> of each int32 lane's integer
+    sub-block scale, the block's float d, <sub-blocks x float> offsets): the lanes are scaled in
+    integers and the block takes one float conversion and one multiply-add.
     """
 
     cols: int
     nbytes: int
     emit: Callable
     scales: Callable | None = None
+    block_scales: Callable | None = None
 
 
 def _floats(b, values):
@@ -153,8 +157,8 @@ def _shuffle(b, vector, picks):
         vector.type.count if p is None else p for p in picks]))
 
 
-def _k4_scales(b, base, at):
-    # the 12 packed bytes at 4 (gguf_decode._scale_min_k4) for all 8 sub-blocks at once:
+def _k4_packed(b, base, at):
+    # the 12 packed bytes at 4 (gguf_decode._scale_min_k4) for all 8 sub-blocks at once: <8 x i8> sc and m;
     # sub-block j < 4: sc = q[j] & 63, m = q[j+4] & 63; j >= 4: sc = (q[j+4] & 15) | (q[j-4] >> 6) << 4,
     # m = (q[j+4] >> 4) | (q[j] >> 6) << 4
     q = _bytes(b, base, at, 4, 16)  # 12 bytes of scales and the first 4 of what follows (unused)
@@ -168,24 +172,30 @@ def _k4_scales(b, base, at):
     sc = b.or_(b.and_(low, lanes([63] * 4 + [15] * 4)), high_sc)
     mins = b.lshr(_shuffle(b, q, [4, 5, 6, 7, 8, 9, 10, 11]), lanes([0] * 4 + [4] * 4))
     high_m = b.shl(b.lshr(_shuffle(b, q, [None] * 4 + [4, 5, 6, 7]), lanes([6] * 8)), lanes([4] * 8))
-    m = b.or_(b.and_(mins, lanes([63] * 8)), high_m)
-    floats = ir.VectorType(_F32, 8)
-    d = _floats(b, [_half(b, base, at)] * 8)
-    dmin = _floats(b, [_half(b, base, b.add(at, ir.Constant(_I64, 2)))] * 8)
-    scales, offsets = b.fmul(d, b.uitofp(sc, floats)), b.fmul(dmin, b.uitofp(m, floats))
-    pair = [ir.Constant(ir.VectorType(_I32, 2), [2 * v, 2 * v + 1]) for v in range(4)]
-    undefined = ir.Constant(floats, ir.Undefined)
-    return [(b.shuffle_vector(scales, undefined, p), b.shuffle_vector(offsets, undefined, p)) for p in pair]
+    return sc, b.or_(b.and_(mins, lanes([63] * 8)), high_m)
 
 
-def _q6_k_scales(b, base, at):  # d times the int8 scales of the vector's four sub-blocks of 16; offset 32 of that
+def _lane_scales(b, sc, per_sub: int):
+    """Per 64-code vector v, <16 x i32>: int32 lane l's sub-block scale sc[v * 16 / per_sub + l // per_sub]
+    (sc <n x i32>; per_sub = lanes per sub-block: 8 for 32 codes, 4 for 16)."""
+    per_vector = 16 // per_sub
+    return [b.shuffle_vector(sc, ir.Constant(sc.type, ir.Undefined), ir.Constant(
+        ir.VectorType(_I32, 16), [v * per_vector + lane // per_sub for lane in range(16)]))
+        for v in range(sc.type.count // per_vector)]
+
+
+def _k4_block_scales(b, base, at):  # Q4_K / Q5_K: integer sc per lane, d; offsets dmin m per sub-block
+    sc, m = _k4_packed(b, base, at)
+    dmin = _half(b, base, b.add(at, ir.Constant(_I64, 2)))
+    offsets = b.fmul(_floats(b, [dmin] * 8), b.uitofp(m, ir.VectorType(_F32, 8)))
+    return _lane_scales(b, b.zext(sc, ir.VectorType(_I32, 8)), 8), _half(b, base, at), offsets
+
+
+def _q6_k_block_scales(b, base, at):  # int8 scales of the 16 sub-blocks of 16, d; offsets 32 d sc
+    sc = b.sext(_bytes(b, base, at, 192, 16), ir.VectorType(_I32, 16))
     d = _half(b, base, b.add(at, ir.Constant(_I64, 208)))
-    splat = _floats(b, [d] * 4)
-    out = []
-    for v in range(4):
-        sc = b.fmul(b.sitofp(_bytes(b, base, at, 192 + 4 * v, 4), ir.VectorType(_F32, 4)), splat)
-        out.append((sc, _times(b, sc, 32.0)))
-    return out
+    offsets = b.fmul(_floats(b, [d] * 16), _times(b, b.sitofp(sc, ir.VectorType(_F32, 16)), 32.0))
+    return _lane_scales(b, sc, 4), d, offsets
 
 
 def _q4_0_codes(b, base, at):  # two blocks
@@ -218,8 +228,9 @@ def _q6_k_codes(b, base, at):
 
 BUFFERED = CodeUnit(64, 64, lambda b, base, at: [_load(b, base, at, ir.VectorType(_I8, 64))])  # decoded u
 Q4_0_UNIT, Q8_0_UNIT = CodeUnit(64, 36, _q4_0_codes, _q4_0_scales), CodeUnit(64, 68, _q8_0_codes, _q8_0_scales)
-Q4_K_UNIT, Q5_K_UNIT = CodeUnit(256, 144, _q4_k_codes, _k4_scales), CodeUnit(256, 176, _q5_k_codes, _k4_scales)
-Q6_K_UNIT = CodeUnit(256, 210, _q6_k_codes, _q6_k_scales)
+Q4_K_UNIT = CodeUnit(256, 144, _q4_k_codes, block_scales=_k4_block_scales)
+Q5_K_UNIT = CodeUnit(256, 176, _q5_k_codes, block_scales=_k4_block_scales)
+Q6_K_UNIT = CodeUnit(256, 210, _q6_k_codes, block_scales=_q6_k_block_scales)
 
 
 def make_expand(sub_cols: int, signed: bool):

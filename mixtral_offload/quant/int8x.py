@@ -70,19 +70,23 @@ def supports(bits: int, cols: int) -> bool:
 
 
 @njit(cache=True, fastmath=True, nogil=True)
+def group_scale(x, t, base, group_size):
+    """(dx, 1 / dx) of x[t, base : base + group_size]: dx = max|x| / 127 (1 / dx = 0 for a zero group)."""
+    amax = np.float32(0.0)
+    for j in range(group_size):
+        amax = max(amax, abs(x[t, base + j]))
+    return amax * np.float32(1.0 / 127.0), (np.float32(127.0) / amax if amax > 0 else np.float32(0.0))
+
+
+@njit(cache=True, fastmath=True, nogil=True)
 def _quantize_activations(x, group_size, planes, xperm, dx, xqsum):
     """Per token and group: dx = max|x| / 127, xq = round(x / dx), in the block order of codes with
     `planes` planes per byte (1: natural order)."""
     part = group_size // planes
-    inv127 = np.float32(1.0 / 127.0)
     for t in range(x.shape[0]):
         for g in range(x.shape[1] // group_size):
             base = g * group_size
-            amax = np.float32(0.0)
-            for j in range(group_size):
-                amax = max(amax, abs(x[t, base + j]))
-            scale = amax * inv127
-            inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
+            scale, inv = group_scale(x, t, base, group_size)
             total = 0
             for j in range(group_size):
                 q = np.int32(np.rint(x[t, base + j] * inv))

@@ -158,7 +158,7 @@ def error_response(message: str, status: int, kind: str) -> JSONResponse:
 async def read_json(request: Request):
     try:
         return json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
         raise RequestError(f"We could not parse the JSON body of your request ({exc}).", None,
                            "invalid_json") from None
 

@@ -4,9 +4,12 @@ Fields this server does not know are ignored, as the OpenAI API ignores them for
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+from ..offload.generate import TOP_K_MAX
 from ..offload.tokenizer import Message
+from ..validate import UINT64_MAX
 
 MAX_STOPS = 4                 # stop strings per request, as OpenAI allows
 COMPLETION_MAX_TOKENS = 16    # /v1/completions default max_tokens, as OpenAI's; chat defaults to the context
@@ -60,7 +63,8 @@ def _value_error(name: str, message: str) -> RequestError:
     return RequestError(f"Invalid value for '{name}': {message}", name, "invalid_value")
 
 
-def _integer(body: dict, name: str, default: int | None, low: int | None = None) -> int | None:
+def _integer(body: dict, name: str, default: int | None, low: int | None = None,
+             high: int | None = None) -> int | None:
     value = body.get(name)
     if value is None:
         return default
@@ -68,6 +72,8 @@ def _integer(body: dict, name: str, default: int | None, low: int | None = None)
         raise _type_error(name, "an integer", value)
     if low is not None and value < low:
         raise _value_error(name, f"{value} is below the minimum of {low}.")
+    if high is not None and value > high:
+        raise _value_error(name, f"{value} is above the maximum of {high}.")
     return value
 
 
@@ -77,7 +83,7 @@ def _number(body: dict, name: str, default: float, low: float, high: float, low_
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _type_error(name, "a number", value)
-    if value > high or value < low or (low_open and value == low):
+    if value > high or value < low or (low_open and value == low) or not math.isfinite(value):  # a huge int: no float
         interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
         raise _value_error(name, f"{value} is outside {interval}.")
     return float(value)
@@ -119,8 +125,8 @@ def _options(body: dict, max_tokens_default: int | None, max_tokens_names: tuple
     return Options(max_tokens=max_tokens,
                    temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
                    top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
-                   top_k=_integer(body, "top_k", 0, low=0),
-                   seed=_integer(body, "seed", None),
+                   top_k=_integer(body, "top_k", 0, low=0, high=TOP_K_MAX),
+                   seed=_integer(body, "seed", None, low=0, high=UINT64_MAX),
                    stop=_stops(body),
                    stream=_boolean(body, "stream", False),
                    include_usage=include_usage)
@@ -146,7 +152,7 @@ def _message(value, index: int) -> Message:
     if not isinstance(value, dict):
         raise _type_error(name, "an object", value)
     role = value.get("role")
-    if role not in ROLES:
+    if not isinstance(role, str) or role not in ROLES:
         raise RequestError(f"'{name}.role': {role!r} is not one of {', '.join(ROLES)}.", f"{name}.role",
                            "invalid_value")
     return Message(ROLES[role], _content(value.get("content"), f"{name}.content"))

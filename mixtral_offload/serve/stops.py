@@ -21,8 +21,8 @@ class StopMatcher:
         if found:  # the stop string completed first (the longer one when two end together), as if char by char
             released, self.pending, self.stopped = self.pending[:min(found)[1]], "", True
             return released
-        hold = max((length for stop in self.stops for length in range(1, len(stop))
-                    if self.pending.endswith(stop[:length])), default=0)
+        hold = max((length for stop in self.stops for length in range(1, min(len(stop), len(self.pending) + 1))
+                    if self.pending.endswith(stop[:length])), default=0)  # a prefix longer than pending cannot end it
         cut = len(self.pending) - hold
         released, self.pending = self.pending[:cut], self.pending[cut:]
         return released

@@ -1,0 +1,96 @@
+"""Prompt speed at Mixtral width: this runtime against llama.cpp on the same weights, warm and under limits.
+
+    python benchmarks/width_prompt.py POOL_DIR Q4_0.gguf [--prompts 256 1024] [--limits 3GiB] [--repeats 2]
+
+Each run is a fresh width_child.py (one teacher-forced prompt of N distinct token ids, one forward
+pass, timed; then one decode step), systems alternating within each setting: "warm" (no limit, files
+left in the page cache by the run before; this runtime with every expert on the mapped pool,
+llama.cpp's default, which repacks Q4_0) and per limit a cgroup v1 memory limit with the files
+evicted first (mixtral_width.limited_run; this runtime with --memory-budget = the limit, llama.cpp
+mmap with repack off). Per run: prompt tok/s and its share of the int8 compute peak measured here
+(compute_peak.py, 2 threads), prompt tokens per CPU-second of the child and their share of the
+per-CPU-second peak (what a loaded, time-shared machine cannot inflate); --json keeps all.
+Columns: prompt tokens | setting | system | run | tok/s | of peak | tok/CPU-s | of peak | cgroup peak MiB | load.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import THREADS, python_child, run_json_child  # noqa: E402
+from mixtral_width import limited_run, uptime  # noqa: E402
+
+from mixtral_offload.config import parse_size  # noqa: E402
+from mixtral_offload.quant.compute_peak import measure_int8_peak  # noqa: E402
+
+
+def macs_per_token(config: dict, layers: int) -> float:
+    """Multiply-accumulates of one prompt token in this runtime's projections: attention, router, top-k experts."""
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    head_dim = hidden // config["num_attention_heads"]
+    attention = hidden * (2 * hidden + 2 * config["num_key_value_heads"] * head_dim)
+    experts = config["num_experts_per_tok"] * 3 * hidden * inter
+    return layers * (attention + hidden * config["num_local_experts"] + experts)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("pool", type=Path)
+    parser.add_argument("gguf", type=Path)
+    parser.add_argument("--prompts", type=int, nargs="+", default=[256, 1024])
+    parser.add_argument("--limits", nargs="*", default=["3GiB"])
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    config = json.loads((args.pool / "config.json").read_text())
+    macs = macs_per_token(config, config["num_hidden_layers"])
+    peak = measure_int8_peak(THREADS) * 1e9
+    core_peak = measure_int8_peak(1, clock=time.process_time) * 1e9
+    print(f"compute peak {peak / 1e9:.0f} G MAC/s at {THREADS} threads, {core_peak / 1e9:.0f} per CPU-second "
+          f"({uptime()}); {macs / 1e9:.2f} G MAC per prompt token", file=sys.stderr, flush=True)
+    runs = []
+    for tokens in args.prompts:
+        token_args = ["--prompt-tokens", str(tokens), "--warmup-tokens", "0", "--decode-tokens", "1"]
+        for setting in ["warm", *args.limits]:
+            budget = [] if setting == "warm" else ["--budget", str(parse_size(setting))]
+            systems = [("this runtime", python_child("width_child.py", "runtime", str(args.pool), *budget, *token_args),
+                        [args.pool]),
+                       ("llama.cpp", python_child("width_child.py", "llamacpp", str(args.gguf), *token_args,
+                                                  *([] if setting == "warm" else ["--no-repack"])), [args.gguf])]
+            for repeat in range(args.repeats):
+                for name, argv, files in systems:
+                    if setting == "warm":
+                        before = uptime()
+                        result = run_json_child(argv)
+                        result.update(name=name, uptime_before=before, uptime_after=uptime())
+                    else:
+                        result = limited_run(name, argv, parse_size(setting), files)
+                    result.update(setting=setting, repeat=repeat + 1, tokens=tokens)
+                    if "prompt_seconds" in result:
+                        rate, cpu_rate = tokens / result["prompt_seconds"], tokens / result["prompt_cpu_seconds"]
+                        result.update(prompt_tps=rate, of_peak=rate * macs / peak, prompt_tps_per_cpu=cpu_rate,
+                                      of_core_peak=cpu_rate * macs / core_peak)
+                    runs.append(result)
+                    print(row(result), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({"peak_gmacs": peak / 1e9, "core_peak_gmacs": core_peak / 1e9,
+                                         "macs_per_token": macs, "runs": runs}, indent=2))
+
+
+def row(r: dict) -> str:
+    load = f"{r['uptime_before'].split('average:')[-1].split(',')[0].strip()} -> " \
+           f"{r['uptime_after'].split('average:')[-1].split(',')[0].strip()}"
+    if "prompt_tps" not in r:
+        why = "OOM-killed" if r.get("oom_killed") else str(r.get("error", "failed"))[:80]
+        return f"| {r['tokens']} | {r['setting']} | {r['name']} | {r['repeat']} | {why} | - | - | - | - | {load} |"
+    peak = f"{r['max_usage'] / 2**20:.0f}" if "max_usage" in r else "-"
+    return (f"| {r['tokens']} | {r['setting']} | {r['name']} | {r['repeat']} | {r['prompt_tps']:.1f} | "
+            f"{r['of_peak']:.0%} | {r['prompt_tps_per_cpu']:.1f} | {r['of_core_peak']:.0%} | {peak} | {load} |")
+
+
+if __name__ == "__main__":
+    main()
