@@ -11,11 +11,14 @@ from click.testing import CliRunner
 from gguf_files import write_gguf
 from safetensors.torch import save_file
 
+from mixtral_offload.cache.reader import BlockReader, aligned_buffer
+from mixtral_offload.cache.source import page_rounded
 from mixtral_offload.cli.main import cli
 from mixtral_offload.errors import MixtralOffloadError
 from mixtral_offload.offload.loading import load
 from mixtral_offload.offload.store.checkpoint import dense_shapes, hf_dense_name, hf_expert_name
 from mixtral_offload.offload.store.gguf import GGUFModel
+from mixtral_offload.offload.store.gguf_experts import GGUFExperts
 
 SHAPES = dict(vocab_size=300, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_local_experts=4)
 IDS = [1, 15, 120, 7, 299, 42, 42, 3, 250, 18, 77, 5]
@@ -73,6 +76,21 @@ def test_logits_equal_transformers_on_the_dequantized_weights(files, qtype, layo
     assert relative(got, expected) < 1e-4
     cached = load(path, **exact, experts_fraction=0.25).logits(IDS)  # misses read the file's three extents
     assert relative(cached, expected) < 1e-4
+
+
+def test_expert_reads_are_o_direct_and_equal_the_mapping(files):
+    """Each matrix lies in the slot at its file offset modulo the page, so the reader's whole pages go O_DIRECT."""
+    source = GGUFExperts(GGUFModel.open(files("q4_0", "merged")))
+    buffer = aligned_buffer(page_rounded(source.block_nbytes))
+    with BlockReader(source.fileno()) as reader:
+        if reader.direct_fd is None:
+            pytest.skip("this file system refuses O_DIRECT")
+        got = reader.read(source.extents((1, 2)), buffer)
+        direct = reader.direct_bytes
+    assert got == sum(extent.nbytes for extent in source.extents((1, 2)))
+    assert direct >= got - 2 * 3 * 4096  # all but each matrix's unaligned head and tail
+    for slot, mapped in zip(source.views(buffer, (1, 2)), source.mapped((1, 2))):
+        assert np.array_equal(slot.data, mapped.data)
 
 
 def test_default_settings_stay_close(files):

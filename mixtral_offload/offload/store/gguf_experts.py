@@ -16,7 +16,6 @@ from ...quant.gguf_blocks import GGUFMatrix
 from ...validate import require_size
 from .checkpoint import expert_shapes
 from .gguf import GGUFModel
-from .pool import PART_ALIGN, align
 
 
 class GGUFExperts:
@@ -43,11 +42,14 @@ class GGUFExperts:
             raise IndexError(f"no expert {key} in {self.name}") from None
 
     def _layout(self, key: Key) -> list[int]:
-        """Where w1, w3, w2 of `key` start in a slot, and the slot bytes they need (last)."""
-        starts = [0]
+        """Where w1, w3, w2 of `key` start in a slot, and the slot bytes they need (last). Each starts at
+        its file offset modulo the page, as on the mapping: the slot is page-aligned, so the reader's
+        O_DIRECT body of each matrix lands on page-aligned addresses instead of falling back to buffered reads."""
+        starts, end = [], 0
         for extent in self._matrices(key):
-            starts.append(align(starts[-1] + extent.nbytes, PART_ALIGN))
-        return starts
+            starts.append(end + (extent.offset - end) % PAGE)
+            end = starts[-1] + extent.nbytes
+        return starts + [end]
 
     def fileno(self) -> int:
         """The GGUF file's descriptor."""
