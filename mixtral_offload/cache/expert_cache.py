@@ -260,8 +260,9 @@ class ExpertCache:
         if self.prefetch and len(guess) >= PROMPT_MIN_TOKENS:  # a prompt: every expert its tokens guess
             self.hints[layer] = prompt_experts(guess, self.top_k)
         elif self.prefetch:  # the likeliest experts, where a token's mean probability makes a read worth it
-            top = torch.topk(probs.float().mean(dim=0), min(self.prefetch, probs.shape[-1]))
-            self.hints[layer] = [int(e) for p, e in zip(top.values, top.indices) if p >= PREFETCH_MIN_PROB]
+            mean = guess.mean(axis=0)
+            self.hints[layer] = [int(e) for e in np.argsort(-mean, kind="stable")[:self.prefetch]
+                                 if mean[e] >= PREFETCH_MIN_PROB]
 
     def run(self, layer: int, x: torch.Tensor, routing) -> Iterator[tuple[object, torch.Tensor]]:
         """Each routed expert of the layer (routing: offload.model.Routing) on its tokens, resident ones
