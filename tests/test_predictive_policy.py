@@ -167,7 +167,7 @@ def runtime_replay(trace, policy, capacity, partition, prefetch, log):
     return cache.stats
 
 
-@pytest.mark.parametrize("policy", ["lru", "gate", "predictive"])
+@pytest.mark.parametrize("policy", ["lru", "gate", "predictive", "density"])
 @pytest.mark.parametrize("capacity,partition,prefetch", [(8, "shared", 0), (12, "layer", 0), (10, "shared", 2)])
 def test_simulator_calls_the_policy_as_the_runtime_does(policy, capacity, partition, prefetch, monkeypatch):
     trace = synthetic_trace(30, num_layers=4, seed=11, predict_recall=0.6)

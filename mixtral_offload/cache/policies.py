@@ -242,14 +242,14 @@ class Predictive:
         self._visit = -1  # the layer of the visit in progress
         self._visit_hint: np.ndarray | None = None  # the hint that layer had, to calibrate against
         self._last_now = -2
-        self._waits: dict[int, list[float]] = {}  # layer -> [E] (1 - p) / q, until the layer's state changes
+        self._terms: dict[int, list[float]] = {}  # layer -> [E] _expert_terms, until the layer's state changes
 
     def _layer(self, layer: int, num_experts: int) -> LayerRouting:
         if num_experts > self._num_experts:
             self._num_experts = num_experts
             for state in self._layers.values():
                 state.grow(num_experts)
-            self._waits.clear()
+            self._terms.clear()
         if layer not in self._layers:
             self._layers[layer] = LayerRouting(self._num_experts)
             self._num_layers = max(self._num_layers, layer + 1)
@@ -259,7 +259,7 @@ class Predictive:
         probs = np.asarray(probs, dtype=np.float64).reshape(-1, np.shape(probs)[-1])  # [T, E]
         self._layer(layer, probs.shape[1])
         self._hints[layer] = 1.0 - np.prod(1.0 - probs, axis=0)  # [E] chosen by any of the T tokens
-        self._waits.pop(layer, None)
+        self._terms.pop(layer, None)
 
     def on_access(self, key: Key, gate: float, now: int) -> None:
         layer, expert = key
@@ -269,10 +269,10 @@ class Predictive:
                 chosen = self._layers[self._visit].finish_visit()
                 if self._visit_hint is not None:
                     self._calibration.observe(self._visit_hint, chosen)
-                self._waits.pop(self._visit, None)
+                self._terms.pop(self._visit, None)
             self._visit, self._visit_hint = layer, self._hints.pop(layer, None)
         state.current.append(expert)
-        self._waits.pop(layer, None)
+        self._terms.pop(layer, None)
         self._last_now = now
 
     def on_insert(self, key: Key, now: int) -> None:
@@ -281,29 +281,59 @@ class Predictive:
     def on_evict(self, key: Key) -> None:
         pass
 
-    def _wait_beyond_next_visit(self, layer: int) -> list[float]:
+    def _next_chance(self, layer: int) -> np.ndarray:
+        """[E] chance that each expert is chosen at `layer`'s next visit: the calibrated hint where one is
+        pending, otherwise the learned transitions and recent choices."""
+        hint = self._hints.get(layer)
+        return self._layers[layer].chance() if hint is None else self._calibration.chance(hint)
+
+    def _expert_terms(self, layer: int) -> list[float]:
         """[E] expected visits of `layer` after its next one until each expert is chosen, / layers."""
-        waits = self._waits.get(layer)
-        if waits is None:
-            state = self._layers[layer]
-            hint = self._hints.get(layer)
-            p = state.chance() if hint is None else self._calibration.chance(hint)
-            waits = self._waits[layer] = ((1.0 - p) / state.fresh_chance()).tolist()
-        return waits
+        state = self._layers[layer]
+        return ((1.0 - self._next_chance(layer)) / state.fresh_chance()).tolist()
+
+    def _score(self, ahead: int, term: float) -> float:
+        return ahead + self._wait_weight * self._num_layers * term
 
     def victim(self, resident: Collection[Key], protected: Collection[Key], now: int) -> Key:
-        L = self._num_layers
-        scale = self._wait_weight * L
-        best, best_wait = None, -1.0
+        best, best_score = None, -1.0
         for key in _candidates(resident, protected):
             layer, expert = key
             if layer not in self._layers:  # never seen: nothing says it will be needed
                 return key
-            ahead = (layer - self._visit) % L or L
-            wait = ahead + scale * self._wait_beyond_next_visit(layer)[expert]
-            if wait > best_wait or (wait == best_wait and key < best):
-                best, best_wait = key, wait
+            terms = self._terms.get(layer)
+            if terms is None:
+                terms = self._terms[layer] = self._expert_terms(layer)
+            ahead = (layer - self._visit) % self._num_layers or self._num_layers
+            score = self._score(ahead, terms[expert])
+            if score > best_score or (score == best_score and key < best):
+                best, best_score = key, score
         return best
+
+
+class HitDensity(Predictive):
+    """An online approximation of Belady: evicts the expert expected to give the fewest hits per slot
+    held, p / ahead, where ahead is the layer visits until its layer runs again (certain: the layers run
+    in order) and p the chance it is chosen there (the calibrated hint where the layer has one pending,
+    otherwise its learned transitions and recent choices; Predictive's estimate, never below
+    `min_chance`). A slot held for a far layer costs more visits than one for the next layer. Keys must
+    be (layer, expert); all experts of a pool cost the same to re-read. Ties: the smaller key.
+    """
+
+    name = "density"
+
+    def __init__(self, min_chance: float = 0.02) -> None:
+        if not 0 < min_chance <= 1:
+            raise MixtralOffloadError(f"min_chance must be in (0, 1], got {min_chance}")
+        super().__init__()
+        self._min_chance = min_chance
+
+    def _expert_terms(self, layer: int) -> list[float]:
+        """[E] 1 / p, the slot visits held per expected hit at the layer's next visit, per visit ahead."""
+        return (1.0 / np.maximum(self._next_chance(layer), self._min_chance)).tolist()
+
+    def _score(self, ahead: int, term: float) -> float:
+        return ahead * term
 
 
 POLICIES: dict[str, Callable[..., EvictionPolicy]] = {
@@ -312,6 +342,7 @@ POLICIES: dict[str, Callable[..., EvictionPolicy]] = {
     "gate": GateWeighted,
     "opt": BeladyOPT,
     "predictive": Predictive,
+    "density": HitDensity,
 }
 
 OFFLINE_POLICIES = frozenset({"opt"})  # need the future request sequence
