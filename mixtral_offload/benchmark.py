@@ -56,7 +56,7 @@ class DecodeSpec:
     repeats: int = 3
     threads: int = 2
     dtype: str = "auto"
-    policy: str = "gate"
+    policy: str = "density"                # the load default (cache/policies.py DEFAULT_POLICY)
     prefetch: bool = True
     activations: str = "int8"              # the CPU kernels' input: int8 or float32 (see load())
     dense: str = "auto"                    # attention/output weights: auto, stored or int8 (see load())

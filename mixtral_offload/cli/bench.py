@@ -5,7 +5,7 @@ import json
 
 import click
 
-from ..offload.options import CHOICES
+from ..offload.options import CHOICES, LoadOptions
 from .convert import BITS
 
 
@@ -60,7 +60,7 @@ def kernels(threads, bits, group_size, tokens, repeats, no_torch, gguf, as_json)
 @click.option("--repeats", type=click.IntRange(1), default=3, show_default=True, help="Speeds are medians.")
 @click.option("--threads", "-t", type=click.IntRange(1), default=2, show_default=True)
 @click.option("--dtype", type=click.Choice(CHOICES["dtype"]), default="auto", show_default=True)
-@click.option("--policy", type=click.Choice(CHOICES["policy"]), default="gate", show_default=True)
+@click.option("--policy", type=click.Choice(CHOICES["policy"]), default=LoadOptions.policy, show_default=True)
 @click.option("--prefetch/--no-prefetch", default=True, show_default=True)
 @click.option("--activations", type=click.Choice(CHOICES["activations"]), multiple=True, default=("int8",),
               show_default=True, help="The CPU kernels' input (see generate --help); give it twice to "

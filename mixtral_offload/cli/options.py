@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from ..demo import DEMO_DESCRIPTION, demo_model_dir
-from ..offload.options import CHOICES
+from ..offload.options import CHOICES, LoadOptions
 
 
 def _model_or_demo(ctx: click.Context, param: click.Parameter, model: str | None) -> str:
@@ -35,9 +35,10 @@ def load_options(command):
                           "working set the command says what the minimum is. [env: MIXTRAL_OFFLOAD_MEMORY_BUDGET]"),
         click.option("--ram-budget", default=None,
                      help="With --device cuda: ceiling of host memory (the budget then bounds VRAM)."),
-        click.option("--policy", type=click.Choice(CHOICES["policy"]), default="gate", show_default=True,
-                     help="Expert cache eviction: gate-weighted recency/frequency, LRU, LFU, or predictive "
-                          "(expected next use from the next layer's router hint; docs/cache.md)."),
+        click.option("--policy", type=click.Choice(CHOICES["policy"]), default=LoadOptions.policy, show_default=True,
+                     help="Expert cache eviction: density (fewest expected hits per slot held, from the next "
+                          "layer's router hint and learned transitions), predictive, gate-weighted "
+                          "recency/frequency, LRU or LFU (docs/cache.md)."),
         click.option("--prefetch/--no-prefetch", default=True, show_default=True,
                      help="Read the next layer's likely experts while this layer computes."),
         click.option("--device", type=click.Choice(CHOICES["device"]), default="auto", show_default=True,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..cache.policies import OFFLINE_POLICIES, POLICIES
+from ..cache.policies import DEFAULT_POLICY, OFFLINE_POLICIES, POLICIES
 from ..config import parse_size
 from ..errors import MixtralOffloadError
 from ..quant.format import ACTIVATIONS
@@ -33,7 +33,7 @@ class LoadOptions:
     memory_budget: int | str | None = None # ceiling of RSS (VRAM with device cuda): experts are cached in what is left
     ram_budget: int | str | None = None    # with device cuda: ceiling of host memory
     experts_fraction: float | None = None  # instead of a budget: size the cache to this fraction of the experts
-    policy: str = "gate"                   # expert cache eviction (cache/policies.py)
+    policy: str = DEFAULT_POLICY          # expert cache eviction (cache/policies.py)
     prefetch: bool = True                  # read the next layer's likely experts while this layer computes
     device: str = "auto"                   # auto: CUDA when torch sees a GPU
     activations: str = "int8"              # the CPU kernels' input: int8 per group, or float32 (exact)
