@@ -293,6 +293,7 @@ class Predictive:
         return ((1.0 - self._next_chance(layer)) / state.fresh_chance()).tolist()
 
     def _score(self, ahead: int, term: float) -> float:
+        """The eviction score (largest goes) of an expert `ahead` visits from its layer's next run."""
         return ahead + self._wait_weight * self._num_layers * term
 
     def victim(self, resident: Collection[Key], protected: Collection[Key], now: int) -> Key:
@@ -333,6 +334,7 @@ class HitDensity(Predictive):
         return (1.0 / np.maximum(self._next_chance(layer), self._min_chance)).tolist()
 
     def _score(self, ahead: int, term: float) -> float:
+        """Slot visits held per expected hit (largest goes)."""
         return ahead * term
 
 
