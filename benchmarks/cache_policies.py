@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="synthetic trace: recall of the next-layer hint's top-k (default 0.6)")
     parser.add_argument("--half-life", type=float, default=None, help="gate policy half-life in requests")
     parser.add_argument("--wait-weight", type=float, default=None, help="predictive policy wait weight")
-    parser.add_argument("--policies", default="lru,lfu,gate,predictive,opt")
+    parser.add_argument("--policies", default="lru,lfu,gate,predictive,density,opt")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
     try:
