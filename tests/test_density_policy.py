@@ -5,11 +5,12 @@ import numpy as np
 import pytest
 
 import mixtral_offload.cache.simulate as sim
-from mixtral_offload.cache.routing_stats import LayerRouting
 from mixtral_offload.cache.policies import OFFLINE_POLICIES, POLICIES, HitDensity, make_policy
+from mixtral_offload.cache.routing_stats import LayerRouting
 from mixtral_offload.cache.traces import RoutingTrace, synthetic_trace
 from mixtral_offload.errors import MixtralOffloadError
-from tests.test_predictive_policy import Recording, visit
+
+from test_predictive_policy import Recording, visit
 
 
 def run_tokens(policy, choices, tokens, now=0):
