@@ -20,7 +20,7 @@ from ..profiling import NULL_PROFILER
 from .lowbit_misses import LowBitMisses
 from .miss_choice import group_ranks
 from .policies import EvictionPolicy, make_policy
-from .prompt_reads import PROMPT_MIN_TOKENS, prompt_experts
+from .prompt_reads import batch_experts
 from .reader import BlockReader, aligned_buffer
 from .simulate import PREFETCH_MIN_PROB, partition_capacities
 from .source import BlockSource, Key, page_rounded
@@ -257,8 +257,9 @@ class ExpertCache:
         self._policy(layer).observe_hint(layer, guess)
         if self.recorder is not None:  # each token's own guess, for the trace
             self.token_guesses[layer] = guess
-        if self.prefetch and len(guess) >= PROMPT_MIN_TOKENS:  # a prompt: every expert its tokens guess
-            self.hints[layer] = prompt_experts(guess, self.top_k)
+        batch = batch_experts(guess, self.top_k, self.prefetch) if self.prefetch else None
+        if batch is not None:  # a batch whose guesses name more experts than the decode rule reads: all of them
+            self.hints[layer] = batch
         elif self.prefetch:  # the likeliest experts, where a token's mean probability makes a read worth it
             mean = guess.mean(axis=0)
             self.hints[layer] = [int(e) for e in np.argsort(-mean, kind="stable")[:self.prefetch]
@@ -278,6 +279,8 @@ class ExpertCache:
         self._count_prefetch(layer, keys)
         order = sorted(keys, key=lambda k: (k in self.loading, k not in self.slot_of))
         wanted = set(keys)
+        if len(routing.expert_ids) > 1:  # a batch: the prompt's next piece may run this layer's other residents
+            wanted |= {key for key in self.slot_of if key[0] == layer}
         direct = set()
         for key in order:
             if key in self.slot_of:
