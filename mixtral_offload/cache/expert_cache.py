@@ -27,12 +27,6 @@ from .source import BlockSource, Key, page_rounded
 from .traces import TraceRecorder
 
 
-def read_extents(source: BlockSource, key: Key, buffer: np.ndarray) -> int:
-    """Read expert `key` into buffer once, outside a slot store (warm-up, tests); bytes read."""
-    with BlockReader(source.fileno(), in_flight=1, direct=False) as reader:
-        return reader.read(source.extents(key), buffer)
-
-
 class SlotStore(Protocol):
     """Where cached experts live and how they are computed: RAM slots here, device slots in device_slots.py."""
 
@@ -276,10 +270,11 @@ class ExpertCache:
         for key, group in group_of.items():
             self._policy(layer).on_access(key, group.gate_mass, self.now)
             self.now += 1
-        self._count_prefetch(layer, keys)
+        batch = len(routing.expert_ids) > 1
+        self._count_prefetch(layer, keys, batch)
         order = sorted(keys, key=lambda k: (k in self.loading, k not in self.slot_of))
         wanted = set(keys)
-        if len(routing.expert_ids) > 1:  # a batch: the prompt's next piece may run this layer's other residents
+        if batch:  # a prompt's next piece may run this layer's other residents
             wanted |= {key for key in self.slot_of if key[0] == layer}
         direct = set()
         for key in order:
@@ -370,11 +365,22 @@ class ExpertCache:
             started.add(key)
             self.stats.prefetches += 1
 
-    def _count_prefetch(self, layer: int, keys: list[Key]) -> None:
+    def _cancel(self, key: Key) -> bool:
+        """Drop a read that has not begun (its slot is free again, nothing was read); whether it was dropped."""
+        if key not in self.loading or not self.loading[key].cancel():
+            return False
+        del self.loading[key]
+        self.free.append(self.slot_of.pop(key))
+        self.resident_per_layer[key[0]] -= 1
+        self._policy(key[0]).on_evict(key)
+        return True
+
+    def _count_prefetch(self, layer: int, keys: list[Key], batch: bool = False) -> None:
         started = self.prefetched.pop(layer, set())
         used = started & set(keys)
-        for key in started - used:  # a wasted prefetch: done waiting for it, so it is evictable like any slot
-            self._wait(key)
+        for key in sorted(started - used):  # a wasted prefetch: a batch drops its read if not begun (prompts
+            if not (batch and self._cancel(key)):  # are disk-bound), else done waiting, evictable like any slot
+                self._wait(key)
         self.stats.prefetch_hits += len(used)
         self.stats.prefetch_waste += len(started) - len(used)
         if used:
