@@ -83,7 +83,7 @@ class Runtime:
         s = self.stats
         return {"hits": sum(s.hits), "misses": sum(s.misses), "bytes_read": s.bytes_read,
                 "prefetches": s.prefetches, "prefetch_hits": s.prefetch_hits, "prefetch_waste": s.prefetch_waste,
-                "low_bit": s.low_bit, "low_bit_bytes": s.low_bit_bytes}
+                "low_bit": s.low_bit, "low_bit_bytes": s.low_bit_bytes, "wait_seconds": s.wait_seconds}
 
     def describe(self) -> dict:
         experts = self.runtime.model.experts
