@@ -20,17 +20,11 @@ from ..profiling import NULL_PROFILER
 from .lowbit_misses import LowBitMisses
 from .miss_choice import group_ranks
 from .policies import EvictionPolicy, make_policy
-from .prompt_reads import PROMPT_MIN_TOKENS, prompt_experts
+from .prompt_reads import batch_experts
 from .reader import BlockReader, aligned_buffer
 from .simulate import PREFETCH_MIN_PROB, partition_capacities
 from .source import BlockSource, Key, page_rounded
 from .traces import TraceRecorder
-
-
-def read_extents(source: BlockSource, key: Key, buffer: np.ndarray) -> int:
-    """Read expert `key` into buffer once, outside a slot store (warm-up, tests); bytes read."""
-    with BlockReader(source.fileno(), in_flight=1, direct=False) as reader:
-        return reader.read(source.extents(key), buffer)
 
 
 class SlotStore(Protocol):
@@ -257,8 +251,9 @@ class ExpertCache:
         self._policy(layer).observe_hint(layer, guess)
         if self.recorder is not None:  # each token's own guess, for the trace
             self.token_guesses[layer] = guess
-        if self.prefetch and len(guess) >= PROMPT_MIN_TOKENS:  # a prompt: every expert its tokens guess
-            self.hints[layer] = prompt_experts(guess, self.top_k)
+        batch = batch_experts(guess, self.top_k, self.prefetch) if self.prefetch else None
+        if batch is not None:  # a batch whose guesses name more experts than the decode rule reads: all of them
+            self.hints[layer] = batch
         elif self.prefetch:  # the likeliest experts, where a token's mean probability makes a read worth it
             mean = guess.mean(axis=0)
             self.hints[layer] = [int(e) for e in np.argsort(-mean, kind="stable")[:self.prefetch]
@@ -275,9 +270,12 @@ class ExpertCache:
         for key, group in group_of.items():
             self._policy(layer).on_access(key, group.gate_mass, self.now)
             self.now += 1
-        self._count_prefetch(layer, keys)
+        batch = len(routing.expert_ids) > 1
+        self._count_prefetch(layer, keys, batch)
         order = sorted(keys, key=lambda k: (k in self.loading, k not in self.slot_of))
         wanted = set(keys)
+        if batch:  # a prompt's next piece may run this layer's other residents
+            wanted |= {key for key in self.slot_of if key[0] == layer}
         direct = set()
         for key in order:
             if key in self.slot_of:
@@ -367,11 +365,22 @@ class ExpertCache:
             started.add(key)
             self.stats.prefetches += 1
 
-    def _count_prefetch(self, layer: int, keys: list[Key]) -> None:
+    def _cancel(self, key: Key) -> bool:
+        """Drop a read that has not begun (its slot is free again, nothing was read); whether it was dropped."""
+        if key not in self.loading or not self.loading[key].cancel():
+            return False
+        del self.loading[key]
+        self.free.append(self.slot_of.pop(key))
+        self.resident_per_layer[key[0]] -= 1
+        self._policy(key[0]).on_evict(key)
+        return True
+
+    def _count_prefetch(self, layer: int, keys: list[Key], batch: bool = False) -> None:
         started = self.prefetched.pop(layer, set())
         used = started & set(keys)
-        for key in started - used:  # a wasted prefetch: done waiting for it, so it is evictable like any slot
-            self._wait(key)
+        for key in sorted(started - used):  # a wasted prefetch: a batch drops its read if not begun (prompts
+            if not (batch and self._cancel(key)):  # are disk-bound), else done waiting, evictable like any slot
+                self._wait(key)
         self.stats.prefetch_hits += len(used)
         self.stats.prefetch_waste += len(started) - len(used)
         if used:
