@@ -22,6 +22,12 @@ def relative(a, b):
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
+def error_per_term(y, reference, x, w):
+    """Largest |y - reference| over the sum of |x| |w| it came from: float32 rounding is bounded by that sum,
+    not by the result, which cancellation can bring near zero."""
+    return float(np.abs(y - reference).max() / (np.abs(x.astype(np.float64)) @ np.abs(w).T).max())
+
+
 def make_matrix(qtype, rows, cols, seed):
     """Q4_0/Q8_0/F16/BF16/F32 by gguf's own quantizer from Gaussian weights; K-quants as random valid blocks."""
     if qtype in K_QUANTS:
@@ -68,7 +74,7 @@ def test_matmul_int8_x_equals_dequantize_times_quantized_x(qtype, rows, cols, to
         assert np.array_equal(y, exact)  # float types compute on float x in both modes
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, derandomize=True, database=None)
 @given(qtype=st.sampled_from(TYPES), rows=st.integers(1, 40), blocks=st.integers(1, 5), tokens=st.integers(1, 9),
        seed=st.integers(0, 2**16), x_scale=st.sampled_from([1e-4, 1.0, 1e3]))
 def test_both_paths_equal_their_references_fuzzed(qtype, rows, blocks, tokens, seed, x_scale):
@@ -76,8 +82,9 @@ def test_both_paths_equal_their_references_fuzzed(qtype, rows, blocks, tokens, s
     cols = blocks * (32 if qtype in (Q.Q4_0, Q.Q8_0) else 256)
     m = random_gguf_matrix(qtype, (rows, cols), seed)
     x = np.random.default_rng(seed).standard_normal((tokens, cols)).astype(np.float32) * np.float32(x_scale)
-    assert relative(gguf_matmul(m, x), x.astype(np.float64) @ weights(m).T) < 1e-5
-    assert relative(gguf_matmul(m, x, activations="int8"), int8_reference(m, x)) < 1e-5
+    w = weights(m)
+    assert error_per_term(gguf_matmul(m, x), x.astype(np.float64) @ w.T, x, w) < 1e-6
+    assert error_per_term(gguf_matmul(m, x, activations="int8"), int8_reference(m, x), x, w) < 1e-6
 
 
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q8_0, Q.F16], ids=lambda q: q.name)
