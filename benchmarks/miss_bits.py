@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mixtral_offload.cache.miss_choice import MissRule  # noqa: E402
+from mixtral_offload.cache.miss_choice import EVERY_MISS, MissRule  # noqa: E402
 from mixtral_offload.demo import demo_model_dir  # noqa: E402
 from mixtral_offload.offload.loading import load  # noqa: E402
 from mixtral_offload.offload.store.convert import PoolWriters, model_config, staging_dir, write_model_files  # noqa: E402
@@ -95,7 +95,8 @@ def decode_scores(model: Path, ids: list[int], fraction: float | None, miss_bits
 
 def configurations(models: dict, whole: dict, fractions: list[float]) -> list[tuple]:
     """(name, model dir, experts fraction, --miss-bits, rule) of every row: resident int4, int3 and int2, then
-    per cache size int4 alone, with each low-bit copy under each gate threshold, and --miss-bits all."""
+    per cache size int4 alone, with each low-bit copy under each gate threshold, --miss-bits most (any rank,
+    gate < 0.8) and every miss low-bit (a bound)."""
     configs = [("int4 resident", models[2], None, "off", None)]
     configs += [(f"int{bits} resident", whole[bits], None, "off", None) for bits in (3, 2)]
     for fraction in fractions:
@@ -105,8 +106,10 @@ def configurations(models: dict, whole: dict, fractions: list[float]) -> list[tu
                          "auto", MissRule(gate)) for gate in GATES]
             configs += [(f"int4 + int{bits} any-rank misses gate < {gate}, {fraction:.0%} cached", models[bits], fraction,
                          "auto", MissRule(gate, min_rank=1)) for gate in ANY_RANK_GATES]
-            configs.append((f"int4 + int{bits} all (every miss once the slots are full), {fraction:.0%} cached",
-                            models[bits], fraction, "all", None))
+            configs.append((f"int4 + int{bits} most (any rank, gate < 0.8), {fraction:.0%} cached", models[bits],
+                            fraction, "most", None))
+            configs.append((f"int4 + int{bits} every miss (bound), {fraction:.0%} cached", models[bits], fraction,
+                            "auto", EVERY_MISS))
     return configs
 
 

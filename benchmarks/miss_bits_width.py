@@ -1,6 +1,6 @@
 """--miss-bits at Mixtral width under a hard memory limit: decode speed and bytes per token by miss rule.
 
-    python benchmarks/miss_bits_width.py MODEL_DIR [--limit 3GiB] [--repeats 2] [--modes off all ...] [--json OUT]
+    python benchmarks/miss_bits_width.py MODEL_DIR [--limit 3GiB] [--repeats 2] [--modes off most ...] [--json OUT]
 
 MODEL_DIR: a Mixtral-width pool with a low-bit copy (`mixtral-offload synth DIR --layers 8 --miss-bits 2`).
 Each run is a fresh width_child.py in a cgroup v1 memory cgroup of the limit (page cache charged), the
@@ -24,10 +24,12 @@ from mixtral_width import demand_floor, limited_run, load_change, uptime  # noqa
 from mixtral_offload.config import parse_size  # noqa: E402
 
 MODES = {"off": ("plain int4 (off)", ["--miss-bits", "off"]), "auto": ("auto (rank 2, gate < 0.4)", ["--miss-bits", "auto"]),
-         "all": ("all (every miss once the slots are full)", ["--miss-bits", "all"]),
+         "most": ("most (any rank, gate < 0.8)", ["--miss-bits", "most"]),
+         "every": ("every miss (bound)", ["--miss-gate", "inf", "--miss-rank", "1"]),
          "rank2": ("rank 2, any gate", ["--miss-gate", "0.5"]),
          "gate0.6": ("any rank, gate < 0.6", ["--miss-gate", "0.6", "--miss-rank", "1"]),
-         "gate0.55": ("any rank, gate < 0.55", ["--miss-gate", "0.55", "--miss-rank", "1"])}
+         "gate0.55": ("any rank, gate < 0.55", ["--miss-gate", "0.55", "--miss-rank", "1"]),
+         "gate0.7": ("any rank, gate < 0.7", ["--miss-gate", "0.7", "--miss-rank", "1"])}
 
 
 def gb(value) -> str:
@@ -59,7 +61,7 @@ def main() -> None:
     parser.add_argument("--limit", default="3GiB")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--decode-tokens", type=int, default=16)
-    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=["off", "auto", "all"])
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=["off", "auto", "most"])
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     limit = parse_size(args.limit)
