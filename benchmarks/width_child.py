@@ -6,9 +6,10 @@
     ... [--prompt-tokens 16] [--warmup-tokens 4] [--decode-tokens 32] [--prompt-lengths 64 256] [--logits]
 
 The sequence is BOS then distinct seeded token ids (greedy decoding of random weights repeats one
-token, so every step would route to the same experts). The prompt is one forward pass; the next
-warmup tokens are fed one at a time untimed, then decode-tokens one at a time timed. Bytes read per
-token: this process's /proc/self/io read_bytes over the timed steps. For this runtime under a budget:
+token, so every step would route to the same experts). The prompt is one forward pass (this runtime:
+layer by layer in pieces, as generate() prefills); the next warmup tokens are fed one at a time untimed,
+then decode-tokens one at a time timed. Bytes read: this process's /proc/self/io read_bytes over the
+prompt, and per token over the timed steps. For this runtime under a budget:
 hit rate (prefetch hits count as hits), misses, prefetches used and wasted, bytes the cache read, per token.
 --prompt-lengths: after the decode, per length N the sequence is forgotten and N fresh distinct ids
 are fed as one prompt (this runtime: as generate() prefills), timed to its logits: time to first token.
@@ -65,13 +66,11 @@ class Runtime:
         self.vocab = self.runtime.args.vocab_size
 
     def feed(self, ids: list[int]) -> np.ndarray:
-        """Logits [V] after feeding ids after what was fed before: forward passes of PREFILL_CHUNK
-        tokens, as a prompt goes (the memory plan's work buffers hold one such chunk)."""
+        """Logits [V] after feeding ids after what was fed before, as a prompt goes: layer by layer in
+        pieces of PREFILL_CHUNK tokens (the memory plan's work buffers hold one piece)."""
         from mixtral_offload.offload.runtime import PREFILL_CHUNK
 
-        for start in range(0, len(ids), PREFILL_CHUNK):
-            logits = self.runtime._forward(ids[start:start + PREFILL_CHUNK], last_only=True)[-1]
-        return logits.float().numpy()
+        return self.runtime._forward(ids, last_only=True, chunk=PREFILL_CHUNK)[-1].float().numpy()
 
     def prompt(self, ids: list[int]) -> None:
         """A new sequence: ids prefilled as generate() does (chunks of PREFILL_CHUNK)."""
@@ -84,8 +83,8 @@ class Runtime:
         s = self.stats
         return {"hits": sum(s.hits), "misses": sum(s.misses), "bytes_read": s.bytes_read,
                 "prefetches": s.prefetches, "prefetch_hits": s.prefetch_hits, "prefetch_waste": s.prefetch_waste,
-                "low_bit": s.low_bit, "low_bit_bytes": s.low_bit_bytes, "low_bit_prefetches": s.low_bit_prefetches,
-                "low_bit_prefetch_waste": s.low_bit_prefetch_waste}
+                "low_bit": s.low_bit, "low_bit_bytes": s.low_bit_bytes, "wait_seconds": s.wait_seconds,
+                "low_bit_prefetches": s.low_bit_prefetches, "low_bit_prefetch_waste": s.low_bit_prefetch_waste}
 
     def describe(self) -> dict:
         experts = self.runtime.model.experts
@@ -169,9 +168,10 @@ def main() -> None:
     load_seconds = time.perf_counter() - start
     ids = forced_ids(system.vocab, args.prompt_tokens + args.warmup_tokens + args.decode_tokens)
     prompt, warmup = ids[:args.prompt_tokens], ids[args.prompt_tokens:args.prompt_tokens + args.warmup_tokens]
-    start, cpu_start = time.perf_counter(), time.process_time()
+    start, cpu_start, disk_start = time.perf_counter(), time.process_time(), disk_read_bytes()
     logits = [system.feed(prompt)]
     prompt_seconds, prompt_cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    prompt_disk_bytes = disk_read_bytes() - disk_start
     prompt_counters = system.counters()  # what the prompt's pass read (each expert once, ideally)
     logits += [system.feed([token]) for token in warmup]
     if args.logits:
@@ -189,6 +189,7 @@ def main() -> None:
     result = {"decode_tps": steps / seconds, "decode_tokens": steps, "prompt_tokens": args.prompt_tokens,
               "warmup_tokens": args.warmup_tokens, "load_seconds": load_seconds, "prompt_seconds": prompt_seconds,
               "prompt_cpu_seconds": prompt_cpu_seconds, "prompt_counters": prompt_counters,
+              "prompt_disk_bytes": prompt_disk_bytes,
               "slowest_step_seconds": max(step_seconds), "baseline_rss": system.baseline, "peak_rss_hwm": rss("VmHWM"),
               "disk_bytes_per_token": (disk_read_bytes() - disk_before) / steps}
     result.update(per_token(system.counters(), counters_before, steps))

@@ -30,6 +30,8 @@ def test_prefill_and_decode_logits_match(tmp_path, name):
     with torch.no_grad():
         expected = hf(ids).logits[0]
     assert relative_error(runtime.logits(PROMPT), expected) < 1e-4
+    runtime.reset()  # a prefill layer by layer in pieces of 3 tokens
+    assert relative_error(runtime._forward(PROMPT, chunk=3), expected) < 1e-4
     # prefill a prefix, then decode one token at a time through the KV cache
     runtime.reset()
     got = [runtime._forward(PROMPT[:4])]
@@ -78,6 +80,8 @@ def test_bfloat16_checkpoint_and_original_config_keys(tmp_path):
     with torch.no_grad():
         expected = hf(torch.tensor([PROMPT])).logits[0]
     assert relative_error(runtime.logits(PROMPT), expected) < 1e-4
+    runtime.reset()  # a prefill layer by layer in pieces of 3 tokens
+    assert relative_error(runtime._forward(PROMPT, chunk=3), expected) < 1e-4
 
 
 def test_bfloat16_compute_close_to_float32(tiny_checkpoint):

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 
 from mixtral_offload.cache.device_slots import NF4DeviceSlots, nf4_slot_bytes
-from mixtral_offload.cache.expert_cache import ExpertCache, read_extents
+from mixtral_offload.cache.expert_cache import ExpertCache
+from mixtral_offload.cache.reader import read_extents
 from mixtral_offload.cache.source import MATRICES
 from mixtral_offload.cli.main import cli
 from mixtral_offload.errors import MixtralOffloadError

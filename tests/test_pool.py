@@ -20,7 +20,7 @@ from checkpoints import mixtral_tokenizer_path
 from mixtral_offload.cli.main import cli
 from mixtral_offload.config import ModelArgs
 from mixtral_offload.errors import MixtralOffloadError
-from mixtral_offload.cache.expert_cache import read_extents
+from mixtral_offload.cache.reader import read_extents
 from mixtral_offload.offload.loading import load
 from mixtral_offload.offload.store.pool import PAGE, ExpertPool, pack_header
 from mixtral_offload.offload.store.synthetic import write_synthetic

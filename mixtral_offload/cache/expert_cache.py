@@ -19,17 +19,11 @@ from ..errors import MixtralOffloadError
 from ..profiling import NULL_PROFILER
 from .lowbit_misses import LowBitMisses
 from .policies import EvictionPolicy, make_policy
-from .prompt_reads import PROMPT_MIN_TOKENS, prompt_experts
+from .prompt_reads import batch_experts
 from .reader import BlockReader, aligned_buffer
 from .simulate import PREFETCH_MIN_PROB, partition_capacities
 from .source import BlockSource, Key, page_rounded
 from .traces import TraceRecorder
-
-
-def read_extents(source: BlockSource, key: Key, buffer: np.ndarray) -> int:
-    """Read expert `key` into buffer once, outside a slot store (warm-up, tests); bytes read."""
-    with BlockReader(source.fileno(), in_flight=1, direct=False) as reader:
-        return reader.read(source.extents(key), buffer)
 
 
 class SlotStore(Protocol):
@@ -258,14 +252,15 @@ class ExpertCache:
         self._policy(layer).observe_hint(layer, guess)
         if self.recorder is not None:  # each token's own guess, for the trace
             self.token_guesses[layer] = guess
-        if self.prefetch and len(guess) >= PROMPT_MIN_TOKENS:  # a prompt: every expert its tokens guess
-            self.hints[layer] = prompt_experts(guess, self.top_k)
+        batch = batch_experts(guess, self.top_k, self.prefetch) if self.prefetch else None
+        if batch is not None:  # a batch whose guesses name more experts than the decode rule reads: all of them
+            self.hints[layer] = batch
         elif self.prefetch:  # the likeliest experts, where a token's mean probability makes a read worth it
             mean = guess.mean(axis=0)
             self.hints[layer] = [int(e) for e in np.argsort(-mean, kind="stable")[:self.prefetch]
                                  if mean[e] >= PREFETCH_MIN_PROB]
-        if self.prefetch and self.low_bit is not None:  # a prompt's read-ahead (many tokens) stays full
-            self.low_bit.guess(layer, guess if len(guess) < PROMPT_MIN_TOKENS else guess[:0], self.top_k)
+        if self.prefetch and self.low_bit is not None:  # a batch's read-ahead stays full
+            self.low_bit.guess(layer, guess if batch is None else guess[:0], self.top_k)
 
     def run(self, layer: int, x: torch.Tensor, routing) -> Iterator[tuple[object, torch.Tensor]]:
         """Each routed expert of the layer (routing: offload.model.Routing) on its tokens, resident ones
@@ -278,10 +273,13 @@ class ExpertCache:
         for key, group in group_of.items():
             self._policy(layer).on_access(key, group.gate_mass, self.now)
             self.now += 1
-        self._count_prefetch(layer, keys)
+        batch = len(routing.expert_ids) > 1
+        self._count_prefetch(layer, keys, batch)
         ahead = self.low_bit.reading if self.low_bit is not None else {}  # low-bit reads under way: before other misses
         order = sorted(keys, key=lambda k: (k in self.loading, k not in self.slot_of, k not in ahead))
         wanted = set(keys)
+        if batch:  # a prompt's next piece may run this layer's other residents
+            wanted |= {key for key in self.slot_of if key[0] == layer}
         direct = set()
         for key in order:
             if key in self.slot_of:
@@ -292,7 +290,9 @@ class ExpertCache:
                 self.profiler.count("cache_miss", layer=layer)
                 if self._try_direct(len(direct)):
                     direct.add(key)
-        low = self._pick_low_bit(order, group_of, routing.expert_ids, direct)
+        low = set() if self.low_bit is None else self.low_bit.start(  # its reads started in compute order
+            layer, [k for k in order if k not in self.slot_of and k not in direct], group_of, routing.expert_ids,
+            self._free_slots(layer), self.reader, self.profiler, self.stats)
         self._read_ahead(order, wanted, direct | low)
         self._start_prefetch(layer + 1, wanted)
         for key in order:
@@ -321,17 +321,6 @@ class ExpertCache:
                 if self.costs is not None:
                     self.costs.record("direct", time.perf_counter() - start, self.source.block_nbytes)
             yield group, y
-
-    def _pick_low_bit(self, order: list[Key], group_of: dict, expert_ids: np.ndarray, direct: set[Key]) -> set[Key]:
-        """The misses the low-bit rule picks, their reads started in compute order; but as many as there
-        are free slots left after the other misses read the full copy, since they evict nothing."""
-        if self.low_bit is None:
-            return set()
-        layer, misses = order[0][0], [key for key in order if key not in self.slot_of and key not in direct]
-        eligible = [key for key in misses if self.low_bit.rule.takes(group_of[key], expert_ids)]
-        picked = eligible[max(0, self._free_slots(layer) - (len(misses) - len(eligible))):]
-        self.low_bit.start(layer, picked, self.reader, self.profiler, self.stats)
-        return set(picked)
 
     def _free_slots(self, layer: int) -> int:
         """Slots an expert of `layer` can take without evicting anything (none once the cache is warm)."""
@@ -375,11 +364,22 @@ class ExpertCache:
             started.add(key)
             self.stats.prefetches += 1
 
-    def _count_prefetch(self, layer: int, keys: list[Key]) -> None:
+    def _cancel(self, key: Key) -> bool:
+        """Drop a read that has not begun (its slot is free again, nothing was read); whether it was dropped."""
+        if key not in self.loading or not self.loading[key].cancel():
+            return False
+        del self.loading[key]
+        self.free.append(self.slot_of.pop(key))
+        self.resident_per_layer[key[0]] -= 1
+        self._policy(key[0]).on_evict(key)
+        return True
+
+    def _count_prefetch(self, layer: int, keys: list[Key], batch: bool = False) -> None:
         started = self.prefetched.pop(layer, set())
         used = started & set(keys)
-        for key in started - used:  # a wasted prefetch: done waiting for it, so it is evictable like any slot
-            self._wait(key)
+        for key in sorted(started - used):  # a wasted prefetch: a batch drops its read if not begun (prompts
+            if not (batch and self._cancel(key)):  # are disk-bound), else done waiting, evictable like any slot
+                self._wait(key)
         self.stats.prefetch_hits += len(used)
         self.stats.prefetch_waste += len(started) - len(used)
         if used:

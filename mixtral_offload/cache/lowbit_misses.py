@@ -54,12 +54,17 @@ class LowBitMisses:
             self._issue(executor, profiler)
         return set(keys)
 
-    def start(self, layer: int, keys: list[Key], executor: Executor, profiler, stats: CacheStats) -> None:
-        """A layer's low-bit misses, in the order they will be computed: reads start as buffers are free.
+    def start(self, layer: int, misses: list[Key], group_of: dict, expert_ids: np.ndarray, free_slots: int,
+              executor: Executor, profiler, stats: CacheStats) -> set[Key]:
+        """Of a layer's misses (in compute order; group_of: their offload.model.ExpertGroup, expert_ids [T, K]
+        the routing), those the rule sends here, but as many as the free slots left after the other misses
+        (they evict nothing): start their reads in that order as buffers are free, and return them.
 
         A read already under way for one of them (read ahead) is kept; every other, a prefetch the layer
         does not use or what an abandoned forward pass left, is waited for, counted and dropped.
         """
+        eligible = [key for key in misses if self.rule.takes(group_of[key], expert_ids)]
+        keys = eligible[max(0, free_slots - (len(misses) - len(eligible))):]
         wanted = set(keys)
         for key in [key for key in self.reading if key not in wanted]:
             buffer, future = self.reading.pop(key)
@@ -72,6 +77,7 @@ class LowBitMisses:
         if started - wanted:
             profiler.count("lowbit_prefetch_waste", len(started - wanted), layer=layer)
         self._issue(executor, profiler)
+        return wanted
 
     def _issue(self, executor: Executor, profiler) -> None:
         while self.queued and self.free:

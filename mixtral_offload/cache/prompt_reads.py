@@ -1,18 +1,20 @@
-"""Which experts to read ahead for the next layer of a many-token batch (a prompt).
+"""Which experts to read ahead for the next layer of a batch of tokens (a prompt, however short).
 
-A prompt of PROMPT_MIN_TOKENS tokens or more uses nearly every expert of a layer, so the likeliest
-one or two (the decode rule, PREFETCH_MIN_PROB) are far too few: the read-ahead takes every expert
-that any token's guessed routing puts in its top k, in expert order (the order the layer will run
-them), so each is read once, while this layer computes, as far as slots allow.
+The decode rule reads at most `prefetch` experts, the likeliest, where one token's guess makes a read
+worth it. A batch whose tokens' guessed top k name more experts than that uses most of them (measured
+in docs/cache.md), so the read-ahead takes every expert named, in expert order (the order the layer
+will run them): each is read once, while the layer before computes, as far as slots allow.
 """
 from __future__ import annotations
 
 import numpy as np
 
-PROMPT_MIN_TOKENS = 64
 
-
-def prompt_experts(guess: np.ndarray, top_k: int) -> list[int]:
-    """Experts in any token's top_k of guess [T, E] (guessed router probabilities), in expert order."""
+def batch_experts(guess: np.ndarray, top_k: int, decode_reads: int) -> list[int] | None:
+    """Experts in any token's top_k of guess [T, E] (guessed router probabilities), in expert order,
+    when they are more than decode_reads (what the decode rule may read); else None."""
+    if len(guess) * top_k <= decode_reads:  # the batch cannot name more: skip the ranking (one decode token)
+        return None
     top = np.argpartition(-guess, top_k - 1, axis=1)[:, :top_k]
-    return [int(e) for e in np.unique(top)]
+    experts = np.unique(top)
+    return [int(e) for e in experts] if len(experts) > decode_reads else None

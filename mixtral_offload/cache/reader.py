@@ -16,7 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 
 from ..errors import MixtralOffloadError
-from .source import PAGE, Extent  # PAGE: O_DIRECT's alignment of offsets, lengths and addresses
+from .source import PAGE, BlockSource, Extent, Key  # PAGE: O_DIRECT's alignment of offsets, lengths and addresses
 
 CHUNK_BYTES = 4 << 20  # extents are read in pieces of this size, so one large matrix keeps several reads in flight
 READS_IN_FLIGHT = 4    # preadv calls at a time (several in flight reached 2-3x dd's single-stream rate here)
@@ -159,3 +159,9 @@ def _open_direct(fd: int) -> int | None:
         return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_DIRECT)
     except OSError:
         return None
+
+
+def read_extents(source: BlockSource, key: Key, buffer: np.ndarray) -> int:
+    """Read expert `key` into buffer once, outside a slot store (warm-up, tests); bytes read."""
+    with BlockReader(source.fileno(), in_flight=1, direct=False) as reader:
+        return reader.read(source.extents(key), buffer)

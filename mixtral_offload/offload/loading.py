@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from ..cache.device_slots import DeviceSlots, NF4DeviceSlots, import_bitsandbytes, nf4_slot_bytes
-from ..cache.expert_cache import ExpertCache, HostSlots, read_extents
+from ..cache.expert_cache import ExpertCache, HostSlots
+from ..cache.reader import read_extents
 from ..cache.lowbit_misses import LowBitMisses
 from ..cache.miss_choice import RULES
 from ..cache.source import MATRICES, page_rounded

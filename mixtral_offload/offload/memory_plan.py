@@ -26,7 +26,8 @@ class MemoryPlan:
     baseline: int        # RSS after imports and kernel loading, before any weight
     dense: int           # attention, norms, router, embeddings, lm_head in the compute dtype
     kv_cache: int
-    work: int            # activations, logits and attention scores of one prefill chunk, plus slack
+    work: int            # activations, logits and attention scores of one prefill chunk, a prompt's
+                         # hidden states, plus slack
     slot_bytes: int
     slots: int
     min_slots: int       # top_k plus the prefetch slots
@@ -56,14 +57,15 @@ class MemoryPlan:
 
 
 def work_bytes(args: ModelArgs, max_context: int, chunk: int, itemsize: int, score_chunk: int) -> int:
-    """Peak transient bytes of one forward over `chunk` tokens (a prompt keeps only its last logits;
-    scoring a text keeps every position's, `score_chunk` tokens at a time)."""
+    """Peak transient bytes of a prompt fed layer by layer in pieces of `chunk` tokens (a prompt keeps only
+    its last logits; scoring a text keeps every position's, `score_chunk` tokens at a time)."""
     D, I, V, H = args.hidden_size, args.intermediate_size, args.vocab_size, args.num_attention_heads
     logits = 3 * max(1, score_chunk) * V * 4         # logits, log-softmax, a copy
     scores = 2 * H * chunk * max_context * 4         # attention scores and probabilities
     activations = chunk * (4 * I + 12 * D) * 4       # expert intermediates and residual copies, float32
+    hidden = max_context * D * itemsize              # the whole prompt's hidden states between layers
     rope = 2 * max_context * args.head_dim * 4
-    return logits + scores + activations + rope + SLACK_BYTES
+    return logits + scores + activations + hidden + rope + SLACK_BYTES
 
 
 def dense_nbytes(args: ModelArgs, itemsize: int, quantized: bool, mapped_embedding: bool = False,

@@ -180,10 +180,14 @@ class Mixtral:
         self.experts.set_profiler(profiler)
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, last_only: bool = False, chunk: int | None = None) -> torch.Tensor:
         """Append tokens [T] at the current position; return float32 logits [T, V] on the CPU.
 
         With last_only, only the last position's logits are computed ([1, V]): all a prompt needs.
+        With chunk, the tokens go layer by layer in pieces of `chunk`: every piece through layer l (its keys
+        and values appended in order, so piece c attends to pieces <= c) before layer l + 1. The work
+        buffers hold one piece, and a budgeted cache reads each layer's experts once for the whole prompt
+        instead of once per piece; the logits equal those of one forward per piece.
         """
         T = tokens.shape[0]
         start = self.position
@@ -192,21 +196,27 @@ class Mixtral:
                 f"context limit reached: {start + T} tokens do not fit in the context of {self.max_context}")
         profiler = self.profiler
         profiler.token("prefill" if T > 1 else "decode")
-        h = self.embed(tokens)                                                 # [T, D]
-        cos, sin = self.cos[start:start + T], self.sin[start:start + T]
+        pieces = range(0, T, chunk or T)
+        hs = [self.embed(tokens[a:a + (chunk or T)]) for a in pieces]          # [T_c, D] per piece
         for index, layer in enumerate(self.layers):
-            with profiler.span("attention", layer=index):
-                h = h + self._attention(index, layer, rms_norm(h, layer.attn_norm, self.args.rms_norm_eps), cos, sin)
-            h = h + self._moe(index, layer, h)
-        require_finite(h, "the hidden states")  # [T, D]: int8 dense kernels would turn NaN into finite noise
+            for c, a in enumerate(pieces):
+                h = hs[c]
+                with profiler.span("attention", layer=index):
+                    h = h + self._attention(index, layer, rms_norm(h, layer.attn_norm, self.args.rms_norm_eps),
+                                            start + a)
+                hs[c] = h + self._moe(index, layer, h, start + a)
+        for h in hs:  # int8 dense kernels would turn NaN into finite noise
+            require_finite(h, "the hidden states")
         self.position = start + T
         with profiler.span("lm_head"):
-            h = rms_norm(h[-1:] if last_only else h, self.norm, self.args.rms_norm_eps)
+            h = rms_norm(hs[-1][-1:] if last_only else torch.cat(hs), self.norm, self.args.rms_norm_eps)
             return self.lm_head(h).float().cpu()                               # [T, V]
 
-    def _attention(self, index: int, layer: LayerWeights, x: torch.Tensor, cos, sin) -> torch.Tensor:
-        args, T, start = self.args, x.shape[0], self.position
+    def _attention(self, index: int, layer: LayerWeights, x: torch.Tensor, start: int) -> torch.Tensor:
+        """Attention of x [T, D] at positions start.. against the cached ones before them; appends its K and V."""
+        args, T = self.args, x.shape[0]
         H, G, hd = args.num_attention_heads, args.num_key_value_heads, args.head_dim
+        cos, sin = self.cos[start:start + T], self.sin[start:start + T]
         q = layer.wq(x).view(T, H, hd).transpose(0, 1)                         # [H, T, hd]
         k = layer.wk(x).view(T, G, hd).transpose(0, 1)                         # [G, T, hd]
         v = layer.wv(x).view(T, G, hd).transpose(0, 1)                         # [G, T, hd]
@@ -224,21 +234,22 @@ class Mixtral:
                                                  enable_gqa=H != G).to(q.dtype)  # [H, T, hd]
         return layer.wo(out.transpose(0, 1).reshape(T, H * hd))               # [T, D]
 
-    def _moe(self, index: int, layer: LayerWeights, h: torch.Tensor) -> torch.Tensor:
-        """The MoE block: route, group tokens by expert, let the backend run each expert, combine."""
+    def _moe(self, index: int, layer: LayerWeights, h: torch.Tensor, start: int) -> torch.Tensor:
+        """The MoE block of h [T, D] at positions start..: route, group tokens by expert, let the backend
+        run each expert, combine."""
         args = self.args
         with self.profiler.span("router", layer=index):
             x = rms_norm(h, layer.moe_norm, args.rms_norm_eps)                 # [T, D]
             expert_ids, weights, probs = route(x, layer.gate, args.num_experts_per_tok)
             if self.routing is not None:
-                expert_ids, weights = self.routing.route(index, self.position, probs)
+                expert_ids, weights = self.routing.route(index, start, probs)
             if self.prefetch_hints and index + 1 < len(self.layers):
                 # The residual entering this MoE block predicts the next layer's routing well;
                 # the guess lets the backend start reading those experts while this layer computes.
                 upcoming = self.layers[index + 1]
                 guess = F.softmax(F.linear(rms_norm(h, upcoming.moe_norm, args.rms_norm_eps), upcoming.gate).float(), -1)
                 if self.routing is not None:
-                    guess = self.routing.hint(index + 1, self.position, guess)
+                    guess = self.routing.hint(index + 1, start, guess)
                 if guess is not None:
                     self.experts.hint(index + 1, guess)
             routing = group_tokens(expert_ids, weights)

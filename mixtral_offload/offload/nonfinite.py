@@ -22,14 +22,14 @@ def require_finite(values: torch.Tensor, what: str) -> torch.Tensor:
 
 
 @contextmanager
-def located(model, tokens: list[int]) -> Iterator[None]:
-    """Turn a NonFiniteError of model.forward(tokens) into an error naming the position and the first
-    layer whose output is not finite; the model's cache is left holding what it held before."""
+def located(model, tokens: list[int], chunk: int | None = None) -> Iterator[None]:
+    """Turn a NonFiniteError of model.forward(tokens, chunk=chunk) into an error naming the position and the
+    first layer whose output is not finite; the model's cache is left holding what it held before."""
     start = model.position
     try:
         yield
     except NonFiniteError as exc:
-        where = first_nonfinite(model, tokens, start)
+        where = first_nonfinite(model, tokens, start, chunk)
         model.truncate(start)
         raise MixtralOffloadError(f"non-finite values in the forward pass at position {start}"
                                   f"{f'..{start + len(tokens) - 1}' if len(tokens) > 1 else ''}: {exc}; "
@@ -37,21 +37,23 @@ def located(model, tokens: list[int]) -> Iterator[None]:
 
 
 @torch.inference_mode()
-def first_nonfinite(model, tokens: list[int], start: int) -> str:
-    """Re-run tokens from position start one block at a time; the first block whose output is not finite."""
+def first_nonfinite(model, tokens: list[int], start: int, chunk: int | None = None) -> str:
+    """Re-run tokens from position start one block at a time, in pieces of chunk as the forward ran them;
+    the first block whose output is not finite."""
     from .model import rms_norm
 
     model.truncate(start)
-    eps, count = model.args.rms_norm_eps, len(tokens)
-    h = model.embed(torch.tensor(tokens, dtype=torch.long))                             # [T, D]
-    if not bool(torch.isfinite(h).all()):
+    eps, step = model.args.rms_norm_eps, chunk or len(tokens)
+    pieces = range(0, len(tokens), step)
+    hs = [model.embed(torch.tensor(tokens[a:a + step], dtype=torch.long)) for a in pieces]  # [T_c, D] per piece
+    if not all(bool(torch.isfinite(h).all()) for h in hs):
         return "the embedding rows of the tokens"
-    cos, sin = model.cos[start:start + count], model.sin[start:start + count]
     for index, layer in enumerate(model.layers):
-        h = h + model._attention(index, layer, rms_norm(h, layer.attn_norm, eps), cos, sin)
-        if not bool(torch.isfinite(h).all()):
-            return f"layer {index} (attention)"
-        h = h + model._moe(index, layer, h)
-        if not bool(torch.isfinite(h).all()):
-            return f"layer {index} (experts)"
+        for c, a in enumerate(pieces):
+            h = hs[c] + model._attention(index, layer, rms_norm(hs[c], layer.attn_norm, eps), start + a)
+            if not bool(torch.isfinite(h).all()):
+                return f"layer {index} (attention)"
+            hs[c] = h + model._moe(index, layer, h, start + a)
+            if not bool(torch.isfinite(hs[c]).all()):
+                return f"layer {index} (experts)"
     return "the output head (final norm and lm_head)"

@@ -18,7 +18,7 @@ from .model import Mixtral
 from .nonfinite import located, require_finite
 from .tokenizer import Message, StreamDecoder, Tokenizer
 
-PREFILL_CHUNK = 256  # prompt tokens per forward: bounds the work buffers (attention scores, activations)
+PREFILL_CHUNK = 256  # prompt tokens per piece of a prefill: bounds the work buffers (attention scores, activations)
 SCORE_CHUNK = 64     # tokens per forward when every position's logits are kept ([T, V] float32 each)
 
 
@@ -58,11 +58,13 @@ class Runtime:
         return self.model.experts.stats
 
     # -- feeding tokens -------------------------------------------------------------------------
-    def _forward(self, ids: list[int], last_only: bool = False) -> torch.Tensor:
+    def _forward(self, ids: list[int], last_only: bool = False, chunk: int | None = None) -> torch.Tensor:
         # decode steps leave a core to the expert cache's reader when it asks; a prefill is compute-bound
         # and keeps them all (docs/architecture.md, Threads)
-        with kernel_threads(self.model.experts.decode_threads if len(ids) == 1 else None), located(self.model, ids):
-            logits = require_finite(self.model.forward(torch.tensor(ids, dtype=torch.long), last_only), "the logits")
+        with kernel_threads(self.model.experts.decode_threads if len(ids) == 1 else None), \
+                located(self.model, ids, chunk):
+            tokens = torch.tensor(ids, dtype=torch.long)
+            logits = require_finite(self.model.forward(tokens, last_only, chunk), "the logits")
         self.cached_ids += ids
         return logits
 
@@ -76,10 +78,8 @@ class Runtime:
         self.model.truncate(keep)
         del self.cached_ids[keep:]
         self.reused_tokens = keep
-        logits = None
-        for start in range(keep, len(ids), PREFILL_CHUNK):
-            logits = self._forward(ids[start:start + PREFILL_CHUNK], last_only=True)[-1]
-        return logits
+        # layer by layer in pieces of PREFILL_CHUNK: each layer's experts are read once for the whole prompt
+        return self._forward(ids[keep:], last_only=True, chunk=PREFILL_CHUNK)[-1]
 
     def reset(self) -> None:
         """Forget the cached sequence."""
