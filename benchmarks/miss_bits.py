@@ -1,6 +1,6 @@
 """--miss-bits on the demo model: held-out perplexity and bytes read per token by miss rule and cache size.
 
-    python benchmarks/miss_bits.py HELDOUT.txt [--tokens 2048] [--fractions 0.25 0.5] [--dir DIR] [--json OUT]
+    python benchmarks/miss_bits.py HELDOUT.txt [--tokens 2048] [--fractions 0.25 0.5] [--dir DIR] [--only TEXT ...] [--json OUT]
 
 The demo ships without float weights or a low-bit copy, so DIR gets model directories made from its
 int4 pool: the same dense weights and int4 blocks, plus a low-bit copy (int2 or int3 g64) quantized
@@ -10,6 +10,7 @@ teacher-forced one at a time (decode steps: what a miss rule sees at generation;
 tokens, BOS first), so every rule is judged on decode routing. Prefill (`mixtral-offload
 perplexity`) groups many tokens per expert, where a rule that needs every token's gate below a
 threshold rarely applies; its figure (after the decode pass, the same tokens) is printed beside.
+--only: just the rows whose name contains one of these strings.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from mixtral_offload.quant import QuantSpec, dequantize, quantize  # noqa: E402
 
 WINDOW = 512
 GATES = (0.2, 0.3, 0.4, 0.5)  # rank-2 experts whose gate weight is below this read the low-bit copy
+ANY_RANK_GATES = (0.6, 0.7)   # experts of any rank whose gate weight is below this read the low-bit copy
 
 
 def derived_model(out: Path, full_bits: int, miss_bits: int | None) -> Path:
@@ -81,6 +83,8 @@ def decode_scores(model: Path, ids: list[int], fraction: float | None, miss_bits
         stats = cache.stats
         row.update(full_bytes_per_token=stats.bytes_read / len(nll), low_bit_bytes_per_token=stats.low_bit_bytes / len(nll),
                    low_bit_per_token=stats.low_bit / len(nll), hit_rate=stats.hit_rate,
+                   low_bit_prefetches_per_token=stats.low_bit_prefetches / len(nll),
+                   low_bit_prefetch_waste_per_token=stats.low_bit_prefetch_waste / len(nll),
                    slots=runtime.memory_plan.slots, expert_bytes=cache.source.block_nbytes,
                    low_bit_expert_bytes=cache.low_bit.source.block_nbytes if cache.low_bit else None)
         if prefill:  # the cache warm from the decode pass
@@ -91,7 +95,8 @@ def decode_scores(model: Path, ids: list[int], fraction: float | None, miss_bits
 
 def configurations(models: dict, whole: dict, fractions: list[float]) -> list[tuple]:
     """(name, model dir, experts fraction, --miss-bits, rule) of every row: resident int4, int3 and int2, then
-    per cache size int4 alone, with each low-bit copy under each gate threshold, and every miss low-bit."""
+    per cache size int4 alone, with each low-bit copy under each gate threshold, --miss-bits most (any rank,
+    gate < 0.8) and every miss low-bit (a bound)."""
     configs = [("int4 resident", models[2], None, "off", None)]
     configs += [(f"int{bits} resident", whole[bits], None, "off", None) for bits in (3, 2)]
     for fraction in fractions:
@@ -99,8 +104,12 @@ def configurations(models: dict, whole: dict, fractions: list[float]) -> list[tu
         for bits in (3, 2):
             configs += [(f"int4 + int{bits} rank-2 misses gate < {gate}, {fraction:.0%} cached", models[bits], fraction,
                          "auto", MissRule(gate)) for gate in GATES]
-            configs.append((f"int4 + int{bits} every miss, {fraction:.0%} cached", models[bits], fraction, "auto",
-                            EVERY_MISS))
+            configs += [(f"int4 + int{bits} any-rank misses gate < {gate}, {fraction:.0%} cached", models[bits], fraction,
+                         "auto", MissRule(gate, min_rank=1)) for gate in ANY_RANK_GATES]
+            configs.append((f"int4 + int{bits} most (any rank, gate < 0.8), {fraction:.0%} cached", models[bits],
+                            fraction, "most", None))
+            configs.append((f"int4 + int{bits} every miss (bound), {fraction:.0%} cached", models[bits], fraction,
+                            "auto", EVERY_MISS))
     return configs
 
 
@@ -110,6 +119,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5])
     parser.add_argument("--dir", type=Path, default=Path("/tmp/bench-miss-bits"))
+    parser.add_argument("--only", nargs="+", default=None)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     models = {bits: derived_model(args.dir / f"demo-int4-miss{bits}", 4, bits) for bits in (2, 3)}
@@ -119,6 +129,8 @@ def main() -> None:
     del runtime
     rows = []
     for name, model, fraction, miss_bits, rule in configurations(models, whole, args.fractions):
+        if args.only and not any(text in name for text in args.only):
+            continue
         row = {"name": name, "fraction": fraction, "miss_bits": miss_bits, **decode_scores(model, ids, fraction,
                                                                                            miss_bits, rule)[0]}
         rows.append(row)

@@ -1,6 +1,6 @@
 """--miss-bits on random checkpoints: per-token |dNLL| against the float model, with llama.cpp's K-quants as anchors.
 
-    python benchmarks/miss_bits_random.py [--seeds 0 1 2] [--dir DIR] [--json OUT]
+    python benchmarks/miss_bits_random.py [--seeds 0 1 2] [--dir DIR] [--only TEXT ...] [--json OUT]
 
 Per seed a random MixtralForCausalLM (fidelity.py's geometry: D256 I512, 4 layers, 8 experts, init_std
 0.02; every row length a multiple of 256, as llama.cpp's K-quants need) is saved, converted by this
@@ -11,6 +11,7 @@ under each miss rule (miss_bits.py's configurations). The anchors: an F32 GGUF o
 quantized by llama.cpp's own quantizer (llama_model_quantize, pure: every matrix Q4_0, Q3_K_S or Q2_K),
 whose expert tensors, dequantized by the gguf package, replace the float model's experts in transformers
 ("experts" rows, comparable to this runtime's), and llama.cpp itself reading the text ("whole model").
+--only: just this runtime's rows whose name contains one of these strings, and no anchors.
 """
 from __future__ import annotations
 
@@ -93,7 +94,7 @@ def llama_cpp_nll(path: Path, ids: list[int]) -> np.ndarray:
     return torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]), reduction="none").numpy()
 
 
-def seed_rows(seed: int, root: Path, ids: list[int], fractions: list[float]) -> list[dict]:
+def seed_rows(seed: int, root: Path, ids: list[int], fractions: list[float], only: list[str] | None = None) -> list[dict]:
     hf = root / f"hf-{seed}"
     if not hf.exists():
         write_checkpoint(hf, seed=seed, init_std=0.02, **GEOMETRY)
@@ -110,9 +111,13 @@ def seed_rows(seed: int, root: Path, ids: list[int], fractions: list[float]) -> 
                 convert(hf, out, bits=full, group_size=64, miss_bits=miss, progress=False)
     rows = []
     for name, path, fraction, miss_bits, rule in configurations(models, whole, fractions):
+        if only and not any(text in name for text in only):
+            continue
         row, nll = decode_scores(path, ids, fraction, miss_bits, rule, prefill=False, **EXACT)
         rows.append({"name": name, "seed": seed, "mean_abs_dnll": float(np.abs(np.array(nll) - reference).mean()), **row})
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    if only:
+        return rows
     f32 = root / f"f32-{seed}.gguf"
     if not f32.exists():
         write_gguf(CheckpointSource(hf), f32, "f32", f"random-{seed}")
@@ -134,6 +139,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5])
     parser.add_argument("--dir", type=Path, default=Path("/tmp/bench-miss-bits-random"))
+    parser.add_argument("--only", nargs="+", default=None)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)
@@ -142,7 +148,7 @@ def main() -> None:
     ids = [1] + sentencepiece.SentencePieceProcessor(model_file=str(mixtral_tokenizer_path())).encode(TEXT)
     rows = []
     for seed in args.seeds:
-        rows += seed_rows(seed, args.dir, ids, args.fractions)
+        rows += seed_rows(seed, args.dir, ids, args.fractions, args.only)
         if args.json:
             args.json.write_text(json.dumps(rows, indent=1))
     names = list(dict.fromkeys(row["name"] for row in rows))

@@ -1,6 +1,6 @@
 """One system fed a fixed token sequence (teacher-forced), in this process; prints one JSON line. Run by mixtral_width.py.
 
-    python benchmarks/width_child.py runtime MODEL_DIR [--budget 3GiB] [--exact] [--miss-bits auto [--miss-gate 0.5]]
+    python benchmarks/width_child.py runtime MODEL_DIR [--budget 3GiB] [--exact] [--miss-bits auto [--miss-gate 0.5 [--miss-rank 1]]]
         [--routing-trace FILE]
     python benchmarks/width_child.py llamacpp MODEL.gguf [--no-repack] [--exact]
     ... [--prompt-tokens 16] [--warmup-tokens 4] [--decode-tokens 32] [--prompt-lengths 64 256] [--logits]
@@ -15,8 +15,8 @@ hit rate (prefetch hits count as hits), misses, prefetches used and wasted, byte
 are fed as one prompt (this runtime: as generate() prefills), timed to its logits: time to first token.
 --exact: the float32 paths (runtime: --activations float32 --dense stored, dtype float32; llama.cpp:
 F32 KV cache); --logits: print the logits after the prompt and after each warm-up token instead.
---miss-bits: as the CLI's; --miss-gate G replaces the rule's gate threshold, --every-miss takes every miss to
-the low-bit copy (benchmarks/miss_bits_width.py).
+--miss-bits: as the CLI's; --miss-gate G and --miss-rank R replace the rule by MissRule(G, R) (cache/miss_choice.py;
+benchmarks/miss_bits_width.py).
 """
 from __future__ import annotations
 
@@ -59,10 +59,10 @@ class Runtime:
         self.runtime = load(args.model, max_context=args.context, memory_budget=args.budget, miss_bits=args.miss_bits,
                             routing_trace=args.routing_trace, **exact)
         self.stats = self.runtime.cache_stats()
-        if args.miss_gate is not None or args.every_miss:
-            from mixtral_offload.cache.miss_choice import EVERY_MISS, MissRule
+        if args.miss_gate is not None:
+            from mixtral_offload.cache.miss_choice import MissRule
 
-            self.runtime.model.experts.low_bit.rule = EVERY_MISS if args.every_miss else MissRule(args.miss_gate)
+            self.runtime.model.experts.low_bit.rule = MissRule(args.miss_gate, args.miss_rank)
         self.vocab = self.runtime.args.vocab_size
 
     def feed(self, ids: list[int]) -> np.ndarray:
@@ -83,13 +83,15 @@ class Runtime:
         s = self.stats
         return {"hits": sum(s.hits), "misses": sum(s.misses), "bytes_read": s.bytes_read,
                 "prefetches": s.prefetches, "prefetch_hits": s.prefetch_hits, "prefetch_waste": s.prefetch_waste,
-                "low_bit": s.low_bit, "low_bit_bytes": s.low_bit_bytes, "wait_seconds": s.wait_seconds}
+                "low_bit": s.low_bit, "low_bit_bytes": s.low_bit_bytes, "wait_seconds": s.wait_seconds,
+                "low_bit_prefetches": s.low_bit_prefetches, "low_bit_prefetch_waste": s.low_bit_prefetch_waste}
 
     def describe(self) -> dict:
         experts = self.runtime.model.experts
         if self.stats is None:
             return {}
         return {"expert_bytes": experts.source.block_nbytes, "slots": self.runtime.memory_plan.slots,
+                "low_bit_expert_bytes": experts.low_bit.source.block_nbytes if experts.low_bit else None,
                 "total_experts": self.runtime.args.num_hidden_layers * self.runtime.args.num_local_experts}
 
 
@@ -128,7 +130,9 @@ def per_token(after: dict, before: dict, steps: int) -> dict:
             "cache_bytes_per_token": d["bytes_read"] / steps, "prefetches_per_token": d["prefetches"] / steps,
             "prefetch_hits_per_token": d["prefetch_hits"] / steps,
             "prefetch_waste_per_token": d["prefetch_waste"] / steps, "low_bit_per_token": d["low_bit"] / steps,
-            "low_bit_bytes_per_token": d["low_bit_bytes"] / steps}
+            "low_bit_bytes_per_token": d["low_bit_bytes"] / steps,
+            "low_bit_prefetches_per_token": d["low_bit_prefetches"] / steps,
+            "low_bit_prefetch_waste_per_token": d["low_bit_prefetch_waste"] / steps}
 
 
 def main() -> None:
@@ -139,7 +143,7 @@ def main() -> None:
     parser.add_argument("--no-repack", action="store_true")
     parser.add_argument("--miss-bits", default="auto")
     parser.add_argument("--miss-gate", type=float, default=None)
-    parser.add_argument("--every-miss", action="store_true")
+    parser.add_argument("--miss-rank", type=int, default=2)
     parser.add_argument("--no-mmap", action="store_true")
     parser.add_argument("--exact", action="store_true")
     parser.add_argument("--routing-trace", default=None, help="runtime: route by this trace (bench decode's option)")

@@ -291,6 +291,8 @@ def summary_tables(profile: dict) -> str:
     decode_seconds = sum(t["seconds"] for t in decode)
     total_bytes = sum(sum(t["bytes"].values()) for t in tokens)
     low_bit_bytes = sum(t["bytes"].get("lowbit_read", 0) for t in tokens)  # misses read from the low-bit copy
+    ahead, unused = (sum(row["value"] for row in profile["counters"] if row["name"] == name)
+                     for name in ("lowbit_prefetch", "lowbit_prefetch_waste"))  # guesses read from it
     vram = profile.get("peak_vram_bytes")
     overview = [
         ["command", str(profile.get("command") or "-")],
@@ -301,6 +303,7 @@ def summary_tables(profile: dict) -> str:
         ["decode speed", f"{len(decode) / decode_seconds:.2f} tok/s" if decode_seconds > 0 else "-"],
         ["bytes read per token", _bytes(total_bytes / len(tokens)) if tokens else "-"],
         ["of which low-bit copy", _bytes(low_bit_bytes / len(tokens)) if low_bit_bytes else "-"],
+        ["low-bit copies read ahead", f"{ahead:g} ({unused:g} unused)" if ahead else "-"],
         ["peak RSS", _bytes(profile.get("peak_rss_bytes") or 0)],
         ["peak VRAM", _bytes(vram) if vram else "-"],
     ]

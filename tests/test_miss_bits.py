@@ -6,7 +6,7 @@ from click.testing import CliRunner
 
 from mixtral_offload.cache.expert_cache import ExpertCache, HostSlots
 from mixtral_offload.cache.lowbit_misses import LowBitMisses
-from mixtral_offload.cache.miss_choice import AUTO, EVERY_MISS, MissRule, group_ranks
+from mixtral_offload.cache.miss_choice import AUTO, EVERY_MISS, MOST, MissRule, group_ranks, guessed_low_bit
 from mixtral_offload.cache.source import page_rounded
 from mixtral_offload.cli.main import cli
 from mixtral_offload.config import ModelArgs
@@ -16,6 +16,8 @@ from mixtral_offload.offload.memory_plan import plan_memory
 from mixtral_offload.offload.model import group_tokens
 from mixtral_offload.offload.store.pool import ExpertPool
 from mixtral_offload.offload.store.synthetic import write_synthetic
+from mixtral_offload.profile_report import build_profile, summary_tables
+from mixtral_offload.profiling import Profiler
 from mixtral_offload.quant import dequantize, expert_forward
 from mixtral_offload.quant.kernels import expert_kernel
 
@@ -59,7 +61,8 @@ def test_the_rule():
 @pytest.mark.parametrize("bits", [2, 3])
 @pytest.mark.parametrize("activations", ["float32", "int8"])
 def test_low_bit_misses_compute_the_low_bit_expert(models, bits, activations):
-    """Every miss through EVERY_MISS equals the int2/int3 NumPy reference (float32 x) or the checked int8 entry point."""
+    """Misses through EVERY_MISS fill free slots first (they evict nothing); once the slots are full every
+    miss equals the int2/int3 NumPy reference (float32 x) or the checked int8 entry point."""
     full, miss = ExpertPool.open(models[bits]), ExpertPool.open(models[bits], "miss")
     args = full.args
     kernel = expert_kernel(full.spec, args.hidden_size, args.intermediate_size, activations)
@@ -67,10 +70,12 @@ def test_low_bit_misses_compute_the_low_bit_expert(models, bits, activations):
     cache = ExpertCache(full, 2, 2, HostSlots(full, 2, kernel), policy="lru",
                         low_bit=LowBitMisses(miss, miss_kernel, EVERY_MISS, buffers=1))
     x = torch.from_numpy(np.random.default_rng(bits).standard_normal((5, args.hidden_size)).astype(np.float32))
+    list(cache.run(0, x[:1], group_tokens(torch.tensor([[0, 1]]), torch.full((1, 2), 0.5))))
+    assert cache.stats.low_bit == 0 and cache.stats.bytes_read == 2 * full.block_nbytes  # the two free slots
     ids = torch.tensor([[0, 1], [1, 2], [3, 0], [2, 1], [0, 3]])
     routing = group_tokens(ids, torch.full((5, 2), 0.5))
     outputs = dict((group.expert, y) for group, y in cache.run(1, x, routing))
-    assert sorted(outputs) == [0, 1, 2, 3] and cache.stats.low_bit == 4 and cache.stats.bytes_read == 0
+    assert sorted(outputs) == [0, 1, 2, 3] and cache.stats.low_bit == 4 and cache.stats.bytes_read == 2 * full.block_nbytes
     assert cache.stats.low_bit_bytes == 4 * miss.block_nbytes
     for group in routing.groups:
         xs = x.numpy()[group.rows]
@@ -82,6 +87,51 @@ def test_low_bit_misses_compute_the_low_bit_expert(models, bits, activations):
         else:
             np.testing.assert_array_equal(outputs[group.expert].numpy(), expert_forward(*matrices, xs, activations))
     cache.close()
+
+
+def test_guesses_are_judged_as_the_routing_will_be():
+    guess = np.array([[0.5, 0.3, 0.1, 0.1], [0.2, 0.45, 0.3, 0.05]], np.float32)
+    # token 0: 0 (0.625), 1 (0.375); token 1: 1 (0.6), 2 (0.4)
+    assert guessed_low_bit(MissRule(0.4), guess, 2) == set()        # 1 is token 1's first choice
+    assert guessed_low_bit(MissRule(0.4, min_rank=1), guess, 2) == set()  # 2 is at 0.4, not below
+    assert guessed_low_bit(MissRule(0.41), guess, 2) == {2}
+    assert guessed_low_bit(EVERY_MISS, guess, 2) == {0, 1, 2}       # 3 is in no token's top 2
+    assert guessed_low_bit(MissRule(0.4), guess[:0], 2) == set()
+
+
+def test_prefetch_reads_the_copy_the_rule_will_use(models):
+    """With every miss low-bit and the slots full, the next layer's guesses are read ahead from the
+    low-bit copy (no full read at all); used ones are computed from it, the others counted as waste."""
+    full, miss = ExpertPool.open(models[2]), ExpertPool.open(models[2], "miss")
+    kernel = expert_kernel(miss.spec, ARGS.hidden_size, ARGS.intermediate_size, "int8")
+    cache = ExpertCache(full, 2, 2, HostSlots(full, 4, kernel), policy="lru", prefetch=2,
+                        low_bit=LowBitMisses(miss, kernel, EVERY_MISS, buffers=2))
+    profiler = Profiler()
+    cache.set_profiler(profiler)
+    x = torch.from_numpy(np.random.default_rng(1).standard_normal((2, ARGS.hidden_size)).astype(np.float32))
+    layer0 = group_tokens(torch.tensor([[0, 1]]), torch.full((1, 2), 0.5))
+    list(cache.run(0, x, group_tokens(torch.tensor([[0, 1], [2, 3]]), torch.full((2, 2), 0.5))))  # fills the slots
+    stats, filled = cache.stats, 4 * full.block_nbytes
+    for guessed, ids, used in ((2, 3), [[0, 2], [3, 0]], {2, 3}), ((0, 1), [[1, 3]], {1}):
+        probs = torch.full((1, 4), 0.01)
+        probs[0, list(guessed)] = torch.tensor([0.5, 0.47])
+        cache.hint(1, probs)
+        list(cache.run(0, x[:1], layer0))  # hits; starts the low-bit reads of the guesses
+        assert stats.prefetches == 0 and set(cache.low_bit.reading) == {(1, e) for e in guessed}
+        routing = group_tokens(torch.tensor(ids), torch.full((len(ids), 2), 0.5))
+        outputs = [(group.expert, y) for group, y in cache.run(1, x[:len(ids)], routing)]
+        assert {e for e, _ in outputs[:len(used)]} == used  # computed first: what was read ahead
+        for expert, y in outputs:
+            rows = routing.groups[[g.expert for g in routing.groups].index(expert)].rows
+            np.testing.assert_array_equal(y.numpy(), expert_forward(*miss.mapped((1, expert)), x.numpy()[rows], "int8"))
+    assert (stats.low_bit_prefetches, stats.low_bit_prefetch_hits, stats.low_bit_prefetch_waste) == (4, 3, 1)
+    assert stats.low_bit == 5 and stats.bytes_read == filled and stats.misses == [4, 5]
+    assert stats.low_bit_bytes == (stats.low_bit + stats.low_bit_prefetch_waste) * miss.block_nbytes
+    cache.close()
+    profiler.token("decode")
+    report = summary_tables(build_profile(profiler, command="test", model="m"))
+    assert [line.split() for line in report.splitlines() if "read ahead" in line] == [
+        ["low-bit", "copies", "read", "ahead", "4", "(1", "unused)"]]
 
 
 def test_an_abandoned_layer_leaves_no_buffer_behind(models):
@@ -134,14 +184,15 @@ def teacher_forced(runtime) -> np.ndarray:
     return torch.stack(rows).float().numpy()
 
 
-def test_budgeted_run_equals_the_run_it_chose(models):
-    """A budgeted run with --miss-bits auto equals a run built here that computes the experts the cache
+@pytest.mark.parametrize("miss_bits", ["auto", "most"])
+def test_budgeted_run_equals_the_run_it_chose(models, miss_bits):
+    """A budgeted run with --miss-bits auto|most equals a run built here that computes the experts the cache
     sent to the low-bit copy from that copy and every other expert from the full copy."""
-    runtime = load(models[2], dtype="float32", experts_fraction=0.5, miss_bits="auto")
+    runtime = load(models[2], dtype="float32", experts_fraction=0.5, miss_bits=miss_bits)
     cache = runtime.model.experts
-    assert cache.low_bit.rule == AUTO
-    # random routers give gate weights near 1/2: a threshold just below it lets second choices through
-    cache.low_bit.rule = MissRule(max_gate=0.499)
+    assert cache.low_bit.rule == (AUTO if miss_bits == "auto" else MOST)
+    if miss_bits == "auto":  # random routers give gate weights near 1/2: a threshold just below lets second choices through
+        cache.low_bit.rule = MissRule(max_gate=0.499)
     calls, low = [0], set()
     run, low_run = cache.run, cache.low_bit.run
 
@@ -188,6 +239,7 @@ def test_memory_plan_counts_the_buffers(models):
 
 @pytest.mark.parametrize("bits,argv,message", [
     (None, ["-m", "2GiB", "--miss-bits", "2"], "has none: convert or synth it with --miss-bits 2"),
+    (None, ["-m", "2GiB", "--miss-bits", "most"], "has none: convert or synth it with --miss-bits 2|3"),
     (2, ["-m", "2GiB", "--miss-bits", "3"], "its low-bit copy is int2: use --miss-bits 2 or auto"),
     (2, ["--miss-bits", "2"], "--miss-bits 2 computes expert cache misses with the CPU kernels: give --memory-budget"),
 ])
@@ -208,8 +260,7 @@ def test_verbose_shows_the_buffers(models):
 def test_profile_and_report_count_low_bit_reads(models, tmp_path):
     from mixtral_offload.cli.report import profiling
 
-    runtime = load(models[2], memory_budget="2GiB", miss_bits="2")
-    runtime.model.experts.low_bit.rule = EVERY_MISS  # random routers rarely pass the default rule
+    runtime = load(models[2], experts_fraction=0.5, miss_bits="most")  # random routers rarely pass the default rule
     profile = tmp_path / "run.json"
     with profiling(runtime, str(profile)):
         list(runtime.generate("Hello there", max_new_tokens=4))

@@ -18,7 +18,6 @@ import torch
 from ..errors import MixtralOffloadError
 from ..profiling import NULL_PROFILER
 from .lowbit_misses import LowBitMisses
-from .miss_choice import group_ranks
 from .policies import EvictionPolicy, make_policy
 from .prompt_reads import batch_experts
 from .reader import BlockReader, aligned_buffer
@@ -114,7 +113,10 @@ class CacheStats:
     direct: int = 0            # misses computed by the CPU on the mapped pool (no slot free, or cheaper)
     low_bit: int = 0           # misses computed from the low-bit copy (--miss-bits)
     bytes_read: int = 0        # of the full copy, into slots
-    low_bit_bytes: int = 0     # of the low-bit copy, into scratch buffers
+    low_bit_bytes: int = 0     # of the low-bit copy, into scratch buffers (wasted prefetches included)
+    low_bit_prefetches: int = 0      # guesses the miss rule sends to the low-bit copy, read ahead there
+    low_bit_prefetch_hits: int = 0   # of them, computed from the buffer by the next layer
+    low_bit_prefetch_waste: int = 0  # of them, dropped unused
     read_seconds: float = 0.0  # summed over reader threads
     wait_seconds: float = 0.0  # time the compute thread waited for a read
 
@@ -198,8 +200,7 @@ class ExpertCache:
     def _reserve(self, key: Key, protected: set[Key]) -> int | None:
         """A slot for key: a free one, or one freed from the policy's victim; None if all are protected."""
         layer = key[0]
-        full = (self.resident_per_layer[layer] >= self.capacity[layer]) if self.capacity else not self.free
-        if not full and self.free:
+        if self._free_slots(layer):
             return self.free.pop()
         resident = [k for k in self.slot_of if (k[0] == layer or not self.capacity)]
         keep = protected | self.pinned | set(self.loading)
@@ -258,6 +259,8 @@ class ExpertCache:
             mean = guess.mean(axis=0)
             self.hints[layer] = [int(e) for e in np.argsort(-mean, kind="stable")[:self.prefetch]
                                  if mean[e] >= PREFETCH_MIN_PROB]
+        if self.prefetch and self.low_bit is not None:  # a batch's read-ahead stays full
+            self.low_bit.guess(layer, guess if batch is None else guess[:0], self.top_k)
 
     def run(self, layer: int, x: torch.Tensor, routing) -> Iterator[tuple[object, torch.Tensor]]:
         """Each routed expert of the layer (routing: offload.model.Routing) on its tokens, resident ones
@@ -272,7 +275,8 @@ class ExpertCache:
             self.now += 1
         batch = len(routing.expert_ids) > 1
         self._count_prefetch(layer, keys, batch)
-        order = sorted(keys, key=lambda k: (k in self.loading, k not in self.slot_of))
+        ahead = self.low_bit.reading if self.low_bit is not None else {}  # low-bit reads under way: before other misses
+        order = sorted(keys, key=lambda k: (k in self.loading, k not in self.slot_of, k not in ahead))
         wanted = set(keys)
         if batch:  # a prompt's next piece may run this layer's other residents
             wanted |= {key for key in self.slot_of if key[0] == layer}
@@ -286,19 +290,16 @@ class ExpertCache:
                 self.profiler.count("cache_miss", layer=layer)
                 if self._try_direct(len(direct)):
                     direct.add(key)
-        low = self._pick_low_bit(order, group_of, routing.expert_ids, direct)
+        low = set() if self.low_bit is None else self.low_bit.start(  # its reads started in compute order
+            layer, [k for k in order if k not in self.slot_of and k not in direct], group_of, routing.expert_ids,
+            self._free_slots(layer), self.reader, self.profiler, self.stats)
         self._read_ahead(order, wanted, direct | low)
         self._start_prefetch(layer + 1, wanted)
         for key in order:
             group = group_of[key]
             xs = x if len(group.rows) == x.shape[0] else x[torch.from_numpy(group.rows).to(x.device)]
             if key in low:
-                y, got, seconds = self.low_bit.run(key, xs, self.reader, self.profiler)
-                self.stats.low_bit += 1
-                self.stats.low_bit_bytes += got
-                self.stats.read_seconds += seconds
-                self.profiler.count("lowbit_read_bytes", got, layer=layer)
-                yield group, y
+                yield group, self.low_bit.run(key, xs, self.reader, self.profiler, self.stats)
                 continue
             if key not in self.slot_of and key not in direct:
                 slot = self._reserve(key, set())
@@ -321,15 +322,10 @@ class ExpertCache:
                     self.costs.record("direct", time.perf_counter() - start, self.source.block_nbytes)
             yield group, y
 
-    def _pick_low_bit(self, order: list[Key], group_of: dict, expert_ids: np.ndarray, direct: set[Key]) -> set[Key]:
-        """The misses the low-bit rule picks, their reads started in compute order."""
-        if self.low_bit is None:
-            return set()
-        rule = self.low_bit.rule
-        picked = [key for key in order if key not in self.slot_of and key not in direct and rule.low_bit(
-            group_of[key].weights, group_ranks(expert_ids, group_of[key].rows, key[1]))]
-        self.low_bit.start(picked, self.reader, self.profiler)
-        return set(picked)
+    def _free_slots(self, layer: int) -> int:
+        """Slots an expert of `layer` can take without evicting anything (none once the cache is warm)."""
+        free = len(self.free)
+        return min(free, self.capacity[layer] - self.resident_per_layer[layer]) if self.capacity else free
 
     def _try_direct(self, chosen: int) -> bool:
         """Whether a miss should be computed on the pool: measured cheaper, or not yet measured once."""
@@ -352,11 +348,14 @@ class ExpertCache:
         guess = self.hints.pop(layer, None)
         if not guess:
             return
+        warm = self.low_bit is not None and not self._free_slots(layer)  # the rule's low-bit guesses: read that copy
+        low = self.low_bit.prefetch(layer, [e for e in guess if (layer, e) not in self.slot_of], self.reader,
+                                    self.profiler, self.stats) if warm else set()
         protected = set(in_use) | {(layer, e) for e in guess}
         started = self.prefetched.setdefault(layer, set())
         for expert in guess:
             key = (layer, expert)
-            if key in self.slot_of:
+            if key in self.slot_of or key in low:
                 continue
             slot = self._reserve(key, protected)
             if slot is None:

@@ -22,9 +22,31 @@ class MissRule:
         """Whether a group of tokens with these gate weights [n] and ranks [n] takes the low-bit copy."""
         return bool(ranks.min() >= self.min_rank and weights.max() < self.max_gate)
 
+    def takes(self, group, expert_ids: np.ndarray) -> bool:
+        """Whether an expert's group of tokens (offload.model.ExpertGroup) in a routing with top-k ids
+        expert_ids [T, K] takes the low-bit copy."""
+        return self.low_bit(group.weights, group_ranks(expert_ids, group.rows, group.expert))
 
-AUTO = MissRule(max_gate=0.4)                             # --miss-bits auto|2|3 (measured: BENCHMARKS.md)
-EVERY_MISS = MissRule(max_gate=float("inf"), min_rank=1)   # a bound for benchmarks: nothing enters a slot on demand
+
+AUTO = MissRule(max_gate=0.4)                             # measured: BENCHMARKS.md, "Low-bit misses"
+MOST = MissRule(max_gate=0.8, min_rank=1)                 # measured: BENCHMARKS.md, "Low-bit read-ahead"
+EVERY_MISS = MissRule(max_gate=float("inf"), min_rank=1)   # a bound for tests and benchmarks
+RULES = {"auto": AUTO, "most": MOST, "2": AUTO, "3": AUTO}  # by --miss-bits value (2|3: the copy's bits)
+
+
+def guessed_low_bit(rule: MissRule, guess: np.ndarray, top_k: int) -> set[int]:
+    """The experts `rule` would serve from the low-bit copy if guess [T, E] (guessed router probabilities)
+    were the routing: each token's top_k with weights renormalised over them, as the model routes; an
+    expert no token puts in its top_k is left out (its prefetch reads the full copy)."""
+    top = np.argsort(-guess, axis=1, kind="stable")[:, :top_k]            # [T, K] best first
+    weights = np.take_along_axis(guess, top, axis=1)
+    weights = weights / weights.sum(axis=1, keepdims=True)
+    low = set()
+    for expert in np.unique(top):
+        rows, ranks = np.nonzero(top == expert)
+        if rule.low_bit(weights[rows, ranks], ranks + 1):
+            low.add(int(expert))
+    return low
 
 
 def group_ranks(expert_ids: np.ndarray, rows: np.ndarray, expert: int) -> np.ndarray:

@@ -17,7 +17,7 @@ from ..cache.device_slots import DeviceSlots, NF4DeviceSlots, import_bitsandbyte
 from ..cache.expert_cache import ExpertCache, HostSlots
 from ..cache.reader import read_extents
 from ..cache.lowbit_misses import LowBitMisses
-from ..cache.miss_choice import AUTO
+from ..cache.miss_choice import RULES
 from ..cache.source import MATRICES, page_rounded
 from ..cache.traces import TraceRecorder
 from ..config import ModelArgs, format_size
@@ -168,7 +168,7 @@ def plan_experts(files: ExpertFiles, options: LoadOptions, device: torch.device)
     context = default_context(args, options.max_context)
     prefetch = args.num_experts_per_tok if options.prefetch else 0
     budgeted = options.memory_budget is not None or options.experts_fraction is not None
-    if options.miss_bits in ("2", "3") and (on_gpu or not budgeted):
+    if options.miss_bits not in ("off", "auto") and (on_gpu or not budgeted):
         raise MixtralOffloadError(f"--miss-bits {options.miss_bits} computes expert cache misses with the CPU kernels: "
                                   + ("use it without --device cuda" if on_gpu else "give --memory-budget"))
     low_bit = files.miss_source is not None and budgeted and not on_gpu
@@ -213,14 +213,15 @@ def open_converted(path: Path, options: LoadOptions) -> ExpertFiles:
 
 
 def open_miss_copy(path: Path, miss_bits: str) -> ExpertPool | None:
-    """The low-bit copy --miss-bits asks for: none when off (or auto on a pool without one); 2|3 must find it."""
+    """The low-bit copy --miss-bits asks for: none when off (or auto on a pool without one); others must find it."""
     if miss_bits == "off" or (miss_bits == "auto" and not (path / COPIES["miss"][0]).exists()):
         return None
     if miss_bits != "auto" and not (path / COPIES["miss"][0]).exists():
+        bits = miss_bits if miss_bits in ("2", "3") else "2|3"
         raise MixtralOffloadError(f"{path}: --miss-bits {miss_bits} needs a low-bit copy of the experts, and this pool "
-                                  f"has none: convert or synth it with --miss-bits {miss_bits}")
+                                  f"has none: convert or synth it with --miss-bits {bits}")
     miss = ExpertPool.open(path, "miss")
-    if miss_bits != "auto" and miss.spec.bits != int(miss_bits):
+    if miss_bits in ("2", "3") and miss.spec.bits != int(miss_bits):
         raise MixtralOffloadError(f"{path}: --miss-bits {miss_bits}, but its low-bit copy is int{miss.spec.bits}: "
                                   f"use --miss-bits {miss.spec.bits} or auto")
     return miss
@@ -234,7 +235,7 @@ def open_gguf(path: Path, options: LoadOptions) -> ExpertFiles:
     def dense(plan: LoadPlan) -> dict:
         return hold_dense(model.dense_tensors(plan.dtype), plan.dtype, plan.quantized_dense, options.activations)
 
-    if options.miss_bits in ("2", "3"):
+    if options.miss_bits not in ("off", "auto"):
         raise MixtralOffloadError(f"{path}: --miss-bits {options.miss_bits} needs a converted pool with a low-bit "
                                   "copy; a GGUF has none")
     return ExpertFiles(path, model.args, source, gguf_experts_kernel(options.activations), model.tokenizer(),
@@ -269,7 +270,8 @@ def build_runtime(files: ExpertFiles, options: LoadOptions, device: torch.device
             store = HostSlots(source, slots, kernel)
         recorder = (TraceRecorder(args.num_hidden_layers, args.num_local_experts, source=str(files.path))
                     if options.record_trace else None)
-        low_bit = LowBitMisses(files.miss_source, files.miss_kernel, AUTO, args.num_experts_per_tok) if plan.low_bit else None
+        low_bit = LowBitMisses(files.miss_source, files.miss_kernel, RULES[options.miss_bits],
+                               args.num_experts_per_tok) if plan.low_bit else None
         experts = ExpertCache(source, args.num_hidden_layers, args.num_experts_per_tok, store, policy=options.policy,
                               prefetch=plan.prefetch_slots, recorder=recorder, low_bit=low_bit)
     model = build_model(args, dense, experts, plan.context, plan.dtype, device,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..cache.miss_choice import RULES
 from ..cache.policies import DEFAULT_POLICY, OFFLINE_POLICIES, POLICIES
 from ..config import parse_size
 from ..errors import MixtralOffloadError
@@ -16,7 +17,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 DENSE_FORMATS = ("auto", "stored", "int8")     # how the attention and output weights are held
 DEVICE_FORMATS = ("dequantize", "nf4")         # how device slots hold an expert
-MISS_BITS = ("off", "auto", "2", "3")          # low-bit misses: never, by the rule from any copy, from that copy
+MISS_BITS = ("off", *RULES)                    # low-bit misses: never, or by a rule (cache/miss_choice.py)
 ONLINE_POLICIES = tuple(name for name in POLICIES if name not in OFFLINE_POLICIES)
 
 CHOICES = {"dtype": DTYPES, "device": DEVICES, "dense": DENSE_FORMATS, "device_format": DEVICE_FORMATS,
@@ -42,7 +43,7 @@ class LoadOptions:
     record_trace: bool = False             # record the routing trace (a cache that holds every expert)
     release_pages: bool = False            # without a cache: drop each expert's mapped pages after use
     routing_trace: str | None = None       # a routing trace file whose choices replace the router's (benchmarks)
-    miss_bits: str = "auto"                # cache misses the rule picks read the pool's low-bit copy (2|3: it must exist)
+    miss_bits: str = "auto"                # cache misses the rule picks read the pool's low-bit copy (not auto: it must exist)
 
     def __post_init__(self) -> None:
         for name, allowed in CHOICES.items():
