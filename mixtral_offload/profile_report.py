@@ -257,6 +257,10 @@ def check_profile(profile: dict, source: str) -> None:
         table(entry, f"span {name}", dict)
         for field in ("count", "seconds", "bytes"):
             number(entry.get(field), f"span {name} {field}")
+    for row in table(profile.get("counters"), "counters", list):
+        table(row, "a counter", dict)
+        str_field(row.get("name"), "a counter's name", source)
+        number(row.get("value"), f"counter {row['name']}")
     for entry in table(profile.get("layers"), "layers", list):
         table(entry, "a layer", dict)
         int_field(entry.get("layer"), "a layer's index", 0, 2**31, source)

@@ -214,6 +214,8 @@ def profile_file(tmp_path_factory):
     ({"layers": [{"layer": "x"}]}, "a layer's index must be an integer"),
     ({"spans": {"x": {"count": None, "seconds": 1, "bytes": 0}}}, "span x count must be a number"),
     ({"version": 10**20}, "version must be between"),
+    ({"counters": [7]}, "a counter must be a mapping"),
+    ({"counters": [{"name": "lowbit_prefetch", "value": "3"}]}, "counter lowbit_prefetch must be a number"),
 ])
 def test_report_on_wrong_value_types(profile_file, tmp_path, change, needle):
     profile = json.loads(profile_file.read_text())
