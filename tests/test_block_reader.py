@@ -1,12 +1,14 @@
 """BlockReader: the bytes of every extent land where asked, direct or buffered, and a short file is named."""
 import errno
 import os
+import sys
+import threading
 
 import numpy as np
 import pytest
 
 from mixtral_offload.cache import reader as reader_module
-from mixtral_offload.cache.reader import BlockReader, aligned_buffer
+from mixtral_offload.cache.reader import BlockReader, aligned_buffer, populate, populate_in_background
 from mixtral_offload.cache.source import PAGE, Extent
 from mixtral_offload.errors import MixtralOffloadError
 
@@ -126,3 +128,29 @@ def test_overlapping_extents_are_refused(data_file):
     fd, _ = data_file
     with BlockReader(fd) as reader, pytest.raises(ValueError, match="overlapping"):
         reader.read([(0, PAGE, 0), (PAGE, PAGE, PAGE - 1)], aligned_buffer(2 * PAGE))
+
+
+def resident_bytes() -> int:
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="MADV_POPULATE_WRITE is Linux's")
+def test_populate_faults_pages_in_and_keeps_their_contents():
+    buffer = aligned_buffer(64 << 20)
+    buffer[:PAGE] = 7                     # a read that landed before the populate
+    before = resident_bytes()
+    if not populate(buffer):
+        pytest.skip("this kernel has no MADV_POPULATE_WRITE")
+    assert resident_bytes() - before > 60 << 20
+    assert (buffer[:PAGE] == 7).all() and not buffer[PAGE:].any()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="MADV_POPULATE_WRITE is Linux's")
+def test_populate_in_background_finishes_on_its_own_thread():
+    buffer = aligned_buffer(16 << 20)
+    before = resident_bytes()
+    thread = populate_in_background(buffer)
+    thread.join(timeout=60)
+    assert not thread.is_alive() and thread is not threading.main_thread()
+    if resident_bytes() - before < 15 << 20:
+        assert not populate(buffer), "the thread did not populate a buffer this kernel can populate"

@@ -8,8 +8,10 @@ aligned, and every read on a file system that refuses O_DIRECT (tmpfs), are buff
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
+import sys
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -22,11 +24,40 @@ CHUNK_BYTES = 4 << 20  # extents are read in pieces of this size, so one large m
 READS_IN_FLIGHT = 4    # preadv calls at a time (several in flight reached 2-3x dd's single-stream rate here)
 
 
+MADV_POPULATE_WRITE = 23     # Linux >= 5.14: map pages in writable, contents left alone
+POPULATE_PIECE = 4 << 20     # bytes per madvise call: each holds the mapping lock a writer (munmap) waits for
+
+
 def aligned_buffer(nbytes: int) -> np.ndarray:
     """A writable uint8 array of nbytes starting on a page boundary (numpy's own allocations may not)."""
     raw = np.empty(nbytes + PAGE, np.uint8)
     start = -raw.ctypes.data % PAGE
     return raw[start:start + nbytes]
+
+
+def populate(buffer: np.ndarray) -> bool:
+    """Fault a page-aligned buffer's pages in now rather than when the first O_DIRECT read into each one pins
+    it (the kernel then zeroes it on the reading thread). Reads may land in it meanwhile: the call never
+    changes a page's contents. False where the kernel lacks MADV_POPULATE_WRITE (pages then fault on use)."""
+    if sys.platform != "linux" or buffer.ctypes.data % PAGE:
+        return False
+    if threading.current_thread() is not threading.main_thread():
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # a thread of its own yields to the model's
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    start, end = buffer.ctypes.data, buffer.ctypes.data + buffer.nbytes
+    for address in range(start, end, POPULATE_PIECE):
+        if libc.madvise(address, min(POPULATE_PIECE, end - address), MADV_POPULATE_WRITE) != 0:
+            return False
+    return True
+
+
+def populate_in_background(buffer: np.ndarray) -> threading.Thread:
+    """populate(buffer) on a daemon thread: the time between a load and the first message (a chat's typing)
+    pays for the page faults instead of the first prompt."""
+    thread = threading.Thread(target=populate, args=(buffer,), daemon=True, name="populate")
+    thread.start()
+    return thread
 
 
 class PendingRead:
