@@ -229,9 +229,11 @@ class Mixtral:
             out = decode_attention(q, keys, values)                            # [H, 1, hd]
         else:  # query i sits at position start+i and sees keys 0..start+i
             mask = torch.ones(T, end, dtype=torch.bool, device=self.device).tril(diagonal=start)
+            # a batch dimension of 1: torch's CPU flash kernel takes only 4-D inputs; 3-D ones go to the
+            # plain math path, 2.2x slower at 256 queries x 1,024 keys (BENCHMARKS.md, issue 18)
             dtype = compute_dtype(q)
-            out = F.scaled_dot_product_attention(q.to(dtype), keys.to(dtype), values.to(dtype), attn_mask=mask,
-                                                 enable_gqa=H != G).to(q.dtype)  # [H, T, hd]
+            out = F.scaled_dot_product_attention(q.to(dtype)[None], keys.to(dtype)[None], values.to(dtype)[None],
+                                                 attn_mask=mask, enable_gqa=H != G)[0].to(q.dtype)  # [H, T, hd]
         return layer.wo(out.transpose(0, 1).reshape(T, H * hd))               # [T, D]
 
     def _moe(self, index: int, layer: LayerWeights, h: torch.Tensor, start: int) -> torch.Tensor:

@@ -328,10 +328,38 @@ def _matvec_kernel(bits, codes, scales, zeros, xperm, dx, xqsum, group_size, out
         _rows(bits, cflat, sflat, zflat, xperm, dx, xqsum, group_size, out, first, min(rows, first + ROWS_PER_TASK), first)
 
 
-@njit(cache=True, fastmath=True, nogil=True, error_model="numpy")  # NaN in, NaN out: no ZeroDivisionError
+@intrinsic
+def _float_from_bits(typingctx, bits):
+    """The float32 whose IEEE bit pattern is the int32 `bits` (a bitcast: vectorizes, unlike a view)."""
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], _F32)
+
+    return types.float32(types.int32), codegen
+
+
+@njit(cache=True, fastmath=True, nogil=True, inline="always")
+def exp2(t):
+    """2**t for float32 t in [-126, 126]: t = n + f with |f| <= 1/2, 2**f by Cephes' degree-6 polynomial
+    (relative error ~2e-7), 2**n written into the exponent bits. Plain arithmetic, so the loops that call
+    it vectorize; np.exp is a scalar libm call per element (no SVML in pip's llvmlite)."""
+    n = np.floor(t + np.float32(0.5))
+    f = t - n
+    p = np.float32(1.535336188319500e-4)
+    p = p * f + np.float32(1.339887440266574e-3)
+    p = p * f + np.float32(9.618437357674640e-3)
+    p = p * f + np.float32(5.550332471162809e-2)
+    p = p * f + np.float32(2.402264791363012e-1)
+    p = p * f + np.float32(6.931472028550421e-1)
+    p = p * f + np.float32(1.0)
+    return p * _float_from_bits((np.int32(n) + np.int32(127)) << np.int32(23))
+
+
+@njit(cache=True, fastmath=True, nogil=True, inline="always", error_model="numpy")
 def silu(a):
-    """a * sigmoid(a), for the SwiGLU experts of both kernel families."""
-    return a / (np.float32(1.0) + np.exp(-a))
+    """a * sigmoid(a) = a / (1 + e**-a), for the SwiGLU experts of every kernel family; NaN in, NaN out
+    (the clamp only bounds e**-a's exponent, a itself is the numerator)."""
+    t = min(max(a * np.float32(-1.4426950408889634), np.float32(-126.0)), np.float32(126.0))
+    return a / (np.float32(1.0) + exp2(t))
 
 
 @njit(cache=True, fastmath=True, nogil=True, parallel=True)
