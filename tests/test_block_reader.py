@@ -1,4 +1,5 @@
 """BlockReader: the bytes of every extent land where asked, direct or buffered, and a short file is named."""
+import ctypes
 import errno
 import os
 import sys
@@ -130,27 +131,31 @@ def test_overlapping_extents_are_refused(data_file):
         reader.read([(0, PAGE, 0), (PAGE, PAGE, PAGE - 1)], aligned_buffer(2 * PAGE))
 
 
-def resident_bytes() -> int:
-    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def resident_bytes(buffer: np.ndarray) -> int:
+    """Bytes of buffer's pages in memory (mincore): unlike the process's RSS, untouched by other threads."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    pages = np.zeros(-(-buffer.nbytes // PAGE), np.uint8)
+    assert libc.mincore(buffer.ctypes.data, buffer.nbytes, pages.ctypes.data) == 0, os.strerror(ctypes.get_errno())
+    return int((pages & 1).sum()) * PAGE
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="MADV_POPULATE_WRITE is Linux's")
 def test_populate_faults_pages_in_and_keeps_their_contents():
     buffer = aligned_buffer(64 << 20)
     buffer[:PAGE] = 7                     # a read that landed before the populate
-    before = resident_bytes()
+    assert resident_bytes(buffer) == PAGE
     if not populate(buffer):
         pytest.skip("this kernel has no MADV_POPULATE_WRITE")
-    assert resident_bytes() - before > 60 << 20
+    assert resident_bytes(buffer) == 64 << 20
     assert (buffer[:PAGE] == 7).all() and not buffer[PAGE:].any()
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="MADV_POPULATE_WRITE is Linux's")
 def test_populate_in_background_finishes_on_its_own_thread():
     buffer = aligned_buffer(16 << 20)
-    before = resident_bytes()
     thread = populate_in_background(buffer)
     thread.join(timeout=60)
     assert not thread.is_alive() and thread is not threading.main_thread()
-    if resident_bytes() - before < 15 << 20:
+    if resident_bytes(buffer) < 16 << 20:
         assert not populate(buffer), "the thread did not populate a buffer this kernel can populate"

@@ -258,7 +258,9 @@ def build_runtime(files: ExpertFiles, options: LoadOptions, device: torch.device
         log(plan.memory.describe())
     if plan.on_gpu and options.ram_budget is not None:
         check_host_budget(options.ram_budget, source.block_nbytes)
-    dense = {name: w.to(device) if isinstance(w, torch.Tensor) else w for name, w in files.read_dense(plan).items()}
+    # The slots exist before the dense weights are read, so their pages are faulted in (cache/reader.py
+    # populate_in_background) while the dense weights convert; the conversion's temporaries fit in the work
+    # buffers the plan counts, which no prompt uses until the load returns.
     if plan.memory is None:
         experts = PoolExperts(source, kernel, options.release_pages)
     else:
@@ -274,6 +276,7 @@ def build_runtime(files: ExpertFiles, options: LoadOptions, device: torch.device
                                args.num_experts_per_tok) if plan.low_bit else None
         experts = ExpertCache(source, args.num_hidden_layers, args.num_experts_per_tok, store, policy=options.policy,
                               prefetch=plan.prefetch_slots, recorder=recorder, low_bit=low_bit)
+    dense = {name: w.to(device) if isinstance(w, torch.Tensor) else w for name, w in files.read_dense(plan).items()}
     model = build_model(args, dense, experts, plan.context, plan.dtype, device,
                         prefetch_hints=plan.memory is not None and (options.prefetch or options.record_trace),
                         routing=routing)
