@@ -6,11 +6,12 @@
 MODEL: this runtime's model, a pool directory or a GGUF file (it then reads its experts from the GGUF,
 as the 32-layer geometry runs: the same file as llama.cpp's). Each run is a fresh width_child.py (one
 teacher-forced prompt of N distinct token ids, timed to its logits: time to first token; then one
-decode step), systems alternating within each setting: "warm" (no limit, files left in the page cache
-by the run before; this runtime with every expert on the mapped file, llama.cpp's default, which
-repacks Q4_0; --no-warm skips it) and per limit a cgroup v1 memory limit with the files evicted first
-(mixtral_width.limited_run; this runtime with --memory-budget = the limit, llama.cpp mmap with repack
-off). First dd's read rates of MODEL's expert file (read_rates.py, --read-gib of it, cold). Per run:
+decode step), systems alternating within each setting: "warm" (no limit, the system's files read
+through into the page cache just before, as a limited run evicts them; this runtime with every expert
+on the mapped file, llama.cpp's default, which repacks Q4_0; --no-warm skips it) and per limit a cgroup
+v1 memory limit with the files evicted first (mixtral_width.limited_run; this runtime with
+--memory-budget = the limit, llama.cpp mmap with repack off). First dd's read rates of MODEL's expert
+file (read_rates.py, --read-gib of it, cold). Per run:
 prompt tok/s and its share of the int8 compute peak measured here (compute_peak.py, 2 threads),
 prompt tokens per CPU-second of the child and their share of the per-CPU-second peak (what a loaded,
 time-shared machine cannot inflate), bytes read during the prompt (/proc), and for this runtime under
@@ -90,6 +91,7 @@ def main() -> None:
             for repeat in range(args.repeats):
                 for name, argv, files in systems:
                     if setting == "warm":
+                        read_through(files)  # a limited run before evicted them: warm means in the page cache
                         before = uptime()
                         result = run_json_child(argv)
                         result.update(name=name, uptime_before=before, uptime_after=uptime())
@@ -108,6 +110,16 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps({"peak_gmacs": peak / 1e9, "core_peak_gmacs": core_peak / 1e9,
                                          "macs_per_token": macs, "read_rates": rates, "runs": runs}, indent=2))
+
+
+def read_through(paths: list[Path]) -> None:
+    """Read every regular file at paths (a file, or a directory's files) once, into the page cache."""
+    for path in paths:
+        for file in ([path] if path.is_file() else sorted(path.iterdir())):
+            if file.is_file():
+                with open(file, "rb", buffering=0) as stream:
+                    while stream.read(16 << 20):
+                        pass
 
 
 def gb(value) -> str:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mixtral_offload.cache import reader as reader_module
-from mixtral_offload.cache.reader import BlockReader, aligned_buffer, populate, populate_in_background
+from mixtral_offload.cache.reader import BlockReader, aligned_buffer, in_background, populate
 from mixtral_offload.cache.source import PAGE, Extent
 from mixtral_offload.errors import MixtralOffloadError
 
@@ -154,7 +154,7 @@ def test_populate_faults_pages_in_and_keeps_their_contents():
 @pytest.mark.skipif(sys.platform != "linux", reason="MADV_POPULATE_WRITE is Linux's")
 def test_populate_in_background_finishes_on_its_own_thread():
     buffer = aligned_buffer(16 << 20)
-    thread = populate_in_background(buffer)
+    thread = in_background(populate, buffer)
     thread.join(timeout=60)
     assert not thread.is_alive() and thread is not threading.main_thread()
     if resident_bytes(buffer) < 16 << 20:

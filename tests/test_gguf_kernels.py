@@ -11,7 +11,7 @@ from mixtral_offload.errors import MixtralOffloadError
 from mixtral_offload.quant import gguf_int8, gguf_vectors
 from mixtral_offload.quant.gguf_bench import random_gguf_matrix
 from mixtral_offload.quant.gguf_blocks import BLOCK_TYPES, GGUFMatrix, block_type, check_nbytes
-from mixtral_offload.quant.gguf_kernels import gguf_expert_forward, gguf_expert_kernel, gguf_linear_kernel, gguf_matmul
+from mixtral_offload.quant.gguf_kernels import gguf_dequantize, gguf_expert_forward, gguf_expert_kernel, gguf_linear_kernel, gguf_matmul
 
 HOST_FEATURES = {name for name, on in __import__("llvmlite.binding").binding.get_host_cpu_features().items() if on}
 TYPES = list(BLOCK_TYPES)
@@ -248,3 +248,14 @@ def test_bench_kernels_gguf_flag_adds_the_rows(monkeypatch):
     result = CliRunner().invoke(cli, ["bench", "kernels", "--gguf", "--json"])
     assert result.exit_code == 0, result.output
     assert calls[0]["gguf"] is True
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
+@pytest.mark.parametrize("rows,cols", [(1, 256), (37, 512), (70, 1024)])
+def test_dequantize_equals_gguf_quants_exactly(qtype, rows, cols):
+    """The load's decoder of dense GGUF tensors against gguf-py's: the same float32 values, every row
+    (d * 0 may come out as -0 there and +0 here: equal as numbers)."""
+    m = make_matrix(qtype, rows, cols, seed=rows * cols)
+    got = gguf_dequantize(m)
+    assert got.dtype == np.float32 and got.shape == (rows, cols)
+    assert np.array_equal(got, dequantize(m.data.reshape(rows, m.row_bytes), m.qtype))

@@ -338,3 +338,34 @@ def test_cli_synth_then_verify(tmp_path, bits):
         assert 0.01 < dequantize(w2).std() < 0.04  # the synthetic weights' std, WEIGHT_STD = 0.02
     result = runner.invoke(cli, ["synth", str(out)])
     assert result.exit_code != 0 and "already exists" in result.output
+
+
+def mapped_rss(address: int) -> int:
+    """Resident bytes of this process's mapping that starts at address (/proc/self/smaps)."""
+    lines = Path("/proc/self/smaps").read_text().splitlines()
+    for i, line in enumerate(lines):
+        if line.split("-", 1)[0] == f"{address:x}":
+            return next(int(rest.split()[1]) * 1024 for rest in lines[i + 1:] if rest.startswith("Rss:"))
+    raise AssertionError(f"no mapping at {address:#x}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads /proc/self/smaps")
+@pytest.mark.parametrize("release_pages", [False, True])
+def test_pool_experts_map_the_pool_in_unless_pages_are_released(tmp_path, release_pages):
+    """Experts computed where they lie: the whole pool is mapped in on a background thread at once (no page
+    fault per 64 KiB in the first prompt); with release_pages nothing is, since RSS must stay flat."""
+    from mixtral_offload.offload.experts import PoolExperts
+
+    args = ModelArgs(vocab_size=256, hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, num_local_experts=8)
+    write_synthetic(tmp_path / "m", args, bits=8, progress=False)  # ~26 MB of experts
+    with ExpertPool.open(tmp_path / "m") as pool:
+        address = np.frombuffer(pool._map, np.uint8).ctypes.data
+        assert mapped_rss(address) < 1 << 20
+        experts = PoolExperts(pool, kernel=None, release_pages=release_pages)
+        if release_pages:
+            assert experts.populating is None and mapped_rss(address) < 1 << 20
+            return
+        experts.populating.join(timeout=60)
+        if mapped_rss(address) < pool.file_bytes - PAGE:
+            assert not pool.populate_mapped(), "the thread did not map in a pool this kernel can populate"

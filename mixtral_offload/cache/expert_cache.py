@@ -20,7 +20,7 @@ from ..profiling import NULL_PROFILER
 from .lowbit_misses import LowBitMisses
 from .policies import EvictionPolicy, make_policy
 from .prompt_reads import batch_experts
-from .reader import BlockReader, aligned_buffer, populate_in_background
+from .reader import BlockReader, aligned_buffer, in_background, populate
 from .simulate import PREFETCH_MIN_PROB, partition_capacities
 from .source import BlockSource, Key, page_rounded
 from .traces import TraceRecorder
@@ -68,7 +68,7 @@ class HostSlots:
         self.slot_bytes = page_rounded(source.block_nbytes)
         # page-aligned, so reads go around the page cache (O_DIRECT); its pages faulted in on a thread
         self.buffers = aligned_buffer(num_slots * self.slot_bytes).reshape(num_slots, self.slot_bytes)
-        self.populating = populate_in_background(self.buffers)
+        self.populating = in_background(populate, self.buffers)
         self.reader = BlockReader(source.fileno())
         self.views: list[tuple | None] = [None] * num_slots  # the kernel inputs of each slot's expert
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import mmap
 import os
 import sys
 import threading
@@ -24,6 +25,7 @@ CHUNK_BYTES = 4 << 20  # extents are read in pieces of this size, so one large m
 READS_IN_FLIGHT = 4    # preadv calls at a time (several in flight reached 2-3x dd's single-stream rate here)
 
 
+MADV_POPULATE_READ = 22      # Linux >= 5.14: map a file mapping's pages in, reading what the page cache lacks
 MADV_POPULATE_WRITE = 23     # Linux >= 5.14: map pages in writable, contents left alone
 POPULATE_PIECE = 4 << 20     # bytes per madvise call: each holds the mapping lock a writer (munmap) waits for
 
@@ -35,27 +37,41 @@ def aligned_buffer(nbytes: int) -> np.ndarray:
     return raw[start:start + nbytes]
 
 
-def populate(buffer: np.ndarray) -> bool:
+def _yield_to_the_model() -> None:
+    """Lowest CPU priority for the calling thread unless it is the main one (whose priority is the model's)."""
+    if threading.current_thread() is not threading.main_thread():
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+
+
+def populate(buffer: np.ndarray, advice: int = MADV_POPULATE_WRITE) -> bool:
     """Fault a page-aligned buffer's pages in now rather than when the first O_DIRECT read into each one pins
     it (the kernel then zeroes it on the reading thread). Reads may land in it meanwhile: the call never
-    changes a page's contents. False where the kernel lacks MADV_POPULATE_WRITE (pages then fault on use)."""
+    changes a page's contents. False where the kernel lacks MADV_POPULATE_WRITE (pages then fault on use).
+    With MADV_POPULATE_READ, a read-only file mapping's pages are mapped in (populate_mapping)."""
     if sys.platform != "linux" or buffer.ctypes.data % PAGE:
         return False
-    if threading.current_thread() is not threading.main_thread():
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # a thread of its own yields to the model's
-    libc = ctypes.CDLL(None, use_errno=True)
+    _yield_to_the_model()
+    libc = ctypes.CDLL(None, use_errno=True)  # a ctypes call releases the GIL; mmap.madvise would hold it
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     start, end = buffer.ctypes.data, buffer.ctypes.data + buffer.nbytes
     for address in range(start, end, POPULATE_PIECE):
-        if libc.madvise(address, min(POPULATE_PIECE, end - address), MADV_POPULATE_WRITE) != 0:
+        if libc.madvise(address, min(POPULATE_PIECE, end - address), advice) != 0:
             return False
     return True
 
 
-def populate_in_background(buffer: np.ndarray) -> threading.Thread:
-    """populate(buffer) on a daemon thread: the time between a load and the first message (a chat's typing)
-    pays for the page faults instead of the first prompt."""
-    thread = threading.Thread(target=populate, args=(buffer,), daemon=True, name="populate")
+def populate_mapping(mapping: mmap.mmap) -> bool:
+    """Map a read-only file mapping's pages into the process now (reading what the page cache lacks), so
+    kernels computing on it do not take a page fault per 64 KiB on first touch. False where the kernel
+    lacks MADV_POPULATE_READ (pages then fault on use). The view held meanwhile keeps the mapping alive
+    (a close then leaves the unmapping to the last view, as ExpertPool.close says)."""
+    return populate(np.frombuffer(mapping, np.uint8), MADV_POPULATE_READ)
+
+
+def in_background(function, *args) -> threading.Thread:
+    """function(*args) on a daemon thread (populate, populate_mapping): the time between a load and the first
+    message (a chat's typing, or the rest of the load) pays for the page faults instead of the first prompt."""
+    thread = threading.Thread(target=function, args=args, daemon=True, name=function.__name__)
     thread.start()
     return thread
 

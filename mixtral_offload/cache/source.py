@@ -54,6 +54,10 @@ class BlockSource(Protocol):
         """Drop expert `key`'s mapped pages from the process (RSS)."""
         ...
 
+    def populate_mapped(self) -> bool:
+        """Map every expert's pages of the file mapping in now (reader.populate_mapping); False if not done."""
+        ...
+
 
 def page_rounded(nbytes: int) -> int:
     """nbytes rounded up to whole pages: the size of a slot or a staging buffer."""

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..cache.reader import in_background
 from ..quant.kernels import ExpertKernel
 from ..validate import require_size
 from ..quant.linear import TensorLinear
@@ -50,6 +51,9 @@ class PoolExperts:
         self.file_bytes = os.fstat(source.fileno()).st_size  # checked before computing on the mapping
         self.release_pages = release_pages  # drop the mapped pages after use, so RSS stays flat
         self.views: dict[tuple[int, int], tuple] = {}  # (layer, expert) -> validated views on the mapping
+        # every expert's pages mapped in on a low-priority thread, as llama.cpp's mmap does with MAP_POPULATE:
+        # the first prompt then takes no page fault per 64 KiB of experts (BENCHMARKS.md, issue 18)
+        self.populating = None if release_pages else in_background(source.populate_mapped)
 
     def run(self, layer: int, x: torch.Tensor, routing: Routing) -> Iterator[tuple[ExpertGroup, torch.Tensor]]:
         """Each group's expert by the CPU kernel on the mapping, in ascending expert order."""

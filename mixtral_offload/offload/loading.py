@@ -259,7 +259,7 @@ def build_runtime(files: ExpertFiles, options: LoadOptions, device: torch.device
     if plan.on_gpu and options.ram_budget is not None:
         check_host_budget(options.ram_budget, source.block_nbytes)
     # The slots exist before the dense weights are read, so their pages are faulted in (cache/reader.py
-    # populate_in_background) while the dense weights convert; the conversion's temporaries fit in the work
+    # populate) while the dense weights convert; the conversion's temporaries fit in the work
     # buffers the plan counts, which no prompt uses until the load returns.
     if plan.memory is None:
         experts = PoolExperts(source, kernel, options.release_pages)

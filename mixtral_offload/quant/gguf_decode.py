@@ -4,7 +4,8 @@ A quantized block becomes codes u (uint8; Q8_0's bytes are int8) and, per sub-bl
 BlockType.sub_cols columns, a float32 scale and offset with w = scale * u - offset. Every
 quantized type fits that form with u >= 0 except Q8_0 (Q4_0: u = q, offset 8 d; Q6_K: u = q,
 offset 32 d sc), so one integer dot (u8 x s8) serves all of them. The products scale * u and the
-offsets are exact in float32, so `decode_floats` equals gguf.quants.dequantize bit for bit.
+offsets are exact in float32, so `decode_floats` gives gguf.quants.dequantize's values exactly (a
+zero may differ in sign: d * 0 there, d * 8 - 8 d here).
 
 `raw` is a tensor's flat uint8 bytes and `off` a block's first byte. The byte-wide steps and the
 float16 reads are IR (gguf_vectors.py); scales are unpacked here, per block.

@@ -33,9 +33,10 @@ def quantize(weight: np.ndarray | torch.Tensor, spec: QuantSpec, refine: bool = 
     """Pack a 2D float weight [rows=out, cols=in] into `spec`'s format."""
     w = _as_float32_array(weight)
     rows, cols = spec.check_shape(w.shape)
-    if not np.isfinite(w).all():
+    high, low = w.max(), w.min()  # both propagate NaN: one pass each, no temporaries
+    if not (np.isfinite(high) and np.isfinite(low)):
         raise MixtralOffloadError("cannot quantize a weight holding NaN or infinite values")
-    if np.abs(w).max() > _FP16_MAX:
+    if max(high, -low) > _FP16_MAX:
         raise MixtralOffloadError(f"weight values beyond {_FP16_MAX} do not fit float16 scales")
     groups = cols // spec.group_size
     steps = REFINE_STEPS if refine else 0

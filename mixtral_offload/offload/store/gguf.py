@@ -20,6 +20,8 @@ from gguf import GGMLQuantizationType as QType
 
 from ...config import ModelArgs, format_size
 from ...errors import MixtralOffloadError
+from ...quant.gguf_blocks import BLOCK_TYPES, GGUFMatrix
+from ...quant.gguf_kernels import gguf_dequantize
 from ..tokenizer import Tokenizer
 from .checkpoint import EXPERT_PARTS, dense_shapes, expert_shapes
 from .gguf_header import Metadata, model_args, open_reader
@@ -109,10 +111,12 @@ class GGUFModel:
         return cls(path, args, reader, tensors, experts, layout)
 
     def dense_tensor(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """One dense tensor by runtime name, dequantized by gguf.quants; q and k rows in HF's RoPE order.
+        """One dense tensor by runtime name, dequantized; q and k rows in HF's RoPE order.
 
         The bytes are read with pread, not through the mapping, so the file's pages never count in RSS;
-        they are dequantized in chunks of rows straight into a tensor of the asked dtype.
+        they are dequantized in chunks of rows straight into a tensor of the asked dtype: the types the
+        kernels know by their decoders (gguf_kernels.gguf_dequantize), others by gguf.quants; both give
+        the same floats.
         """
         tensor = self.tensors[gguf_dense_name(name)]
         shape = tuple(reversed([int(d) for d in tensor.shape]))
@@ -121,8 +125,12 @@ class GGUFModel:
         rows = result.view(-1, shape[-1])
         step = max(1, DEQUANTIZE_CHUNK // shape[-1])
         for start in range(0, len(blocks), step):
-            rows[start:start + step] = torch.from_numpy(gguf.quants.dequantize(blocks[start:start + step],
-                                                                               tensor.tensor_type))
+            chunk = blocks[start:start + step]
+            if tensor.tensor_type in BLOCK_TYPES:
+                floats = gguf_dequantize(GGUFMatrix(tensor.tensor_type, (len(chunk), shape[-1]), chunk))
+            else:
+                floats = gguf.quants.dequantize(chunk, tensor.tensor_type)
+            rows[start:start + step] = torch.from_numpy(floats)
         if name.endswith(".wq"):
             return deinterleave_rope(result, self.args.num_attention_heads)
         if name.endswith(".wk"):

@@ -10,6 +10,7 @@ import os
 
 import numpy as np
 
+from ...cache.reader import populate_mapping
 from ...cache.source import MATRICES, PAGE, Extent, Key
 from ...errors import MixtralOffloadError
 from ...quant.gguf_blocks import GGUFMatrix
@@ -69,6 +70,10 @@ class GGUFExperts:
         require_size(self._fd, self.file_bytes, self.name)
         return tuple(GGUFMatrix(e.qtype, e.shape, self._bytes[e.offset:e.offset + e.nbytes])
                      for e in self._matrices(key))
+
+    def populate_mapped(self) -> bool:
+        """Map the whole file mapping's pages in now, reading what the page cache lacks."""
+        return populate_mapping(self._map)
 
     def release(self, key: Key) -> None:
         """Drop the mapped pages of `key`'s matrices from the process (RSS)."""

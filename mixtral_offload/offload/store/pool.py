@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ...cache.reader import populate_mapping
 from ...cache.source import MATRICES, PAGE, Extent, Key
 from ...config import ModelArgs
 from ...errors import MixtralOffloadError
@@ -202,6 +203,10 @@ class ExpertPool:
             raw = buffer[slot.offset:slot.offset + slot.nbytes]
             parts[slot.matrix][slot.name] = raw.view(getattr(torch, slot.dtype.name)).view(slot.shape)  # uint8, int8, float16
         return parts["w1"], parts["w3"], parts["w2"]
+
+    def populate_mapped(self) -> bool:
+        """Map the whole file mapping's pages in now, reading what the page cache lacks."""
+        return populate_mapping(self._map)
 
     def release(self, key: Key, drop_cache: bool = False) -> None:
         """Drop this block's mapped pages from the process (RSS); with drop_cache, from the page cache too."""
