@@ -261,6 +261,7 @@ def build_runtime(files: ExpertFiles, options: LoadOptions, device: torch.device
     # The slots exist before the dense weights are read, so their pages are faulted in (cache/reader.py
     # populate) while the dense weights convert; the conversion's temporaries fit in the work
     # buffers the plan counts, which no prompt uses until the load returns.
+    populating = None
     if plan.memory is None:
         experts = PoolExperts(source, kernel, options.release_pages)
     else:
@@ -270,6 +271,7 @@ def build_runtime(files: ExpertFiles, options: LoadOptions, device: torch.device
             store = store_class(source, slots, device, plan.dtype, dequantize_parts_torch, kernel)
         else:
             store = HostSlots(source, slots, kernel)
+            populating = store.populating
         recorder = (TraceRecorder(args.num_hidden_layers, args.num_local_experts, source=str(files.path))
                     if options.record_trace else None)
         low_bit = LowBitMisses(files.miss_source, files.miss_kernel, RULES[options.miss_bits],
@@ -277,6 +279,8 @@ def build_runtime(files: ExpertFiles, options: LoadOptions, device: torch.device
         experts = ExpertCache(source, args.num_hidden_layers, args.num_experts_per_tok, store, policy=options.policy,
                               prefetch=plan.prefetch_slots, recorder=recorder, low_bit=low_bit)
     dense = {name: w.to(device) if isinstance(w, torch.Tensor) else w for name, w in files.read_dense(plan).items()}
+    if populating is not None:  # the load returns with the slots' pages in place: a prompt sent at once reads
+        populating.join()       # at full rate, not faulting pages in on the reader threads (BENCHMARKS.md)
     model = build_model(args, dense, experts, plan.context, plan.dtype, device,
                         prefetch_hints=plan.memory is not None and (options.prefetch or options.record_trace),
                         routing=routing)

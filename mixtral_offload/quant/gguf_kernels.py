@@ -24,6 +24,7 @@ import numpy as np
 from numba import njit, prange
 
 from mixtral_offload.errors import MixtralOffloadError
+from mixtral_offload.quant import gguf_tiles
 from mixtral_offload.quant.gguf_blocks import BLOCK_TYPES, BlockType, GGUFMatrix, block_type
 from mixtral_offload.quant.gguf_decode import Q4_0, Q4_K, Q5_K, Q8_0, decode_codes, decode_floats
 from mixtral_offload.quant.gguf_int8 import kernel_activations, make_chunk_dot
@@ -247,11 +248,14 @@ def _composed_expert(gate_up, down, w1, w3, w2, x):
 
 def gguf_experts_kernel(activations: str) -> GGUFExpertKernel:
     """The expert kernel for a file whose expert types vary by layer (Q4_K_M keeps some ffn_down in
-    Q6_K): each (w1/w3 type, w2 type) pair's kernel is chosen once, then found by the matrices' types."""
+    Q6_K): each (w1/w3 type, w2 type) pair's kernel is chosen once, then found by the matrices' types;
+    with int8 activations, Q4_0 experts given a prompt's tokens run gguf_tiles' row x token tiles."""
     check_activations_mode(activations)
     chosen: dict[tuple, GGUFExpertKernel] = {}
 
     def run(w1: GGUFMatrix, w3: GGUFMatrix, w2: GGUFMatrix, x: np.ndarray) -> np.ndarray:
+        if activations == "int8" and gguf_tiles.takes(w1, w3, w2, x.shape[0]):  # a prompt's tokens, Q4_0
+            return gguf_tiles.expert_forward(w1, w3, w2, x)
         pair = (w1.qtype, w2.qtype)
         if pair not in chosen:
             chosen[pair] = gguf_expert_kernel(*pair, activations)
