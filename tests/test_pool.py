@@ -7,6 +7,7 @@ import os
 import shutil
 import zlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import psutil
@@ -350,11 +351,16 @@ def mapped_rss(address: int) -> int:
 
 
 @pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads /proc/self/smaps")
-@pytest.mark.parametrize("release_pages", [False, True])
-def test_pool_experts_map_the_pool_in_unless_pages_are_released(tmp_path, release_pages):
+@pytest.mark.parametrize("release_pages,available", [(False, None), (True, None), (False, 1 << 20)])
+def test_pool_experts_map_the_pool_in_unless_pages_are_released(tmp_path, monkeypatch, release_pages, available):
     """Experts computed where they lie: the whole pool is mapped in on a background thread at once (no page
-    fault per 64 KiB in the first prompt); with release_pages nothing is, since RSS must stay flat."""
+    fault per 64 KiB in the first prompt); with release_pages nothing is, since RSS must stay flat, nor
+    when the pool is larger than the memory available."""
+    from mixtral_offload.offload import experts as experts_module
     from mixtral_offload.offload.experts import PoolExperts
+
+    if available is not None:
+        monkeypatch.setattr(experts_module.psutil, "virtual_memory", lambda: SimpleNamespace(available=available))
 
     args = ModelArgs(vocab_size=256, hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=2, num_local_experts=8)
@@ -363,7 +369,7 @@ def test_pool_experts_map_the_pool_in_unless_pages_are_released(tmp_path, releas
         address = np.frombuffer(pool._map, np.uint8).ctypes.data
         assert mapped_rss(address) < 1 << 20
         experts = PoolExperts(pool, kernel=None, release_pages=release_pages)
-        if release_pages:
+        if release_pages or available is not None:
             assert experts.populating is None and mapped_rss(address) < 1 << 20
             return
         experts.populating.join(timeout=60)

@@ -5,6 +5,7 @@ import os
 from typing import Iterator
 
 import numpy as np
+import psutil
 import torch
 import torch.nn.functional as F
 
@@ -52,8 +53,10 @@ class PoolExperts:
         self.release_pages = release_pages  # drop the mapped pages after use, so RSS stays flat
         self.views: dict[tuple[int, int], tuple] = {}  # (layer, expert) -> validated views on the mapping
         # every expert's pages mapped in on a low-priority thread, as llama.cpp's mmap does with MAP_POPULATE:
-        # the first prompt then takes no page fault per 64 KiB of experts (BENCHMARKS.md, issue 18)
-        self.populating = None if release_pages else in_background(source.populate_mapped)
+        # the first prompt then takes no page fault per 64 KiB of experts (BENCHMARKS.md, issue 18); not
+        # when the file is larger than the memory available, where it would only read pages to evict them
+        fits = self.file_bytes <= psutil.virtual_memory().available
+        self.populating = in_background(source.populate_mapped) if fits and not release_pages else None
 
     def run(self, layer: int, x: torch.Tensor, routing: Routing) -> Iterator[tuple[ExpertGroup, torch.Tensor]]:
         """Each group's expert by the CPU kernel on the mapping, in ascending expert order."""
