@@ -3,9 +3,9 @@
 A Q4_0 block is the pool's int4 format at group 32 as it stands: 16 bytes whose low nibbles are
 elements 0-15 and high nibbles 16-31, and w = (q - 8) d with d float16 (quant/format.py: scale d,
 zero 8). So a prompt's tokens through a Q4_0 expert run int8x_tiles' kernels (each weight block read
-once per tile of tokens) instead of the GGUF row kernels (one row at a time), on rows repacked a chunk
-at a time: codes copied without their scales, scales gathered. The chunk bounds the copy's memory to
-a few MiB (the memory plan's slack), and the weights are the same, so only the summation order changes.
+once per tile of tokens) instead of the GGUF row kernels (one row at a time): the tiles' copy of a few
+rows into the lane order reads the blocks where they lie (int8x_lanes.emit_copy_q4_0_rows). The weights
+are the same, so only the summation order differs from the pool's kernels on those weights.
 """
 from __future__ import annotations
 
@@ -13,20 +13,21 @@ import numpy as np
 from gguf import GGMLQuantizationType
 from numba import njit, prange
 
-from mixtral_offload.quant.format import QuantizedMatrix, QuantSpec
 from mixtral_offload.quant.gguf_blocks import GGUFMatrix
-from mixtral_offload.quant.int8x import supports
+from mixtral_offload.quant.int8x import ROWS_PER_TASK, supports
+from mixtral_offload.quant.int8x import TILES_MIN_TOKENS as TILES_MIN_TOKENS_BY_BITS
 from mixtral_offload.quant.int8x_lanes import quantize_lanes
-from mixtral_offload.quant.int8x_tiles import _swiglu
-from mixtral_offload.quant.int8x_tiles import matmul as tiles_matmul
+from mixtral_offload.quant.int8x_tiles import TILE_ROWS, _swiglu, make_tiles_kernel
 
 Q4_0 = GGMLQuantizationType.Q4_0
-Q4_0_SPEC = QuantSpec(bits=4, group_size=32)
-Q4_0_BLOCK_BYTES = 18  # float16 d, then 16 bytes of nibbles
-CHUNK_ROWS = 1024      # rows repacked at a time: 2 MiB of codes at Mixtral's 4,096 columns
-# From this many tokens an expert's Q4_0 matrices run the tiles (repack included); below, the GGUF row
-# kernels, which read each block straight from the slot (BENCHMARKS.md, issue 18: GGUF prompts)
-TILES_MIN_TOKENS = 12
+GROUP = 32  # a Q4_0 block: the group of x's int8 scale too, as llama.cpp's Q8_0
+# From this many tokens an expert's Q4_0 matrices run the tiles, as a pool's int4 does; one token keeps
+# the GGUF row kernels. At Mixtral's expert shapes, rows against tiles: 1 token 5.2 / 5.5 ms, 2: 8.3 / 6.8,
+# 4: 18.3 / 7.9, 64: 158 / 47, 256: 619 / 174 (BENCHMARKS.md, issue 18)
+TILES_MIN_TOKENS = TILES_MIN_TOKENS_BY_BITS[4]
+
+_tiles_q4_0 = make_tiles_kernel(4, q4_0=True)
+_UNUSED = np.zeros(1, np.uint16)  # the tiles' scales and zeros arguments: Q4_0's d lives in its blocks
 
 
 def takes(w1: GGUFMatrix, w3: GGUFMatrix, w2: GGUFMatrix, tokens: int) -> bool:
@@ -35,49 +36,31 @@ def takes(w1: GGUFMatrix, w3: GGUFMatrix, w2: GGUFMatrix, tokens: int) -> bool:
             and supports(4, w1.cols) and supports(4, w2.cols))
 
 
-@njit(cache=True, nogil=True, parallel=True)
-def _repack_rows(raw, row_bytes, first, count, codes, scales):
-    """codes [count, cols/2] and scales [count, cols/32] (float16 bits) of rows first.. of Q4_0 bytes."""
-    blocks = scales.shape[1]
-    for i in prange(count):
-        row = (first + i) * row_bytes
-        for b in range(blocks):
-            off = row + b * 18
-            scales[i, b] = np.uint16(raw[off]) | (np.uint16(raw[off + 1]) << np.uint16(8))
-            for j in range(16):
-                codes[i, b * 16 + j] = raw[off + 2 + j]
+@njit(cache=True, fastmath=True, nogil=True, parallel=True)
+def _matmul_kernel(raw, rows, cols, xperm, dx, xqsum, out):
+    """out[t, r] = row r . x[t] for the Q4_0 rows in raw; a parallel task takes ROWS_PER_TASK rows."""
+    padded = dx.shape[1]
+    for task in prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        first = np.uint64(task * ROWS_PER_TASK)
+        end = np.uint64(min(rows, (task + 1) * ROWS_PER_TASK))
+        buf_codes = np.empty(TILE_ROWS * padded * GROUP // 2, np.uint8)
+        buf_scales = np.empty(2 * TILE_ROWS * padded, np.float32)
+        _tiles_q4_0(raw, _UNUSED, _UNUSED, xperm, dx, xqsum, out, buf_codes, buf_scales, first, end, first,
+                    np.uint64(cols), np.uint64(GROUP))
 
 
-def as_int4(m: GGUFMatrix, first: int = 0, count: int | None = None) -> QuantizedMatrix:
-    """Rows first..first+count of a Q4_0 matrix as an int4 group-32 QuantizedMatrix: the same weights."""
-    count = m.rows - first if count is None else count
-    blocks = m.cols // 32
-    codes = np.empty((count, m.cols // 2), np.uint8)
-    scales = np.empty((count, blocks), np.uint16)
-    _repack_rows(m.data, m.row_bytes, first, count, codes, scales)
-    zeros = np.full((count, blocks), 8.0, np.float16)
-    return QuantizedMatrix(Q4_0_SPEC, (count, m.cols), codes, scales.view(np.float16), zeros)
-
-
-def _chunks(rows: int):
-    return ((first, min(CHUNK_ROWS, rows - first)) for first in range(0, rows, CHUNK_ROWS))
-
-
-def matmul(m: GGUFMatrix, x: np.ndarray) -> np.ndarray:
-    """y [T, R] = x [T, C] @ W.T for a Q4_0 matrix, x quantized per group of 32 (as llama.cpp's Q8_0)."""
-    quantized = quantize_lanes(x, 32, 4)
+def matmul(m: GGUFMatrix, x: np.ndarray, quantized=None) -> np.ndarray:
+    """y [T, R] = x [T, C] @ W.T for a Q4_0 matrix, x quantized per group of 32 (`quantized`: quantize_lanes'
+    output for x when the caller has it)."""
+    xperm, dx, xqsum = quantized or quantize_lanes(x, GROUP, 4)
     y = np.empty((x.shape[0], m.rows), np.float32)
-    for first, count in _chunks(m.rows):
-        y[:, first:first + count] = tiles_matmul(as_int4(m, first, count), x, quantized)
+    _matmul_kernel(m.data, m.rows, m.cols, xperm, dx, xqsum, y)
     return y
 
 
 def expert_forward(w1: GGUFMatrix, w3: GGUFMatrix, w2: GGUFMatrix, x: np.ndarray) -> np.ndarray:
     """y [T, D] = (silu(x @ w1.T) * (x @ w3.T)) @ w2.T for Q4_0 matrices, through the tiles."""
-    quantized = quantize_lanes(x, 32, 4)
-    h = np.empty((x.shape[0], w1.rows), np.float32)
-    for first, count in _chunks(w1.rows):
-        gate = tiles_matmul(as_int4(w1, first, count), x, quantized)
-        _swiglu(gate, tiles_matmul(as_int4(w3, first, count), x, quantized))
-        h[:, first:first + count] = gate
+    quantized = quantize_lanes(x, GROUP, 4)
+    h = matmul(w1, x, quantized)
+    _swiglu(h, matmul(w3, x, quantized))
     return matmul(w2, h)

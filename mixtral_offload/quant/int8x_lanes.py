@@ -19,7 +19,7 @@ from numba import njit, prange
 from numba.core import cgutils
 
 from mixtral_offload.quant.int8x import BLOCK_BYTES, PLANES, group_scale
-from mixtral_offload.quant.int8x_ir import _I32, _I64, _V16F, _V16I32, _halfs_to_float, _load, _prefetch_l2
+from mixtral_offload.quant.int8x_ir import _F32, _I32, _I64, _V16F, _V16I32, _halfs_to_float, _load, _prefetch_l2
 
 SUPER_GROUPS = 16  # groups per super-block: one per int32 lane of a 64-byte vector
 LANE_BYTES = BLOCK_BYTES // SUPER_GROUPS  # 4 code bytes of a group per lane and vector
@@ -164,3 +164,74 @@ def emit_copy_rows(builder, parts, row_ids, row_bytes, ngroups, buf_codes, buf_s
                     put(buf_row, builder.add(at, builder.add(builder.mul(lane, ir.Constant(_I64, LANE_BYTES)),
                                                              ir.Constant(_I64, k * BLOCK_BYTES))), dword)
 
+
+
+Q4_0_BLOCK_BYTES = 18  # llama.cpp's Q4_0 block: float16 d, then 16 code bytes (the pool's int4 group 32)
+
+
+def emit_copy_q4_0_rows(builder, raw, row_ids, row_bytes, ngroups, buf_codes, buf_scales, buf_row_bytes,
+                        buf_row_groups, prefetch):
+    """emit_copy_rows for rows of llama.cpp Q4_0 blocks at raw (i8*): a block's 16 code bytes are a pool
+    int4 group of 32 (low nibbles elements 0-15, high 16-31) and w = (q - 8) d, so the codes go through
+    the same transpose and the scales are d and 8 d; read in place, no repacked copy of the matrix."""
+    group_bytes, group_dwords = 16, 4
+    super_bytes = SUPER_GROUPS * group_bytes
+    full = builder.udiv(ngroups, ir.Constant(_I64, SUPER_GROUPS))
+    tail = builder.urem(ngroups, ir.Constant(_I64, SUPER_GROUPS))
+    v4, v8 = ir.VectorType(_I32, 4), ir.VectorType(_I32, 8)
+    i16 = ir.IntType(16)
+    eight = ir.Constant(_V16F, [8.0] * SUPER_GROUPS)
+
+    def put(pointer, offset, vector):
+        target = builder.bitcast(builder.gep(pointer, [offset]), vector.type.as_pointer())
+        builder.store(vector, target, align=1)
+
+    def block_at(row, g):  # byte offset of block g of the row
+        return builder.add(row, builder.mul(g, ir.Constant(_I64, Q4_0_BLOCK_BYTES)))
+
+    def scale_of(row, g):  # d of block g as float
+        bits = _load(builder, raw, block_at(row, g), i16)
+        return builder.fpext(builder.bitcast(bits, ir.HalfType()), _F32)
+
+    for i, r in enumerate(row_ids):
+        row = builder.mul(r, row_bytes)
+        buf_row = builder.gep(buf_codes, [builder.mul(ir.Constant(_I64, i), buf_row_bytes)])
+        buf_scale_row = builder.gep(buf_scales, [builder.mul(ir.Constant(_I64, 2 * i), buf_row_groups)])
+        buf_sz_row = builder.gep(buf_scale_row, [buf_row_groups])
+        with cgutils.for_range(builder, full) as loop:
+            g0 = builder.mul(loop.index, ir.Constant(_I64, SUPER_GROUPS))
+            if prefetch:
+                _prefetch_l2(builder, builder.gep(raw, [builder.add(block_at(row, g0), ir.Constant(_I64, prefetch))]))
+            quarters = [_load(builder, raw, builder.add(block_at(row, builder.add(g0, ir.Constant(_I64, g))),
+                                                        ir.Constant(_I64, 2)), v4) for g in range(SUPER_GROUPS)]
+            loaded = []
+            for j in range(group_dwords):  # groups 4 j .. 4 j + 3, 4 dwords each, as one 64-byte load would hold
+                a = builder.shuffle_vector(quarters[4 * j], quarters[4 * j + 1], ir.Constant(v8, list(range(8))))
+                b = builder.shuffle_vector(quarters[4 * j + 2], quarters[4 * j + 3], ir.Constant(v8, list(range(8))))
+                loaded.append(builder.shuffle_vector(a, b, ir.Constant(_V16I32, list(range(16)))))
+            at = builder.mul(loop.index, ir.Constant(_I64, super_bytes))
+            for k, vector in enumerate(_transpose_to_lanes(builder, loaded, group_dwords)):
+                put(buf_row, builder.add(at, ir.Constant(_I64, k * BLOCK_BYTES)), vector)
+            s = ir.Constant(_V16F, None)
+            for lane in range(SUPER_GROUPS):
+                s = builder.insert_element(s, scale_of(row, builder.add(g0, ir.Constant(_I64, lane))), ir.Constant(_I32, lane))
+            put(buf_scale_row, g0, s)
+            put(buf_sz_row, g0, builder.fmul(s, eight))
+        with builder.if_then(builder.icmp_unsigned("!=", tail, ir.Constant(_I64, 0))):
+            at = builder.mul(full, ir.Constant(_I64, super_bytes))
+            g0 = builder.mul(full, ir.Constant(_I64, SUPER_GROUPS))
+            for k in range(group_dwords):
+                put(buf_row, builder.add(at, ir.Constant(_I64, k * BLOCK_BYTES)), ir.Constant(_V16I32, None))
+            put(buf_scale_row, g0, ir.Constant(_V16F, None))
+            put(buf_sz_row, g0, ir.Constant(_V16F, None))
+            with cgutils.for_range(builder, tail) as lane_loop:
+                lane = lane_loop.index
+                g = builder.add(g0, lane)
+                d = scale_of(row, g)
+                put(buf_scale_row, g, d)
+                put(buf_sz_row, g, builder.fmul(d, ir.Constant(_F32, 8.0)))
+                for k in range(group_dwords):
+                    source = builder.add(block_at(row, g), ir.Constant(_I64, 2 + LANE_BYTES * k))
+                    put(buf_row, builder.add(at, builder.add(builder.mul(lane, ir.Constant(_I64, LANE_BYTES)),
+                                                             ir.Constant(_I64, k * BLOCK_BYTES))),
+                        _load(builder, raw, source, _I32))

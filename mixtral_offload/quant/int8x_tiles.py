@@ -30,7 +30,9 @@ from mixtral_offload.quant.int8x_ir import (
     _I64, _V16F, _V16I32, _V64I8, ISA, _data_pointer, _horizontal_sum, _int_dot, _load,
     _signed_int_dot,
 )
-from mixtral_offload.quant.int8x_lanes import SUPER_GROUPS, VNNI_INT8_ZERO, emit_copy_rows, quantize_lanes
+from mixtral_offload.quant.int8x_lanes import (
+    SUPER_GROUPS, VNNI_INT8_ZERO, emit_copy_q4_0_rows, emit_copy_rows, quantize_lanes,
+)
 
 TILE_ROWS = 4
 TILE_TOKENS = 4
@@ -116,14 +118,15 @@ def _emit_tile(builder, ops, bits, group_size, isa, tile_rows, token_ids, zero_t
 
 
 def make_tiles_kernel(bits: int, isa: str = ISA, prefetch: int = PREFETCH_BYTES,
-                      tile: tuple[int, int] = (TILE_ROWS, TILE_TOKENS)):
+                      tile: tuple[int, int] = (TILE_ROWS, TILE_TOKENS), q4_0: bool = False):
     """An intrinsic tiles_dots(codes, scales, zeros, xperm, dx, xqsum, out, buf_codes, buf_scales,
     r_start, r_end, out_start, cols, G): out[t, out_start + r - r_start] = row r . x[t] for rows
     r_start <= r < r_end of a [rows, cols] matrix (flat codes/scales/zeros) and every token of
     quantize_lanes' output, in tiles of tile = (rows, tokens); buf_codes/buf_scales: a tile's rows in the
-    lane order (uint8, float32)."""
+    lane order (uint8, float32). q4_0: codes are llama.cpp Q4_0 blocks (bits 4, G 32; scales and zeros
+    unused), copied into the lane order in place (int8x_lanes.emit_copy_q4_0_rows)."""
     tile_rows, tile_tokens = tile
-    zero_point = None if bits == 4 else (VNNI_INT8_ZERO if isa == "vnni" else 0.0)
+    zero_point = 8.0 if q4_0 else None if bits == 4 else (VNNI_INT8_ZERO if isa == "vnni" else 0.0)
 
     @intrinsic
     def tiles_dots(typingctx, codes, scales, zeros, xperm, dx, xqsum, out, buf_codes, buf_scales,
@@ -161,15 +164,23 @@ def make_tiles_kernel(bits: int, isa: str = ISA, prefetch: int = PREFETCH_BYTES,
                     rows = [builder.add(r0, ir.Constant(_I64, k)) for k in range(tile_rows)]
                     last = builder.sub(end_row, ir.Constant(_I64, 1))
                     row_ids = [builder.select(builder.icmp_unsigned("<", r, end_row), r, last) for r in rows]
-                    emit_copy_rows(builder, (ops.codes, ops.scales, ops.zeros), row_ids, row_bytes, ngroups,
-                                   ops.buf_codes, ops.buf_scales, builder.mul(padded, ir.Constant(_I64, group_bytes)),
-                                   padded, group_bytes, zero_point, prefetch)
+                    buf_row_bytes = builder.mul(padded, ir.Constant(_I64, group_bytes))
+                    if q4_0:
+                        emit_copy_q4_0_rows(builder, ops.codes, row_ids, builder.mul(ngroups, ir.Constant(_I64, 18)),
+                                            ngroups, ops.buf_codes, ops.buf_scales, buf_row_bytes, padded, prefetch)
+                    else:
+                        emit_copy_rows(builder, (ops.codes, ops.scales, ops.zeros), row_ids, row_bytes, ngroups,
+                                       ops.buf_codes, ops.buf_scales, buf_row_bytes, padded, group_bytes, zero_point,
+                                       prefetch)
                     with cgutils.for_range(builder, full) as token_loop:
                         tile(rows, builder.mul(token_loop.index, ir.Constant(_I64, tile_tokens)), tile_tokens)
                     with cgutils.for_range(builder, builder.sub(tokens, rest_start)) as rest_loop:
                         tile(rows, builder.add(rest_start, rest_loop.index), 1)
 
-            emit_per_group_size(builder, ops.group_size, emit)
+            if q4_0:
+                emit(32)
+            else:
+                emit_per_group_size(builder, ops.group_size, emit)
             return context.get_dummy_value()
 
         return signature, codegen
