@@ -99,6 +99,23 @@ def _transpose_to_lanes(builder, vectors, group_dwords):
     return [vector for vector, _ in sorted(items, key=lambda item: item[1][0][1])]
 
 
+def _put(builder, pointer, offset, vector):
+    target = builder.bitcast(builder.gep(pointer, [offset]), vector.type.as_pointer())
+    builder.store(vector, target, align=1)
+
+
+def _clear_tail(builder, buf_row, buf_scale_row, buf_sz_row, full, super_bytes, group_dwords):
+    """Zero the last, partial super-block of a row's copy (codes, s, s z: padded lanes add 0); its
+    (byte offset, first group)."""
+    at = builder.mul(full, ir.Constant(_I64, super_bytes))
+    g0 = builder.mul(full, ir.Constant(_I64, SUPER_GROUPS))
+    for k in range(group_dwords):
+        _put(builder, buf_row, builder.add(at, ir.Constant(_I64, k * BLOCK_BYTES)), ir.Constant(_V16I32, None))
+    _put(builder, buf_scale_row, g0, ir.Constant(_V16F, None))
+    _put(builder, buf_sz_row, g0, ir.Constant(_V16F, None))
+    return at, g0
+
+
 def emit_copy_rows(builder, parts, row_ids, row_bytes, ngroups, buf_codes, buf_scales, buf_row_bytes,
                    buf_row_groups, group_bytes, zero_point, prefetch):
     """IR copying rows row_ids of parts = (codes, scales, zeros) pointers into the lane order:
@@ -115,8 +132,7 @@ def emit_copy_rows(builder, parts, row_ids, row_bytes, ngroups, buf_codes, buf_s
     sign = ir.Constant(_V16I32, [-0x7F7F7F80] * SUPER_GROUPS)  # 0x80808080
 
     def put(pointer, offset, vector):
-        target = builder.bitcast(builder.gep(pointer, [offset]), vector.type.as_pointer())
-        builder.store(vector, target, align=1)
+        _put(builder, pointer, offset, vector)
     for i, r in enumerate(row_ids):
         code_row = builder.gep(codes, [builder.mul(r, row_bytes)])
         scale_row = builder.mul(r, ngroups)
@@ -146,12 +162,7 @@ def emit_copy_rows(builder, parts, row_ids, row_bytes, ngroups, buf_codes, buf_s
                     builder.xor(vector, sign) if flip_sign else vector)
             put_scales(builder.mul(loop.index, ir.Constant(_I64, SUPER_GROUPS)), SUPER_GROUPS)
         with builder.if_then(builder.icmp_unsigned("!=", tail, ir.Constant(_I64, 0))):
-            at = builder.mul(full, ir.Constant(_I64, super_bytes))
-            g0 = builder.mul(full, ir.Constant(_I64, SUPER_GROUPS))
-            for k in range(group_dwords):
-                put(buf_row, builder.add(at, ir.Constant(_I64, k * BLOCK_BYTES)), ir.Constant(_V16I32, None))
-            put(buf_scale_row, g0, ir.Constant(_V16F, None))
-            put(buf_sz_row, g0, ir.Constant(_V16F, None))
+            at, g0 = _clear_tail(builder, buf_row, buf_scale_row, buf_sz_row, full, super_bytes, group_dwords)
             with cgutils.for_range(builder, tail) as lane_loop:
                 lane = lane_loop.index
                 g = builder.add(g0, lane)
@@ -183,8 +194,7 @@ def emit_copy_q4_0_rows(builder, raw, row_ids, row_bytes, ngroups, buf_codes, bu
     eight = ir.Constant(_V16F, [8.0] * SUPER_GROUPS)
 
     def put(pointer, offset, vector):
-        target = builder.bitcast(builder.gep(pointer, [offset]), vector.type.as_pointer())
-        builder.store(vector, target, align=1)
+        _put(builder, pointer, offset, vector)
 
     def block_at(row, g):  # byte offset of block g of the row
         return builder.add(row, builder.mul(g, ir.Constant(_I64, Q4_0_BLOCK_BYTES)))
@@ -218,12 +228,7 @@ def emit_copy_q4_0_rows(builder, raw, row_ids, row_bytes, ngroups, buf_codes, bu
             put(buf_scale_row, g0, s)
             put(buf_sz_row, g0, builder.fmul(s, eight))
         with builder.if_then(builder.icmp_unsigned("!=", tail, ir.Constant(_I64, 0))):
-            at = builder.mul(full, ir.Constant(_I64, super_bytes))
-            g0 = builder.mul(full, ir.Constant(_I64, SUPER_GROUPS))
-            for k in range(group_dwords):
-                put(buf_row, builder.add(at, ir.Constant(_I64, k * BLOCK_BYTES)), ir.Constant(_V16I32, None))
-            put(buf_scale_row, g0, ir.Constant(_V16F, None))
-            put(buf_sz_row, g0, ir.Constant(_V16F, None))
+            at, g0 = _clear_tail(builder, buf_row, buf_scale_row, buf_sz_row, full, super_bytes, group_dwords)
             with cgutils.for_range(builder, tail) as lane_loop:
                 lane = lane_loop.index
                 g = builder.add(g0, lane)
