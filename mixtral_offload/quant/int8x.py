@@ -337,7 +337,7 @@ def _float_from_bits(typingctx, bits):
     return types.float32(types.int32), codegen
 
 
-@njit(cache=True, fastmath=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)  # strict IEEE: no FMA contraction, so every call site rounds alike
 def exp2(t):
     """2**t for float32 t in [-126, 126]: t = n + f with |f| <= 1/2, 2**f by Cephes' degree-6 polynomial
     (relative error ~2e-7), 2**n written into the exponent bits. Plain arithmetic, so the loops that call
@@ -354,10 +354,12 @@ def exp2(t):
     return p * _float_from_bits((np.int32(n) + np.int32(127)) << np.int32(23))
 
 
-@njit(cache=True, fastmath=True, nogil=True, inline="always", error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def silu(a):
     """a * sigmoid(a) = a / (1 + e**-a), for the SwiGLU experts of every kernel family; NaN in, NaN out
-    (the clamp only bounds e**-a's exponent, a itself is the numerator)."""
+    (the clamp only bounds e**-a's exponent, a itself is the numerator). Compiled without fast-math, so
+    whether a caller's loop vectorizes it or not, the same a gives the same bits (the cache's slots and
+    the mapped pool must agree exactly)."""
     t = min(max(a * np.float32(-1.4426950408889634), np.float32(-126.0)), np.float32(126.0))
     return a / (np.float32(1.0) + exp2(t))
 
