@@ -29,11 +29,14 @@ def test_matmul_equals_the_reference(bits, group_size, rows, blocks, tokens):
     assert relative(int8x.matmul(qm, x), int8x.reference_matmul(qm, x)) < 1e-5
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, derandomize=True)
 @given(rows=st.integers(1, 150), blocks=st.integers(1, 6), tokens=st.integers(1, 9), bits=st.sampled_from([2, 3, 4, 8]),
        group_size=st.sampled_from([32, 64, 128]), seed=st.integers(0, 2**16),
        x_scale=st.sampled_from([1e-6, 1.0, 1e4]), zero_groups=st.booleans())
 def test_matmul_equals_the_reference_fuzzed(rows, blocks, tokens, bits, group_size, seed, x_scale, zero_groups):
+    """Each output within float32 rounding of the float64 reference, measured against the sum of |x||w| of
+    its products: a few rows of random weights can cancel to 1e-6 of that sum, where a bound relative to
+    the result itself would demand more than float32 holds (rows=1, int3, seed 6 did: 4.8e-4)."""
     cols = max(int8x.BLOCK_COLS[bits], group_size) * blocks
     qm = random_quantized(QuantSpec(bits, group_size), (rows, cols), seed=seed)
     x = np.random.default_rng(seed).standard_normal((tokens, cols)).astype(np.float32) * np.float32(x_scale)
@@ -41,7 +44,8 @@ def test_matmul_equals_the_reference_fuzzed(rows, blocks, tokens, bits, group_si
         x[:, :group_size] = 0.0
     y, ref = int8x.matmul(qm, x), int8x.reference_matmul(qm, x)
     assert y.shape == (tokens, rows)
-    assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max() + 1e-30
+    magnitude = np.abs(int8x.dequantized_activations(x, group_size).astype(np.float64)) @ np.abs(dequantize(qm)).T
+    assert np.all(np.abs(y - ref) <= 1e-6 * magnitude + 1e-30)
 
 
 def test_reference_quantizes_x_per_group():
