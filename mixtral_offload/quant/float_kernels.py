@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from mixtral_offload.quant.int8x import silu as _silu
+from mixtral_offload.quant.swiglu import silu as _silu
 from mixtral_offload.quant.lowbit import decode_group
 
 ROW_BLOCK = 4  # rows decoded together: they share every load of x

@@ -29,7 +29,7 @@ from mixtral_offload.quant.gguf_blocks import BLOCK_TYPES, BlockType, GGUFMatrix
 from mixtral_offload.quant.gguf_decode import Q4_0, Q4_K, Q5_K, Q8_0, decode_codes, decode_floats
 from mixtral_offload.quant.gguf_int8 import kernel_activations, make_chunk_dot
 from mixtral_offload.quant.gguf_vectors import Q4_0_UNIT, Q4_K_UNIT, Q5_K_UNIT, Q6_K_UNIT, Q8_0_UNIT
-from mixtral_offload.quant.int8x import silu
+from mixtral_offload.quant.swiglu import silu
 from mixtral_offload.quant.format import ACTIVATIONS
 from mixtral_offload.quant.kernels import _check_activations, check_activations_mode
 

@@ -43,6 +43,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from mixtral_offload.quant.format import kernel_parts
+from mixtral_offload.quant.swiglu import silu
 from mixtral_offload.quant.int8x_ir import ISAS  # noqa: F401  (the forms callers may build)
 from mixtral_offload.quant.int8x_ir import (
     _F32, _I32, _I64, _V16F, _V16I32, _V64I8, ISA, _halfs_to_float, _horizontal_sum, _int_dot, _load,
@@ -326,42 +327,6 @@ def _matvec_kernel(bits, codes, scales, zeros, xperm, dx, xqsum, group_size, out
     for task in prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
         first = task * ROWS_PER_TASK
         _rows(bits, cflat, sflat, zflat, xperm, dx, xqsum, group_size, out, first, min(rows, first + ROWS_PER_TASK), first)
-
-
-@intrinsic
-def _float_from_bits(typingctx, bits):
-    """The float32 whose IEEE bit pattern is the int32 `bits` (a bitcast: vectorizes, unlike a view)."""
-    def codegen(context, builder, sig, args):
-        return builder.bitcast(args[0], _F32)
-
-    return types.float32(types.int32), codegen
-
-
-@njit(cache=True, nogil=True)  # strict IEEE: no FMA contraction, so every call site rounds alike
-def exp2(t):
-    """2**t for float32 t in [-126, 126]: t = n + f with |f| <= 1/2, 2**f by Cephes' degree-6 polynomial
-    (relative error ~2e-7), 2**n written into the exponent bits. Plain arithmetic, so the loops that call
-    it vectorize; np.exp is a scalar libm call per element (no SVML in pip's llvmlite)."""
-    n = np.floor(t + np.float32(0.5))
-    f = t - n
-    p = np.float32(1.535336188319500e-4)
-    p = p * f + np.float32(1.339887440266574e-3)
-    p = p * f + np.float32(9.618437357674640e-3)
-    p = p * f + np.float32(5.550332471162809e-2)
-    p = p * f + np.float32(2.402264791363012e-1)
-    p = p * f + np.float32(6.931472028550421e-1)
-    p = p * f + np.float32(1.0)
-    return p * _float_from_bits((np.int32(n) + np.int32(127)) << np.int32(23))
-
-
-@njit(cache=True, nogil=True, error_model="numpy")
-def silu(a):
-    """a * sigmoid(a) = a / (1 + e**-a), for the SwiGLU experts of every kernel family; NaN in, NaN out
-    (the clamp only bounds e**-a's exponent, a itself is the numerator). Compiled without fast-math, so
-    whether a caller's loop vectorizes it or not, the same a gives the same bits (the cache's slots and
-    the mapped pool must agree exactly)."""
-    t = min(max(a * np.float32(-1.4426950408889634), np.float32(-126.0)), np.float32(126.0))
-    return a / (np.float32(1.0) + exp2(t))
 
 
 @njit(cache=True, fastmath=True, nogil=True, parallel=True)

@@ -25,7 +25,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from mixtral_offload.quant.format import kernel_parts
-from mixtral_offload.quant.int8x import BLOCK_BYTES, PLANES, PREFETCH_BYTES, ROWS_PER_TASK, emit_per_group_size, silu
+from mixtral_offload.quant.int8x import BLOCK_BYTES, PLANES, PREFETCH_BYTES, ROWS_PER_TASK, emit_per_group_size
+from mixtral_offload.quant.swiglu import silu
 from mixtral_offload.quant.int8x_ir import (
     _I64, _V16F, _V16I32, _V64I8, ISA, _data_pointer, _horizontal_sum, _int_dot, _load,
     _signed_int_dot,
