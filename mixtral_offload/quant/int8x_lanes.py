@@ -13,6 +13,8 @@ super-blocks; `dx` is padded likewise, so padded lanes add 0 x 0.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange
@@ -131,8 +133,7 @@ def emit_copy_rows(builder, parts, row_ids, row_bytes, ngroups, buf_codes, buf_s
     tail = builder.urem(ngroups, ir.Constant(_I64, SUPER_GROUPS))
     sign = ir.Constant(_V16I32, [-0x7F7F7F80] * SUPER_GROUPS)  # 0x80808080
 
-    def put(pointer, offset, vector):
-        _put(builder, pointer, offset, vector)
+    put = functools.partial(_put, builder)
     for i, r in enumerate(row_ids):
         code_row = builder.gep(codes, [builder.mul(r, row_bytes)])
         scale_row = builder.mul(r, ngroups)
@@ -175,17 +176,16 @@ def emit_copy_rows(builder, parts, row_ids, row_bytes, ngroups, buf_codes, buf_s
                     put(buf_row, builder.add(at, builder.add(builder.mul(lane, ir.Constant(_I64, LANE_BYTES)),
                                                              ir.Constant(_I64, k * BLOCK_BYTES))), dword)
 
-
-
 Q4_0_BLOCK_BYTES = 18  # llama.cpp's Q4_0 block: float16 d, then 16 code bytes (the pool's int4 group 32)
 
 
-def emit_copy_q4_0_rows(builder, raw, row_ids, row_bytes, ngroups, buf_codes, buf_scales, buf_row_bytes,
-                        buf_row_groups, prefetch):
+def emit_copy_q4_0_rows(builder, raw, row_ids, ngroups, buf_codes, buf_scales, buf_row_bytes, buf_row_groups,
+                        prefetch):
     """emit_copy_rows for rows of llama.cpp Q4_0 blocks at raw (i8*): a block's 16 code bytes are a pool
     int4 group of 32 (low nibbles elements 0-15, high 16-31) and w = (q - 8) d, so the codes go through
     the same transpose and the scales are d and 8 d; read in place, no repacked copy of the matrix."""
     group_bytes, group_dwords = 16, 4
+    row_bytes = builder.mul(ngroups, ir.Constant(_I64, Q4_0_BLOCK_BYTES))
     super_bytes = SUPER_GROUPS * group_bytes
     full = builder.udiv(ngroups, ir.Constant(_I64, SUPER_GROUPS))
     tail = builder.urem(ngroups, ir.Constant(_I64, SUPER_GROUPS))
@@ -193,8 +193,7 @@ def emit_copy_q4_0_rows(builder, raw, row_ids, row_bytes, ngroups, buf_codes, bu
     i16 = ir.IntType(16)
     eight = ir.Constant(_V16F, [8.0] * SUPER_GROUPS)
 
-    def put(pointer, offset, vector):
-        _put(builder, pointer, offset, vector)
+    put = functools.partial(_put, builder)
 
     def block_at(row, g):  # byte offset of block g of the row
         return builder.add(row, builder.mul(g, ir.Constant(_I64, Q4_0_BLOCK_BYTES)))

@@ -167,8 +167,8 @@ def make_tiles_kernel(bits: int, isa: str = ISA, prefetch: int = PREFETCH_BYTES,
                     row_ids = [builder.select(builder.icmp_unsigned("<", r, end_row), r, last) for r in rows]
                     buf_row_bytes = builder.mul(padded, ir.Constant(_I64, group_bytes))
                     if q4_0:
-                        emit_copy_q4_0_rows(builder, ops.codes, row_ids, builder.mul(ngroups, ir.Constant(_I64, 18)),
-                                            ngroups, ops.buf_codes, ops.buf_scales, buf_row_bytes, padded, prefetch)
+                        emit_copy_q4_0_rows(builder, ops.codes, row_ids, ngroups, ops.buf_codes, ops.buf_scales,
+                                            buf_row_bytes, padded, prefetch)
                     else:
                         emit_copy_rows(builder, (ops.codes, ops.scales, ops.zeros), row_ids, row_bytes, ngroups,
                                        ops.buf_codes, ops.buf_scales, buf_row_bytes, padded, group_bytes, zero_point,
